@@ -1,0 +1,43 @@
+"""lora_jax: LoRA as a pure transform on JAX/Flax parameter pytrees.
+
+Example:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import lora_jax
+  >>> model = nn.Dense(4)
+  >>> x = jnp.ones((2, 8))
+  >>> params = lora_jax.lora_init(model.init(jax.random.key(0), x),
+  ...                             lora_jax.LoraRule(".*", rank=2), rng=jax.random.key(1))
+  >>> y = lora_jax.lora_apply(model.apply)(params, x)
+  >>> sorted(lora_jax.merge(params)["params"])  # plain weights again, for export
+  ['bias', 'kernel']
+"""
+
+from lora_jax._src.apply import lora_apply
+from lora_jax._src.init import lora_init
+from lora_jax._src.layouts import KernelLayout
+from lora_jax._src.layouts import kernel_layouts
+from lora_jax._src.merge import merge
+from lora_jax._src.optimizer import lora_optimizer
+from lora_jax._src.partition import combine
+from lora_jax._src.partition import partition
+from lora_jax._src.partition import trainable_mask
+from lora_jax._src.report import param_report
+from lora_jax._src.rules import LoraRule
+from lora_jax._src.spec import LoraSpec
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "KernelLayout",
+  "LoraRule",
+  "LoraSpec",
+  "combine",
+  "kernel_layouts",
+  "lora_apply",
+  "lora_init",
+  "lora_optimizer",
+  "merge",
+  "param_report",
+  "partition",
+  "trainable_mask",
+)

@@ -1,0 +1,197 @@
+"""``lora_apply``: run a model whose parameters carry adapters.
+
+Two strategies, both returning a function with the signature of the one wrapped:
+
+``"low_rank"`` (default, Flax linen modules)
+  Wraps ``apply`` in :func:`flax.linen.intercept_methods`. Each adapted ``nn.Dense``,
+  ``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv`` or ``nn.Embed`` runs unchanged with its frozen
+  weight, and the interceptor adds ``scale * (dropout(x) @ A) @ B``. The frozen weight enters
+  the graph only as a constant, so differentiating with respect to the adapters never forms a
+  weight-sized gradient: a LoRA step costs about forward + input-gradient FLOPs.
+
+``"merge"`` (any JAX function of a parameter tree)
+  Calls the function on :func:`merge` of its first argument. This works for code lora_jax knows
+  nothing about, but autodiff then forms the full ``dL/dW'`` to reach ``A`` and ``B``: a step
+  costs as much as full fine-tuning. LoRA dropout does not exist on this path.
+
+LoRA dropout (low-rank path only) is active when the call passes an rng for the
+``"lora_dropout"`` stream in ``rngs=`` and does not pass ``deterministic=True``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import re
+import string
+from collections.abc import Callable
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src import layouts
+from lora_jax._src import paths
+from lora_jax._src.merge import merge
+from lora_jax._src.spec import LORA_A
+from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_SPEC
+from lora_jax._src.spec import LoraSpec
+
+STRATEGIES = ("low_rank", "merge")
+DROPOUT_RNG = "lora_dropout"
+
+# Whether the current call enables LoRA dropout; set by the wrapper for the duration of one call.
+_dropout_on: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_dropout_on", default=False)
+
+
+def _dropout(x, rate: float, module: nn.Module):
+  if rate == 0.0 or not _dropout_on.get():
+    return x
+  keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _input(args, kwargs, name: str):
+  return args[0] if args else kwargs[name]
+
+
+def _dense_low_rank(module, x, a, b, spec: LoraSpec, dtype):
+  if isinstance(module, nn.Dense):
+    x_axes = (x.ndim - 1,)
+  else:
+    axes = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+    x_axes = tuple(ax % x.ndim for ax in axes)
+  t = jnp.tensordot(x.astype(dtype), a.astype(dtype), (x_axes, tuple(range(len(x_axes)))))
+  return jnp.tensordot(t * spec.scale, b.astype(dtype), 1)
+
+
+def _einsum_low_rank(eq: str, x, a, b, spec: LoraSpec, dtype):
+  eq = eq.replace(" ", "")
+  lhs, rest = eq.split(",")
+  rhs, out = rest.split("->")
+  z = next(c for c in string.ascii_letters if c not in eq)
+  ins = "".join(rhs[i] for i in spec.in_axes)
+  outs = "".join(rhs[o] for o in spec.out_axes)
+  kept = re.sub(f"[{ins}]", "", lhs)
+  t = jnp.einsum(f"{lhs},{ins}{z}->{kept}{z}", x.astype(dtype), a.astype(dtype))
+  return jnp.einsum(f"{kept}{z},{z}{outs}->{out}", t * spec.scale, b.astype(dtype))
+
+
+def _conv_low_rank(module: nn.Conv, x, a, b, spec: LoraSpec, dtype):
+  if module.mask is not None:
+    raise ValueError(f"LoRA on a masked nn.Conv ({module.name}) is not supported")
+  # A is a convolution with the module's own window, strides, padding and dilation, producing
+  # `rank` channels; B is the 1x1 convolution back to the output channels.
+  conv_a = module.clone(parent=None, name=None, features=spec.rank, use_bias=False)
+  t = conv_a.apply({"params": {"kernel": a}}, x)
+  return jnp.tensordot(t.astype(dtype) * spec.scale, b.astype(dtype), 1)
+
+
+def _low_rank(module, method: str, args, kwargs, base, spec: LoraSpec, a, b):
+  """The adapter's contribution to ``module.method(*args)``, in the dtype of ``base``."""
+  dtype = base.dtype
+  if isinstance(module, nn.Embed):
+    if method == "attend":  # query @ (E + s A B)^T = query @ E^T + s (query @ B^T) @ A^T
+      q = _input(args, kwargs, "query").astype(dtype)
+      return ((q @ b.astype(dtype).T) * spec.scale) @ a.astype(dtype).T
+    ids = _input(args, kwargs, "inputs")
+    return (jnp.take(a, ids, axis=0).astype(dtype) * spec.scale) @ b.astype(dtype)
+  x = _dropout(_input(args, kwargs, "inputs"), spec.dropout, module)
+  if isinstance(module, nn.Dense | nn.DenseGeneral):
+    return _dense_low_rank(module, x, a, b, spec, dtype)
+  if isinstance(module, nn.Einsum):
+    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    return _einsum_low_rank(eq, x, a, b, spec, dtype)
+  return _conv_low_rank(module, x, a, b, spec, dtype)
+
+
+def _check_layout(module: nn.Module, spec: LoraSpec, path: str, args, kwargs):
+  ndim = module.get_variable("params", spec.weight).ndim
+  if isinstance(module, nn.Einsum):
+    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+    if eq is not None:
+      module = module.clone(parent=None, einsum_str=eq)
+  try:
+    layout = layouts.module_layout(module, ndim)
+  except layouts.UnsupportedLayout as e:
+    raise ValueError(f"adapter at {path!r}: {e}; use lora_apply(..., strategy='merge')") from None
+  if (layout.in_axes, layout.out_axes) != (spec.in_axes, spec.out_axes):
+    raise ValueError(
+      f"adapter at {path!r} splits its weight as inputs={spec.in_axes} outputs={spec.out_axes}, "
+      f"but the module contracts inputs={layout.in_axes} outputs={layout.out_axes}; create it "
+      "with lora_init(..., layouts=lora_jax.kernel_layouts(model, *example_inputs))"
+    )
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module, method = context.module, context.method_name
+  if method not in ("__call__", "attend") or not module.has_variable("params", LORA_SPEC):
+    return next_fun(*args, **kwargs)
+  path = paths.join(paths.PARAMS, *module.scope.path)
+  if not isinstance(module, layouts.SUPPORTED) or (
+    method == "attend" and not isinstance(module, nn.Embed)
+  ):
+    raise ValueError(
+      f"module {path!r} ({type(module).__name__}) carries an adapter but the low-rank path "
+      f"supports only {layouts.SUPPORTED_NAMES}; use lora_apply(..., strategy='merge')"
+    )
+  spec = module.get_variable("params", LORA_SPEC)
+  _check_layout(module, spec, path, args, kwargs)
+  base = next_fun(*args, **kwargs)
+  a = module.get_variable("params", LORA_A)
+  b = module.get_variable("params", LORA_B)
+  return base + _low_rank(module, method, args, kwargs, base, spec, a, b).astype(base.dtype)
+
+
+def _wants_dropout(kwargs: Mapping) -> bool:
+  rngs = kwargs.get("rngs")
+  return (
+    isinstance(rngs, Mapping) and DROPOUT_RNG in rngs and kwargs.get("deterministic") is not True
+  )
+
+
+def lora_apply(apply_fn: Callable, *, strategy: str = "low_rank") -> Callable:
+  """Wraps ``apply_fn(variables, *args, **kwargs)`` so that adapters in ``variables`` take effect.
+
+  Args:
+    apply_fn: ``model.apply`` of a Flax linen module (``"low_rank"``), or any function whose
+      first argument is a parameter tree (``"merge"``).
+    strategy: ``"low_rank"`` (no weight-sized gradients; LoRA dropout) or ``"merge"``
+      (merge-on-the-fly; costs a full weight gradient). See the module docstring.
+
+  Returns:
+    A function with ``apply_fn``'s signature.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import LoraRule, lora_apply, lora_init
+    >>> model = nn.Dense(4)
+    >>> x = jnp.ones((2, 8))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> adapted = lora_init(variables, LoraRule(".*", rank=2), rng=jax.random.key(1))
+    >>> bool((lora_apply(model.apply)(adapted, x) == model.apply(variables, x)).all())
+    True
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"lora_apply strategy={strategy!r} is not one of {list(STRATEGIES)}")
+
+  if strategy == "merge":
+
+    @functools.wraps(apply_fn)
+    def merged_apply(variables, *args, **kwargs):
+      return apply_fn(merge(variables, check_finite=False), *args, **kwargs)
+
+    return merged_apply
+
+  @functools.wraps(apply_fn)
+  def low_rank_apply(variables, *args, **kwargs):
+    token = _dropout_on.set(_wants_dropout(kwargs))
+    try:
+      with nn.intercept_methods(_interceptor):
+        return apply_fn(variables, *args, **kwargs)
+    finally:
+      _dropout_on.reset(token)
+
+  return low_rank_apply

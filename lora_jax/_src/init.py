@@ -1,0 +1,163 @@
+"""``lora_init``: add adapter leaves beside the weights that the rules select."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src import paths
+from lora_jax._src.layouts import KernelLayout
+from lora_jax._src.layouts import default_layout
+from lora_jax._src.rules import LoraRule
+from lora_jax._src.rules import as_rules
+from lora_jax._src.rules import closest
+from lora_jax._src.spec import LORA_A
+from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_SPEC
+from lora_jax._src.spec import WEIGHT_NAMES
+from lora_jax._src.spec import LoraSpec
+
+
+def _weight_name(module: Mapping) -> str | None:
+  for name in WEIGHT_NAMES:
+    if name in module and not isinstance(module[name], Mapping):
+      return name
+  return None
+
+
+def _own_leaves(module: Mapping) -> list[str]:
+  return [k for k, v in module.items() if not isinstance(v, Mapping)]
+
+
+def _is_linear(module: Mapping, layout: KernelLayout | None) -> bool:
+  if "kernel" not in module or isinstance(module["kernel"], Mapping):
+    return False
+  if layout is not None:
+    return layout.kind in ("dense", "einsum")
+  return len(module["kernel"].shape) == 2
+
+
+def _assign(params, rules, layouts) -> dict[str, LoraRule]:
+  """Maps each adapted module path to the first rule that matches it; checks every target hits."""
+  modules = [(p, m) for p, m in paths.iter_modules(params) if _own_leaves(m)]
+  chosen: dict[str, LoraRule] = {}
+  for path, module in modules:
+    linear = _is_linear(module, layouts.get(path))
+    for rule in rules:
+      if rule.matches(path, linear):
+        chosen[path] = rule
+        break
+  module_paths = [p for p, _ in modules]
+  for rule in rules:
+    for target in rule.targets():
+      probe = rule if len(rule.targets()) == 1 else LoraRule((target,), rule.rank)
+      if not any(probe.matches(p, _is_linear(m, layouts.get(p))) for p, m in modules):
+        raise ValueError(
+          f"LoRA rule target {target!r} (rule {rule.describe()}) matches no module; closest "
+          f"module paths: {closest(target, module_paths)}"
+        )
+  return chosen
+
+
+def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
+  name = _weight_name(module)
+  if name is None:
+    raise ValueError(
+      f"module {path!r} matched rule {rule.describe()} but holds no supported weight "
+      f"(one of {list(WEIGHT_NAMES)}); its leaves: {_own_leaves(module)}"
+    )
+  if LORA_SPEC in module:
+    raise ValueError(f"module {path!r} already has an adapter; merge it before adding another")
+  shape = tuple(module[name].shape)
+  layout = layouts.get(path) or default_layout(name, shape)
+  if layout is None:
+    raise ValueError(
+      f"{path}/{name} has shape {shape}: which of its axes are inputs and which outputs is not "
+      "known from the shape alone; pass layouts=lora_jax.kernel_layouts(model, *example_inputs)"
+    )
+  if len(layout.in_axes) + len(layout.out_axes) != len(shape):
+    raise ValueError(f"layout {layout} for {path!r} does not fit weight shape {shape}")
+  n_in = math.prod(shape[i] for i in layout.in_axes)
+  n_out = math.prod(shape[o] for o in layout.out_axes)
+  if rule.rank > min(n_in, n_out):
+    raise ValueError(
+      f"rank {rule.rank} (rule {rule.describe()}) exceeds what {path}/{name} of shape {shape} "
+      f"allows: min(inputs={n_in}, outputs={n_out}) = {min(n_in, n_out)}"
+    )
+  return LoraSpec(
+    rank=rule.rank,
+    alpha=rule.effective_alpha,
+    rslora=rule.rslora,
+    dropout=rule.dropout,
+    weight=name,
+    in_axes=layout.in_axes,
+    out_axes=layout.out_axes,
+    rule=rule.describe(),
+  )
+
+
+def _factors(spec: LoraSpec, init: str, weight, key):
+  """LoRA's initialisation: one factor random, the other zero, so ``A @ B == 0``."""
+  a_shape, b_shape = spec.a_shape(weight.shape), spec.b_shape(weight.shape)
+  if isinstance(weight, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(a_shape, jnp.float32), jax.ShapeDtypeStruct(b_shape, jnp.float32)
+  if spec.weight == "embedding":
+    # As PEFT does for embeddings: A (looked up by token) zero, B random.
+    return jnp.zeros(a_shape, jnp.float32), jax.random.normal(key, b_shape, jnp.float32)
+  if init == "gaussian":
+    a = jax.random.normal(key, a_shape, jnp.float32) / spec.rank
+  else:  # kaiming_uniform with a=sqrt(5), torch's nn.Linear default that PEFT uses
+    bound = 1.0 / math.sqrt(math.prod(a_shape[:-1]))
+    a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+  return a, jnp.zeros(b_shape, jnp.float32)
+
+
+def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None = None):
+  """Returns a copy of ``params`` with LoRA factors beside every weight the rules select.
+
+  Each adapted module gains ``lora_a`` and ``lora_b`` (float32, whatever the weight's dtype)
+  and a static ``lora_spec`` that :func:`merge` and :func:`lora_apply` read. ``B`` starts at
+  zero, so a fresh adapter changes no output. The input tree is not modified.
+
+  Args:
+    params: a Flax variables dict (``{"params": ...}``; other collections are kept as they are)
+      or a bare params tree. Leaves may be arrays or ``jax.ShapeDtypeStruct``.
+    rules: a :class:`LoraRule` or a list of them; for each module, the first match wins.
+    rng: a ``jax.random`` key for the random factors.
+    layouts: ``{module path: KernelLayout}`` for weights with more than two axes, as returned
+      by :func:`kernel_layouts`.
+
+  Raises:
+    ValueError: a rule target matches no module (the closest paths are listed), a matched module
+      has no ``kernel``/``embedding``, a rank exceeds the weight's, or a layout is unknown.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import LoraRule, lora_init
+    >>> model = nn.Dense(16)
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 32)))
+    >>> adapted = lora_init(variables, LoraRule(".*", rank=4), rng=jax.random.key(1))
+    >>> adapted["params"]["lora_a"].shape, adapted["params"]["lora_b"].shape
+    ((32, 4), (4, 16))
+  """
+  tree, rebuild = paths.split_params(params)
+  rules = as_rules(rules)
+  layouts = dict(layouts or {})
+  chosen = _assign(tree, rules, layouts)
+  specs = {}
+  for path, module in paths.iter_modules(tree):
+    if path in chosen:
+      specs[path] = _spec_for(path, module, chosen[path], layouts)
+  keys = dict(zip(specs, jax.random.split(rng, max(len(specs), 1)), strict=False))
+
+  def add(path: str, module: dict) -> dict:
+    spec = specs.get(path)
+    if spec is None:
+      return module
+    a, b = _factors(spec, chosen[path].init, module[spec.weight], keys[path])
+    return {**module, LORA_A: a, LORA_B: b, LORA_SPEC: spec}
+
+  return rebuild(paths.map_modules(add, tree))

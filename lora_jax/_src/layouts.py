@@ -1,0 +1,130 @@
+"""How a module's weight splits into input and output axes.
+
+An adapter factors a weight into ``A`` (its input axes x rank) and ``B`` (rank x its output
+axes). For two-dimensional ``kernel`` and ``embedding`` leaves the split is read off the shape.
+A kernel with more axes (``nn.DenseGeneral`` over attention heads, ``nn.Einsum``, ``nn.Conv``)
+does not say which of its axes the module contracts with the input; :func:`kernel_layouts`
+finds out by tracing the model once, shapes only, and :func:`lora_jax.lora_init` takes the
+result as ``layouts=``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+
+from lora_jax._src import paths
+
+
+class KernelLayout(NamedTuple):
+  """The split of one weight: ``in_axes`` are contracted with the input, ``out_axes`` produced.
+
+  ``kind`` is ``"dense"`` (Dense, DenseGeneral), ``"einsum"``, ``"conv"`` or ``"embed"``.
+  """
+
+  in_axes: tuple[int, ...]
+  out_axes: tuple[int, ...]
+  kind: str
+
+
+SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+SUPPORTED_NAMES = "nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed"
+
+
+class UnsupportedLayout(ValueError):
+  """The module's weight cannot be split into input and output axes."""
+
+
+def default_layout(weight_name: str, shape) -> KernelLayout | None:
+  """The layout of a weight known from its name and shape alone, or ``None``."""
+  if len(shape) != 2:
+    return None
+  return KernelLayout((0,), (1,), "embed" if weight_name == "embedding" else "dense")
+
+
+def _as_tuple(x) -> tuple:
+  return tuple(x) if isinstance(x, tuple | list) else (x,)
+
+
+def _einsum_layout(module: nn.Einsum) -> KernelLayout:
+  eq = module.einsum_str.replace(" ", "")
+  m = re.fullmatch(r"([a-zA-Z.]*),([a-zA-Z]*)->([a-zA-Z.]*)", eq)
+  if m is None:
+    raise UnsupportedLayout(f"einsum {module.einsum_str!r} is not of the form 'lhs,kernel->out'")
+  lhs, rhs, out = m.groups()
+  ins = tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
+  outs = tuple(i for i, c in enumerate(rhs) if c in out and c not in lhs)
+  if len(ins) + len(outs) != len(rhs) or not ins or not outs:
+    raise UnsupportedLayout(
+      f"einsum {module.einsum_str!r} does not split its kernel {rhs!r} into axes contracted "
+      "with the input and axes of the output (a kernel axis shared with both, or with neither, "
+      "cannot be factored by LoRA)"
+    )
+  return KernelLayout(ins, outs, "einsum")
+
+
+def module_layout(module: nn.Module, ndim: int) -> KernelLayout:
+  """The layout of ``module``'s weight (``ndim`` axes), from the module's own attributes."""
+  if isinstance(module, nn.Embed):
+    return KernelLayout((0,), (1,), "embed")
+  if isinstance(module, nn.Dense):
+    return KernelLayout((0,), (1,), "dense")
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise UnsupportedLayout(
+        f"nn.DenseGeneral with batch_dims={module.batch_dims} is not supported by LoRA"
+      )
+    n_in = len(_as_tuple(module.axis))
+    return KernelLayout(tuple(range(n_in)), tuple(range(n_in, ndim)), "dense")
+  if isinstance(module, nn.Einsum):
+    return _einsum_layout(module)
+  if isinstance(module, nn.Conv):
+    if module.feature_group_count != 1:
+      raise UnsupportedLayout(
+        f"nn.Conv with feature_group_count={module.feature_group_count} is not supported by LoRA"
+      )
+    return KernelLayout(tuple(range(ndim - 1)), (ndim - 1,), "conv")
+  raise UnsupportedLayout(
+    f"{type(module).__name__} is not supported by the low-rank path (supported: {SUPPORTED_NAMES})"
+  )
+
+
+def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout]:
+  """Traces ``module.init(rng, *args, **kwargs)`` (shapes only) and records every weight's layout.
+
+  Returns ``{module path: KernelLayout}`` for each supported module, with paths as
+  :func:`lora_jax.lora_init` matches them (``"params/..."``). Modules whose weight cannot be
+  factored (e.g. a ``DenseGeneral`` with ``batch_dims``) are left out, so rules that reach
+  them fail in ``lora_init`` with a message.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import kernel_layouts
+    >>> heads = nn.DenseGeneral(features=(4, 8), name="query")
+    >>> kernel_layouts(heads, jnp.zeros((1, 32)))
+    {'params': KernelLayout(in_axes=(0,), out_axes=(1, 2), kind='dense')}
+  """
+  found: dict[str, KernelLayout] = {}
+
+  def record(next_fun, fn_args, fn_kwargs, context):
+    out = next_fun(*fn_args, **fn_kwargs)
+    mod = context.module
+    if context.method_name == "__call__" and isinstance(mod, SUPPORTED):
+      name = "embedding" if isinstance(mod, nn.Embed) else "kernel"
+      if mod.has_variable("params", name):
+        ndim = mod.get_variable("params", name).ndim
+        try:
+          found[paths.join(paths.PARAMS, *mod.scope.path)] = module_layout(mod, ndim)
+        except UnsupportedLayout:
+          pass
+    return out
+
+  def init():
+    with nn.intercept_methods(record):
+      return module.init(jax.random.key(0), *args, **kwargs)
+
+  jax.eval_shape(init)
+  return found

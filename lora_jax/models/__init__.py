@@ -1,0 +1,1 @@
+"""Flax BERT/RoBERTa encoders that load Hugging Face checkpoints."""

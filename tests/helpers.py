@@ -1,0 +1,76 @@
+"""Small Flax models and tree utilities shared by the tests."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src import paths
+
+
+class MLP(nn.Module):
+  features: tuple[int, ...] = (16, 16, 4)
+  dtype: jnp.dtype | None = None
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i, f in enumerate(self.features):
+      x = nn.Dense(f, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense_{i}")(x)
+      if i + 1 < len(self.features):
+        x = nn.relu(x)
+    return x
+
+
+class Heads(nn.Module):
+  """Attention-style projections: DenseGeneral into heads and back out of them."""
+
+  heads: int = 2
+  head_dim: int = 4
+  hidden: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((self.heads, self.head_dim), name="query")(x)
+    e = nn.Einsum((self.heads, self.head_dim, self.hidden), "bthd,hdk->btk", name="mix")(q)
+    return nn.DenseGeneral(self.hidden, axis=(-2, -1), name="out")(q) + e
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(6, (3, 3), padding="SAME", name="conv")(x)
+    return nn.Conv(5, (2, 2), strides=2, padding="VALID", name="conv2")(nn.relu(x))
+
+
+class TiedLM(nn.Module):
+  vocab: int = 11
+  dim: int = 6
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(self.vocab, self.dim, name="embed")
+    h = nn.Dense(self.dim, name="hidden")(embed(ids))
+    return embed.attend(h)
+
+
+def randomize_adapters(params, key, scale=0.1):
+  """Makes every ``lora_b`` (and ``lora_a``) non-zero so that adapters change outputs."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (kp, leaf), k in zip(leaves, keys, strict=True):
+    name = paths.keypath_str(kp).rsplit("/", 1)[-1]
+    if name in ("lora_a", "lora_b"):
+      leaf = scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def adapter_paths(tree) -> list[str]:
+  return [
+    p
+    for p in jax.tree.leaves(paths.tree_paths(tree))
+    if p.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
+  ]
