@@ -74,3 +74,27 @@ def adapter_paths(tree) -> list[str]:
     for p in jax.tree.leaves(paths.tree_paths(tree))
     if p.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
   ]
+
+
+class TinyEncoder(nn.Module):
+  """A BERT-shaped encoder from plain nn.Dense layers (q, k, v, attention output, FFN)."""
+
+  layers: int = 2
+  hidden: int = 64
+  heads: int = 4
+  ffn: int = 256
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, _ = x.shape
+    d = self.hidden // self.heads
+    for i in range(self.layers):
+      q, k, v = (
+        nn.Dense(self.hidden, name=f"layer_{i}_{n}")(x).reshape(b, t, self.heads, d)
+        for n in ("query", "key", "value")
+      )
+      a = jax.nn.dot_product_attention(q, k, v).reshape(b, t, self.hidden)
+      x = nn.LayerNorm(name=f"layer_{i}_ln1")(x + nn.Dense(self.hidden, name=f"layer_{i}_attn_out")(a))
+      h = nn.gelu(nn.Dense(self.ffn, name=f"layer_{i}_intermediate")(x))
+      x = nn.LayerNorm(name=f"layer_{i}_ln2")(x + nn.Dense(self.hidden, name=f"layer_{i}_output")(h))
+    return x
