@@ -94,7 +94,11 @@ class TinyEncoder(nn.Module):
         for n in ("query", "key", "value")
       )
       a = jax.nn.dot_product_attention(q, k, v).reshape(b, t, self.hidden)
-      x = nn.LayerNorm(name=f"layer_{i}_ln1")(x + nn.Dense(self.hidden, name=f"layer_{i}_attn_out")(a))
+      x = nn.LayerNorm(name=f"layer_{i}_ln1")(
+        x + nn.Dense(self.hidden, name=f"layer_{i}_attn_out")(a)
+      )
       h = nn.gelu(nn.Dense(self.ffn, name=f"layer_{i}_intermediate")(x))
-      x = nn.LayerNorm(name=f"layer_{i}_ln2")(x + nn.Dense(self.hidden, name=f"layer_{i}_output")(h))
+      x = nn.LayerNorm(name=f"layer_{i}_ln2")(
+        x + nn.Dense(self.hidden, name=f"layer_{i}_output")(h)
+      )
     return x

@@ -25,9 +25,8 @@ def setup():
 def test_mask_marks_adapters_and_extras(setup):
   *_, adapted = setup
   mask = lora_jax.trainable_mask(adapted, extra_trainable=[r"dense_2/bias"])
-  flat = {
-    p: m for p, m in zip(jax.tree.leaves(lora_jax._src.paths.tree_paths(mask)), jax.tree.leaves(mask))
-  }
+  names = jax.tree.leaves(lora_jax._src.paths.tree_paths(mask))
+  flat = dict(zip(names, jax.tree.leaves(mask), strict=True))
   assert {p for p, m in flat.items() if m} == {
     "params/dense_0/lora_a",
     "params/dense_0/lora_b",
@@ -53,9 +52,9 @@ def test_frozen_leaves_have_no_state_and_no_update(setup):
   model, x, y, variables, adapted = setup
   tx = lora_jax.lora_optimizer(optax.adam(1e-2), adapted, extra_trainable=["dense_2/bias"])
   state = tx.init(adapted)
-  n_trainable = sum(
-    leaf.size for leaf, m in zip(jax.tree.leaves(adapted), jax.tree.leaves(lora_jax.trainable_mask(adapted, ["dense_2/bias"]))) if m
-  )
+  mask = lora_jax.trainable_mask(adapted, ["dense_2/bias"])
+  leaves = zip(jax.tree.leaves(adapted), jax.tree.leaves(mask), strict=True)
+  n_trainable = sum(leaf.size for leaf, m in leaves if m)
   n_state = sum(np.size(s) for s in jax.tree.leaves(state))
   assert n_state == 2 * n_trainable + 1  # Adam's mu and nu for trainable leaves, one count
 
@@ -68,7 +67,9 @@ def test_frozen_leaves_have_no_state_and_no_update(setup):
     np.testing.assert_array_equal(new["params"][name]["kernel"], adapted["params"][name]["kernel"])
     np.testing.assert_array_equal(new["params"][name]["bias"], adapted["params"][name]["bias"])
   assert not np.array_equal(new["params"]["dense_2"]["bias"], adapted["params"]["dense_2"]["bias"])
-  assert not np.array_equal(new["params"]["dense_0"]["lora_b"], adapted["params"]["dense_0"]["lora_b"])
+  assert not np.array_equal(
+    new["params"]["dense_0"]["lora_b"], adapted["params"]["dense_0"]["lora_b"]
+  )
 
 
 def test_training_only_the_trainable_partition_reduces_loss(setup):
@@ -94,9 +95,7 @@ def test_training_only_the_trainable_partition_reduces_loss(setup):
     first = value if first is None else first
   assert float(loss(trainable)) < 0.7 * float(first)
   final = lora_jax.combine(trainable, frozen)
-  chex.assert_trees_all_equal(
-    jax.tree.map(lambda p, m: None if m else p, final, mask), frozen
-  )
+  chex.assert_trees_all_equal(jax.tree.map(lambda p, m: None if m else p, final, mask), frozen)
 
 
 def test_optimizer_needs_adapters(setup):

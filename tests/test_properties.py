@@ -3,7 +3,6 @@ dense reference and a fresh adapter changes nothing."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from helpers import randomize_adapters
 from hypothesis import given
@@ -56,6 +55,7 @@ def test_low_rank_equals_dense_reference(widths, in_dim, rank, alpha, seed):
   apply = lora_jax.lora_apply(model.apply)
   np.testing.assert_array_equal(apply(adapted, x), model.apply(variables, x))
   adapted = randomize_adapters(adapted, jax.random.key(seed + 3))
+
   # dense reference built by hand: W + scale * A @ B for every adapted kernel
   def reference(path, module):
     spec = module.get("lora_spec")
@@ -69,5 +69,9 @@ def test_low_rank_equals_dense_reference(widths, in_dim, rank, alpha, seed):
 
   dense = {"params": lora_jax._src.paths.map_modules(reference, adapted["params"])}
   np.testing.assert_allclose(apply(adapted, x), model.apply(dense, x), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(lora_jax.merge(adapted)["params"]["l0"]["kernel"],
-                             dense["params"]["l0"]["kernel"], atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(
+    lora_jax.merge(adapted)["params"]["l0"]["kernel"],
+    dense["params"]["l0"]["kernel"],
+    atol=1e-6,
+    rtol=1e-6,
+  )
