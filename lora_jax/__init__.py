@@ -12,6 +12,9 @@ Example:
   ['bias', 'kernel']
 """
 
+from lora_jax._src.adapter_io import adapter_info
+from lora_jax._src.adapter_io import load_adapter
+from lora_jax._src.adapter_io import save_adapter
 from lora_jax._src.apply import lora_apply
 from lora_jax._src.init import lora_init
 from lora_jax._src.layouts import KernelLayout
@@ -21,6 +24,8 @@ from lora_jax._src.optimizer import lora_optimizer
 from lora_jax._src.partition import combine
 from lora_jax._src.partition import partition
 from lora_jax._src.partition import trainable_mask
+from lora_jax._src.peft_format import export_peft
+from lora_jax._src.peft_format import import_peft
 from lora_jax._src.report import param_report
 from lora_jax._src.rules import LoraRule
 from lora_jax._src.spec import LoraSpec
@@ -31,13 +36,18 @@ __all__ = (
   "KernelLayout",
   "LoraRule",
   "LoraSpec",
+  "adapter_info",
   "combine",
+  "export_peft",
+  "import_peft",
   "kernel_layouts",
+  "load_adapter",
   "lora_apply",
   "lora_init",
   "lora_optimizer",
   "merge",
   "param_report",
   "partition",
+  "save_adapter",
   "trainable_mask",
 )

@@ -17,7 +17,7 @@ from lora_jax._src import paths
 from lora_jax._src.spec import ADAPTER_LEAVES
 
 
-def _compile(extra_trainable: Sequence[str]) -> tuple[re.Pattern, ...]:
+def compile_patterns(extra_trainable: Sequence[str]) -> tuple[re.Pattern, ...]:
   if isinstance(extra_trainable, str):
     extra_trainable = (extra_trainable,)
   out = []
@@ -42,7 +42,7 @@ def is_trainable(path: str, extra: Sequence[re.Pattern]) -> bool:
 
 def path_labels(tree, extra_trainable: Sequence[str] = (), *, check: bool = False):
   """A tree like ``tree`` whose leaves are ``True`` where the leaf trains (see module doc)."""
-  extra = _compile(extra_trainable)
+  extra = compile_patterns(extra_trainable)
   variables = paths.is_variables(tree)
   canon = jax.tree.map(lambda p: _canonical(p, variables), paths.tree_paths(tree))
   if check:

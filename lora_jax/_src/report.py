@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax
 
 from lora_jax._src import paths
-from lora_jax._src.partition import _compile
+from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
 from lora_jax._src.spec import LORA_SPEC
 
@@ -20,7 +20,7 @@ def _size(leaf) -> int:
 def count_params(params, extra_trainable: Sequence[str] = ()) -> tuple[int, int]:
   """``(trainable, total)`` parameter counts of the ``"params"`` collection."""
   tree, _ = paths.split_params(params)
-  extra = _compile(extra_trainable)
+  extra = compile_patterns(extra_trainable)
   total = trainable = 0
   for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
     path = paths.join(paths.PARAMS, paths.keypath_str(keypath))
@@ -52,7 +52,7 @@ def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
     params   1,450        440  r=4 alpha=4.0 scale=1
   """
   tree, _ = paths.split_params(params)
-  extra = _compile(extra_trainable)
+  extra = compile_patterns(extra_trainable)
   rows = []
   for path, module in paths.iter_modules(tree):
     own = [(k, v) for k, v in module.items() if not isinstance(v, dict) and k != LORA_SPEC]

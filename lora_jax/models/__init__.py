@@ -25,6 +25,7 @@ from lora_jax.models.bert import BertResidualOutput
 from lora_jax.models.bert import BertSelfAttention
 from lora_jax.models.bert import EncoderConfig
 from lora_jax.models.bert import auto_model
+from lora_jax.models.export import export_merged
 from lora_jax.models.heads import BertPooler
 from lora_jax.models.heads import RobertaClassificationHead
 from lora_jax.models.loading import flax_to_hf
@@ -45,6 +46,7 @@ __all__ = [
   "EncoderConfig",
   "RobertaClassificationHead",
   "auto_model",
+  "export_merged",
   "flax_to_hf",
   "from_pretrained",
   "hf_to_flax",

@@ -150,6 +150,45 @@ def flax_to_hf(params: Mapping, config: Any, *, prefix: str | None = None) -> di
   return out
 
 
+def default_prefix(params: Mapping, config: Any) -> str:
+  """The base-model prefix :func:`flax_to_hf` uses by default for ``params``.
+
+  ``"bert."`` / ``"roberta."`` when the tree has a ``classifier`` (a
+  ``*ForSequenceClassification`` model), else ``""``.
+
+  Example:
+    >>> import transformers
+    >>> default_prefix({"classifier": {}, "encoder": {}}, transformers.BertConfig())
+    'bert.'
+  """
+  if "params" in params and isinstance(params["params"], Mapping):
+    params = params["params"]
+  return _BASE_PREFIX[_model_type(config)] + "." if "classifier" in params else ""
+
+
+def hf_module_name(module_path: str, config: Any, prefix: str = "") -> str:
+  """A Flax module path (no ``params/``) as the transformers module name, e.g. for PEFT.
+
+  Example:
+    >>> import transformers
+    >>> hf_module_name("encoder/layer/0/attention/self/query", transformers.BertConfig(), "bert.")
+    'bert.encoder.layer.0.attention.self.query'
+  """
+  # Only leaf names differ between the two namings, so any weight leaf stands in for the module.
+  return path_to_hf_name(f"{module_path}/kernel", config, prefix).removesuffix(".weight")
+
+
+def hf_module_to_path(name: str, config: Any) -> str:
+  """Inverse of :func:`hf_module_name`: ``"bert.encoder.layer.0.output.dense"`` -> Flax path.
+
+  Example:
+    >>> import transformers
+    >>> hf_module_to_path("bert.embeddings.word_embeddings", transformers.BertConfig())
+    'embeddings/word_embeddings'
+  """
+  return hf_name_to_path(f"{name}.weight", config).rsplit("/", 1)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Files.
 
@@ -191,13 +230,13 @@ def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
   """
   folder = Path(folder)
   if (folder / SAFETENSORS).exists():
-    return _read_safetensors(folder / SAFETENSORS)
+    return read_safetensors_file(folder / SAFETENSORS)
   if (folder / SAFETENSORS_INDEX).exists():
-    return _read_sharded(folder, SAFETENSORS_INDEX, _read_safetensors)
+    return _read_sharded(folder, SAFETENSORS_INDEX, read_safetensors_file)
   if (folder / TORCH_BIN).exists():
-    return _read_torch(folder / TORCH_BIN)
+    return read_torch_file(folder / TORCH_BIN)
   if (folder / TORCH_BIN_INDEX).exists():
-    return _read_sharded(folder, TORCH_BIN_INDEX, _read_torch)
+    return _read_sharded(folder, TORCH_BIN_INDEX, read_torch_file)
   present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
   raise FileNotFoundError(
     f"no checkpoint in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}; found {present}"
@@ -212,7 +251,7 @@ def _read_sharded(folder: Path, index_name: str, read) -> dict[str, np.ndarray]:
   return out
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
 
   try:
@@ -245,7 +284,7 @@ def _np_dtype(code: str) -> np.dtype:
   return np.dtype(f"<{kind}{int(code[1:]) // 8}") if kind != "b" else np.dtype(bool)
 
 
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
+def read_torch_file(path: Path) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
