@@ -5,7 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+import lora_jax
 from lora_jax._src import paths
 
 
@@ -102,3 +104,18 @@ class TinyEncoder(nn.Module):
         x + nn.Dense(self.hidden, name=f"layer_{i}_output")(h)
       )
     return x
+
+
+def with_numpy_adapters(base, rules, seed, layouts=None):
+  """``lora_init`` on shapes only (nothing to compile), then random numpy factors."""
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), base)
+  adapted = lora_jax.lora_init(shapes, rules, rng=jax.random.key(0), layouts=layouts)
+  rng = np.random.RandomState(seed)
+  flat_base = dict(jax.tree_util.tree_leaves_with_path(base))
+
+  def fill(keypath, leaf):
+    if paths.keypath_str(keypath).rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
+      return (0.1 * rng.randn(*leaf.shape)).astype(np.float32)
+    return flat_base[keypath]
+
+  return jax.tree_util.tree_map_with_path(fill, adapted)

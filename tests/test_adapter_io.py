@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import with_numpy_adapters
 
 from lora_jax import KernelLayout
 from lora_jax import LoraRule
@@ -67,23 +68,8 @@ RULES = [
 ]
 
 
-def _with_adapters(base, rules, seed, layouts=None):
-  """``lora_init`` on shapes only (nothing to compile), then random numpy factors."""
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), base)
-  adapted = lora_init(shapes, rules, rng=jax.random.key(0), layouts=layouts)
-  rng = np.random.RandomState(seed)
-  flat_base = dict(jax.tree_util.tree_leaves_with_path(base))
-
-  def fill(keypath, leaf):
-    if paths.keypath_str(keypath).rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
-      return (0.1 * rng.randn(*leaf.shape)).astype(np.float32)
-    return flat_base[keypath]
-
-  return jax.tree_util.tree_map_with_path(fill, adapted)
-
-
 def _adapted(base, seed=1):
-  params = _with_adapters(base, RULES, seed, LAYOUTS)
+  params = with_numpy_adapters(base, RULES, seed, LAYOUTS)
   # The head trains beside the adapters: give it values the base does not have.
   head = params["params"]["classifier"]
   head = {k: (np.asarray(v, np.float32) + seed).astype(v.dtype) for k, v in head.items()}
@@ -194,7 +180,7 @@ def test_size_is_the_adapter_bytes_plus_a_constant(tmp_path):
     "classifier": {"kernel": np.zeros((hidden, 2), np.float32), "bias": np.zeros(2, np.float32)},
   }
   # Random factors: trained values barely compress.
-  params = _with_adapters(base, LoraRule(["query", "value"], rank=8), seed=0)
+  params = with_numpy_adapters(base, LoraRule(["query", "value"], rank=8), seed=0)
   params["classifier"] = {
     "kernel": np.random.randn(hidden, 2).astype(np.float32),
     "bias": 1.0 + np.zeros(2, np.float32),

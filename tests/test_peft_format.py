@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import transformers
+from helpers import with_numpy_adapters
 
 import lora_jax
 from lora_jax import KernelLayout
@@ -29,21 +30,6 @@ SENTENCES = [
   "The plot is thin, but the performances carry it a long way home.",
 ]
 ATOL = 1e-4
-
-
-def _with_adapters(base, rules, seed, layouts=None):
-  """``lora_init`` on shapes only (nothing to compile), then random numpy factors."""
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), base)
-  adapted = lora_init(shapes, rules, rng=jax.random.key(0), layouts=layouts)
-  rng = np.random.RandomState(seed)
-  flat_base = dict(jax.tree_util.tree_leaves_with_path(base))
-
-  def fill(keypath, leaf):
-    if paths.keypath_str(keypath).rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
-      return (0.1 * rng.randn(*leaf.shape)).astype(np.float32)
-    return flat_base[keypath]
-
-  return jax.tree_util.tree_map_with_path(fill, adapted)
 
 
 def _specs(tree):
@@ -102,7 +88,7 @@ def tiny(tmp_path_factory):
   torch.manual_seed(0)
   transformers.BertForSequenceClassification(config).eval().save_pretrained(folder)
   module, base = from_pretrained(folder, "sequence-classification")
-  params = _with_adapters(base, TINY_RULES, seed=1)
+  params = with_numpy_adapters(base, TINY_RULES, seed=1)
   head = params["params"]["classifier"]
   params["params"]["classifier"] = {k: v + 0.5 for k, v in head.items()}
   return config, folder, module, base, params
@@ -196,7 +182,7 @@ def test_round_trip_is_bit_exact_without_config(tmp_path):
     "head": {"kernel": rng.randn(5, 2).astype(jnp.bfloat16), "bias": np.zeros(2, jnp.bfloat16)},
   }
   rules = [LoraRule(["proj"], rank=3, alpha=1.5), LoraRule(["embed"], rank=2, alpha=4)]
-  params = _with_adapters(base, rules, seed=2)
+  params = with_numpy_adapters(base, rules, seed=2)
   params["head"] = {k: (v.astype(np.float32) + 1).astype(v.dtype) for k, v in base["head"].items()}
   export_peft(tmp_path, params, base_model_name_or_path="m", task_type=None, extra_trainable="head")
   cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -307,10 +293,10 @@ def test_export_refuses_what_peft_cannot_express(tiny, tmp_path):
   config, _, _, base, params = tiny
   heads = {"params": {"heads": {"kernel": np.zeros((8, 2, 4), np.float32)}}}
   layouts = {"params/heads": KernelLayout((0,), (1, 2), "dense")}
-  multi = _with_adapters(heads, LoraRule(".*", rank=2), seed=0, layouts=layouts)
+  multi = with_numpy_adapters(heads, LoraRule(".*", rank=2), seed=0, layouts=layouts)
   with pytest.raises(ValueError, match=r"in_axes=\(0,\), out_axes=\(1, 2\).*2-D Linear"):
     export_peft(tmp_path, multi, base_model_name_or_path="x")
-  mixed = _with_adapters(
+  mixed = with_numpy_adapters(
     base, [LoraRule(["query"], rank=2, rslora=True), LoraRule(["value"], rank=2)], seed=0
   )
   with pytest.raises(ValueError, match="one use_rslora flag"):
@@ -453,12 +439,14 @@ def test_modules_to_save_naming(tmp_path):
     "head": {"dense": dense(4, 4), "out_proj": dense(4, 2)},
     "head2": dense(4, 2),
   }
-  params = _with_adapters(base, LoraRule(["query"], rank=2), seed=0)
+  params = with_numpy_adapters(base, LoraRule(["query"], rank=2), seed=0)
   extra = ["head/", "encoder/out/bias", "head2/bias"]
   export_peft(tmp_path, params, base_model_name_or_path="m", extra_trainable=extra)
   cfg = json.loads((tmp_path / "adapter_config.json").read_text())
   assert cfg["modules_to_save"] == ["encoder.out", "head", "head2"]
   _assert_same(import_peft(tmp_path, base), params)
-  root = _with_adapters({"kernel": np.zeros((3, 2), np.float32)}, LoraRule(".*", rank=1), seed=0)
+  root = with_numpy_adapters(
+    {"kernel": np.zeros((3, 2), np.float32)}, LoraRule(".*", rank=1), seed=0
+  )
   with pytest.raises(ValueError, match="'params' sits at the root of the parameter tree"):
     export_peft(tmp_path, root, base_model_name_or_path="m")
