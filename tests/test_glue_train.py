@@ -1,0 +1,335 @@
+"""train/trainer.py and train/glue_train.py on a tiny random BERT and a few dozen SST-2 rows.
+
+* the three parallel modes (jit, pmap, mesh with replicated or sharded frozen weights) give the
+  same losses on the 8 fake CPU devices;
+* gradient accumulation of 2 x 4 rows equals one step of 8 rows;
+* a run interrupted after a checkpoint and rerun reproduces the uninterrupted run;
+* a checkpoint from another LoRA shape is refused, naming the differences.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import save_file
+
+import lora_jax
+from lora_jax import models
+from train import glue_args
+from train import glue_data
+from train import glue_train
+from train import outputs
+from train import trainer
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_tiny_bert(folder: pathlib.Path, sst2_dir: pathlib.Path, dropout: float) -> pathlib.Path:
+  """A random 2-layer BERT (hidden 32) + a WordPiece tokenizer over SST-2's frequent words."""
+  folder.mkdir(parents=True, exist_ok=True)
+  lines = (sst2_dir / "train.tsv").read_text().splitlines()[1:400]
+  words = collections.Counter(w for line in lines for w in line.split("\t")[0].split())
+  vocab = SPECIAL + [w for w, _ in words.most_common(400) if w not in SPECIAL]
+  tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+  tokenizer.save_pretrained(folder)
+  config = transformers.BertConfig(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=dropout,
+  )
+  config.save_pretrained(folder)
+  variables = models.auto_model(config).init(jax.random.key(0), np.ones((1, 4), np.int32))
+  save_file(models.flax_to_hf(variables, config), str(folder / "model.safetensors"))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, sst2_dir):
+  return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), sst2_dir, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_no_dropout(tmp_path_factory, sst2_dir):
+  return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert_nd"), sst2_dir, dropout=0.0)
+
+
+def run_args(model, sst2_dir, output_dir, *extra) -> glue_args.argparse.Namespace:
+  return glue_args.parse_args(
+    [
+      "--model_name_or_path",
+      str(model),
+      "--train_file",
+      str(sst2_dir / "train.tsv"),
+      "--validation_file",
+      str(sst2_dir / "validation.tsv"),
+      "--max_train_samples",
+      "64",
+      "--max_eval_samples",
+      "32",
+      "--max_seq_length",
+      "16",  # one bucket: one compilation per step function
+      "--per_device_train_batch_size",
+      "8",
+      "--per_device_eval_batch_size",
+      "16",
+      "--lora_r",
+      "4",
+      "--logging_steps",
+      "1",
+      "--output_dir",
+      str(output_dir),
+      "--no-progress",
+      *extra,
+    ]
+  )
+
+
+def losses_for(mode: str, model, sst2_dir, tmp_path, shard_frozen=False, steps=3):
+  """Losses of ``steps`` optimizer steps with global batch 8 in ``mode``."""
+  per_device = 8 if mode == "none" else 8 // jax.device_count()
+  args = run_args(
+    model,
+    sst2_dir,
+    tmp_path,
+    "--lora_dropout",
+    "0",
+    "--per_device_train_batch_size",
+    str(per_device),
+    "--learning_rate",
+    "1e-2",
+  )
+  task = glue_data.TASKS["sst2"]
+  data = glue_train.load_data(args, task, transformers.AutoTokenizer.from_pretrained(model))
+  module, params, _ = glue_train.load_model(args, task)
+  trainable, frozen = lora_jax.partition(
+    params, lora_jax.trainable_mask(params, glue_train.EXTRA_TRAINABLE)
+  )
+  schedule = trainer.linear_schedule(args.learning_rate, steps, 1)
+  tx = trainer.make_optimizer(
+    params, schedule, weight_decay=0.01, extra_trainable=glue_train.EXTRA_TRAINABLE
+  )
+  apply_fn = lora_jax.lora_apply(module.apply)
+  axis = trainer.AXIS if mode == "pmap" else None
+  parallel = trainer.Parallel(
+    mode,
+    trainer.make_train_step(apply_fn, tx, False, axis),
+    trainer.make_eval_step(apply_fn),
+    shard_frozen=shard_frozen,
+  )
+  state = parallel.put_state(trainer.init_state(trainable, tx, 0))
+  frozen = parallel.put_frozen(frozen)
+  buckets = glue_data.bucket_lengths(args.max_seq_length)
+  batches = glue_data.train_batches(data.train, 8, buckets, seed=0)
+  losses = []
+  for _ in range(steps):
+    state, loss = parallel.train(state, frozen, parallel.put_batch(next(batches)))
+    losses.append(float(loss))
+  logits = glue_train.run_model(
+    parallel, state.trainable, frozen, data.evals["validation"], 8, buckets
+  )
+  return np.array(losses), logits
+
+
+def test_parallel_modes_give_the_same_losses(tiny_bert_no_dropout, sst2_dir, tmp_path):
+  assert jax.device_count() == 8, "tests/conftest.py should provide 8 fake CPU devices"
+  ref, ref_logits = losses_for("none", tiny_bert_no_dropout, sst2_dir, tmp_path)
+  assert ref[-1] < ref[0]  # it learns
+  for mode, shard in (("pmap", False), ("mesh", False), ("mesh", True)):
+    losses, logits = losses_for(mode, tiny_bert_no_dropout, sst2_dir, tmp_path, shard)
+    np.testing.assert_allclose(losses, ref, atol=1e-5, err_msg=f"{mode} shard_frozen={shard}")
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, err_msg=f"{mode} eval logits")
+
+
+def test_fsdp_spec_shards_the_largest_divisible_axis():
+  big = jax.ShapeDtypeStruct((100, 1024), np.float32)
+  assert trainer._fsdp_spec(big, 8) == trainer.P(None, "data")
+  assert trainer._fsdp_spec(jax.ShapeDtypeStruct((32,), np.float32), 8) == trainer.P()
+
+
+def final_state(output_dir: pathlib.Path) -> dict:
+  """The last checkpoint's trainable leaves and step, read back with Orbax."""
+  import orbax.checkpoint as ocp
+
+  mngr = ocp.CheckpointManager(output_dir / "checkpoints", item_names=("state", "meta"))
+  got = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return got["state"]
+
+
+def train_losses(output_dir: pathlib.Path) -> list[tuple[int, float]]:
+  rows = outputs.read_jsonl(output_dir / outputs.METRICS)
+  return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_accumulation_matches_a_bigger_batch(tiny_bert_no_dropout, sst2_dir, tmp_path):
+  common = ("--max_steps", "2", "--lora_dropout", "0", "--save_steps", "0")
+  one = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "one", *common)
+  two = run_args(
+    tiny_bert_no_dropout,
+    sst2_dir,
+    tmp_path / "two",
+    *common,
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "2",
+  )
+  glue_train.train_and_evaluate(one)
+  glue_train.train_and_evaluate(two)
+  a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+  for key in a["trainable"]:
+    np.testing.assert_allclose(a["trainable"][key], b["trainable"][key], atol=1e-5, err_msg=key)
+  np.testing.assert_allclose(
+    [x for _, x in train_losses(tmp_path / "one")],
+    [x for _, x in train_losses(tmp_path / "two")],
+    atol=1e-5,
+  )
+
+
+def check_outputs(out: pathlib.Path, results: dict):
+  """What a 10-step run with evaluations at 5 and 10 and --do_predict leaves behind."""
+  assert set(results) >= {"step", "eval_accuracy", "eval_loss"} and results["step"] == 10
+  rows = outputs.read_jsonl(out / outputs.METRICS)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 11))
+  assert set(train_rows[0]) >= {"step", "loss", "learning_rate", "examples_per_s"}
+  assert [r["step"] for r in rows if "eval_accuracy" in r] == [5, 10]
+  assert outputs.read_jsonl(out / outputs.METRICS)[-1]["eval_accuracy"] == results["eval_accuracy"]
+  assert (out / outputs.CURVES).stat().st_size > 1000
+  lines = (out / "predict_results.tsv").read_text().splitlines()
+  assert lines[0] == "index\tprediction" and len(lines) == 21
+  assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
+
+
+class Crash(Exception):
+  pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_bert, sst2_dir, tmp_path):
+  # Dropout (hidden and LoRA) on: the rng must resume too. 64 rows / 8 = 8 batches per epoch,
+  # so 10 steps also cross an epoch boundary.
+  common = ("--max_steps", "10", "--save_steps", "4", "--eval_steps", "5", "--lora_dropout", "0.1")
+  predict = (
+    "--test_file",
+    str(sst2_dir / "test.tsv"),
+    "--do_predict",
+    "--max_predict_samples",
+    "20",
+  )
+  whole = run_args(tiny_bert, sst2_dir, tmp_path / "whole", *common, *predict)
+  results = glue_train.train_and_evaluate(whole)
+  check_outputs(tmp_path / "whole", results)
+
+  parts = run_args(tiny_bert, sst2_dir, tmp_path / "parts", *common)
+
+  def crash(step):
+    if step == 6:
+      raise Crash
+
+  with pytest.raises(Crash):
+    glue_train.train_and_evaluate(parts, on_step=crash)
+  assert final_state(tmp_path / "parts")["step"] == 4  # micro-batches = steps here
+  resumed = glue_train.train_and_evaluate(parts)
+
+  a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "parts")
+  assert int(a["step"]) == int(b["step"]) == 10
+  for key in a["trainable"]:
+    np.testing.assert_allclose(a["trainable"][key], b["trainable"][key], atol=1e-6, err_msg=key)
+  whole_losses, part_losses = train_losses(tmp_path / "whole"), train_losses(tmp_path / "parts")
+  assert [s for s, _ in part_losses] == list(range(1, 11))  # the crashed tail was dropped
+  np.testing.assert_allclose(
+    [x for _, x in part_losses], [x for _, x in whole_losses], rtol=1e-6, atol=1e-6
+  )
+  assert resumed["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+  assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == ["10", "8"]
+
+
+def test_checkpoint_of_another_model_or_lora_shape_is_refused(
+  tiny_bert, tiny_bert_no_dropout, sst2_dir, tmp_path
+):
+  glue_train.train_and_evaluate(
+    run_args(tiny_bert_no_dropout, sst2_dir, tmp_path, "--max_steps", "1", "--lora_dropout", "0")
+  )
+  other_rank = run_args(
+    tiny_bert_no_dropout, sst2_dir, tmp_path, "--max_steps", "2", "--lora_r", "2"
+  )
+  with pytest.raises(trainer.CheckpointMismatch) as e:
+    glue_train.train_and_evaluate(other_rank)
+  message = str(e.value)
+  assert (
+    "refusing to resume" in message
+    and "lora: checkpoint '4 x r=4 alpha=16.0 rslora=False', this run '4 x r=2" in message
+  )
+  assert (
+    "layer/1/attention/self/value/lora_b: checkpoint float32[4, 32], this run float32[2, 32]"
+    in (message)
+  )
+  other_model = run_args(tiny_bert, sst2_dir, tmp_path, "--max_steps", "2")  # same shapes
+  with pytest.raises(trainer.CheckpointMismatch, match="model_name_or_path: checkpoint"):
+    glue_train.train_and_evaluate(other_model)
+
+
+def test_start_from_an_exported_peft_adapter(tiny_bert_no_dropout, sst2_dir, tmp_path):
+  first = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "a", "--max_steps", "3")
+  trained = glue_train.train_and_evaluate(first)
+  assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
+  # One step at learning rate 0 (the warmup's first step): the adapter and head as exported.
+  again = run_args(
+    tiny_bert_no_dropout,
+    sst2_dir,
+    tmp_path / "b",
+    "--max_steps",
+    "1",
+    "--adapter_name_or_path",
+    str(tmp_path / "a" / "adapter"),
+  )
+  loaded = glue_train.train_and_evaluate(again)
+  assert loaded["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-5)
+  assert loaded["eval_accuracy"] == trained["eval_accuracy"]
+
+
+def test_our_adapter_format_is_read_with_load_adapter(tiny_bert_no_dropout, sst2_dir, tmp_path):
+  args = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path)
+  task = glue_data.TASKS["sst2"]
+  _, params, config = glue_train.load_model(args, task)
+  folder = lora_jax.save_adapter(
+    tmp_path / "ours", params, extra_trainable=glue_train.EXTRA_TRAINABLE
+  )
+  base = models.from_pretrained(tiny_bert_no_dropout, "sequence-classification", num_labels=2)[1]
+  loaded = glue_train.load_adapter(str(folder), base, config)
+  assert glue_train.adapter_summary(loaded) == glue_train.adapter_summary(params)
+  assert glue_train.adapter_summary(params) == "4 x r=4 alpha=16.0 rslora=False"
+
+
+def test_loss_fn_weights_and_regression():
+  logits = np.array([[0.0, 1.0], [2.0, 0.0], [5.0, -5.0]], np.float32)
+  labels = np.array([1, 0, 1])
+  full = trainer.loss_fn(logits[:2], labels[:2], np.ones(2, np.float32), False)
+  masked = trainer.loss_fn(logits, labels, np.array([1, 1, 0], np.float32), False)
+  np.testing.assert_allclose(full, masked, rtol=1e-6)
+  mse = trainer.loss_fn(np.array([[1.0], [3.0]]), np.array([0.0, 1.0]), np.ones(2), True)
+  np.testing.assert_allclose(mse, 2.5)
+
+
+def test_distributed_initialize_only_for_multi_process_jobs(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  assert not trainer.maybe_initialize_distributed({})
+  assert not trainer.maybe_initialize_distributed({"SLURM_NTASKS": "1"})
+  assert calls == []
+  env = {
+    "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+    "JAX_NUM_PROCESSES": "2",
+    "JAX_PROCESS_ID": "1",
+  }
+  assert trainer.maybe_initialize_distributed(env)
+  assert trainer.maybe_initialize_distributed({"SLURM_NTASKS": "4"})
+  assert calls == [{"num_processes": 2, "process_id": 1}, {}]

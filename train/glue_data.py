@@ -1,0 +1,311 @@
+"""GLUE data: loading (Hub or local files), tokenising, bucketing and batching.
+
+* :func:`load_raw` reads ``datasets.load_dataset("nyu-mll/glue", task)`` by default, or local
+  TSV / CSV / JSON files (TSV is read with quoting disabled, as GLUE's files need).
+* :func:`tokenize` runs the checkpoint's tokenizer through ``Dataset.map(batched=True)`` with
+  truncation and no padding; :func:`to_examples` turns the result into numpy arrays.
+* Batches are padded to the smallest of a few bucket lengths (:func:`bucket_lengths`: powers of
+  two and their midpoints up to ``max_seq_length``), so a run compiles a handful of shapes, not
+  one per batch, and pads at most 1.5x.
+* :func:`train_batches` is a deterministic stream: micro-batch ``m`` is a function of ``seed``
+  and ``m`` alone (each epoch a fresh permutation from ``(seed, epoch)``; the last partial
+  batch of an epoch is dropped), so a resumed run continues with exactly the batches it
+  would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+HUB_DATASET = "nyu-mll/glue"
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+  """What a GLUE task reads and predicts.
+
+  Attributes:
+    name: the GLUE config name (``"sst2"``).
+    keys: the text column(s); the second is ``None`` for single-sentence tasks.
+    num_labels: classes, or 1 for regression (STS-B).
+    eval_splits: Hub validation split(s); the first is the main one (MNLI: matched, then
+      mismatched).
+    test_splits: Hub test split(s), in the same order.
+  """
+
+  name: str
+  keys: tuple[str, str | None]
+  num_labels: int
+  eval_splits: tuple[str, ...] = ("validation",)
+  test_splits: tuple[str, ...] = ("test",)
+
+  @property
+  def is_regression(self) -> bool:
+    return self.num_labels == 1
+
+
+TASKS: dict[str, GlueTask] = {
+  t.name: t
+  for t in (
+    GlueTask("cola", ("sentence", None), 2),
+    GlueTask("sst2", ("sentence", None), 2),
+    GlueTask("mrpc", ("sentence1", "sentence2"), 2),
+    GlueTask("qqp", ("question1", "question2"), 2),
+    GlueTask("stsb", ("sentence1", "sentence2"), 1),
+    GlueTask(
+      "mnli",
+      ("premise", "hypothesis"),
+      3,
+      ("validation_matched", "validation_mismatched"),
+      ("test_matched", "test_mismatched"),
+    ),
+    GlueTask("qnli", ("question", "sentence"), 2),
+    GlueTask("rte", ("sentence1", "sentence2"), 2),
+    GlueTask("wnli", ("sentence1", "sentence2"), 2),
+  )
+}
+
+_BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _load_file(path: str, split: str):
+  import datasets
+
+  suffix = pathlib.Path(path).suffix.lower()
+  if suffix not in _BUILDERS:
+    raise ValueError(f"data file {path!r} has extension {suffix!r}; supported: {sorted(_BUILDERS)}")
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"data file {path!r} does not exist")
+  kwargs: dict[str, Any] = {}
+  if suffix == ".tsv":  # GLUE's TSVs hold bare quote characters: no CSV quoting.
+    kwargs = dict(delimiter="\t", quoting=3, keep_default_na=False)
+  elif suffix == ".csv":
+    kwargs = dict(keep_default_na=False)
+  return datasets.load_dataset(_BUILDERS[suffix], data_files={split: path}, **kwargs)[split]
+
+
+def load_raw(
+  task: GlueTask,
+  *,
+  train_file: str | None = None,
+  validation_file: str | None = None,
+  test_file: str | None = None,
+):
+  """The task's splits as a ``datasets.DatasetDict``.
+
+  With no file given, the Hub's ``nyu-mll/glue`` config ``task.name``. With files, exactly the
+  splits given, named ``train`` / ``validation`` / ``test``.
+  """
+  import datasets
+
+  files = {"train": train_file, "validation": validation_file, "test": test_file}
+  if not any(files.values()):
+    return datasets.load_dataset(HUB_DATASET, task.name)
+  return datasets.DatasetDict(
+    {split: _load_file(path, split) for split, path in files.items() if path}
+  )
+
+
+def split_names(raw: Mapping, task: GlueTask, kind: str) -> list[str]:
+  """The splits of ``raw`` that serve as ``kind`` (``"eval"`` or ``"test"``), main one first."""
+  hub = task.eval_splits if kind == "eval" else task.test_splits
+  local = "validation" if kind == "eval" else "test"
+  names = [s for s in hub if s in raw]
+  return names or ([local] if local in raw else [])
+
+
+def text_keys(dataset, task: GlueTask) -> tuple[str, str | None]:
+  """The task's text columns, or (as HF's run_glue.py) the first non-label columns."""
+  columns = list(dataset.column_names)
+  if task.keys[0] in columns and (task.keys[1] is None or task.keys[1] in columns):
+    return task.keys
+  others = [c for c in columns if c not in ("label", "idx")]
+  if not others:
+    raise ValueError(f"no text column in {columns} (task {task.name} wants {task.keys})")
+  return (others[0], others[1] if len(others) > 1 and task.keys[1] else None)
+
+
+def label_names(dataset, task: GlueTask) -> list[str] | None:
+  """Class names when the labels are named (the Hub's ``ClassLabel`` or string labels)."""
+  if task.is_regression or "label" not in dataset.column_names:
+    return None
+  feature = dataset.features["label"]
+  if hasattr(feature, "names"):
+    return list(feature.names)
+  if dataset.features["label"].dtype in ("string", "large_string"):
+    return sorted(set(dataset["label"]))
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising and numpy examples.
+
+
+def tokenize(dataset, tokenizer, keys: tuple[str, str | None], max_seq_length: int):
+  """``Dataset.map(batched=True)``: truncated token ids, no padding (that is per batch)."""
+
+  def encode(batch):
+    texts = (batch[keys[0]],) if keys[1] is None else (batch[keys[0]], batch[keys[1]])
+    enc = tokenizer(*texts, truncation=True, max_length=max_seq_length)
+    out = {"input_ids": enc["input_ids"]}
+    if "token_type_ids" in enc:
+      out["token_type_ids"] = enc["token_type_ids"]
+    return out
+
+  drop = [c for c in dataset.column_names if c != "label"]
+  return dataset.map(encode, batched=True, remove_columns=drop, desc="tokenizing")
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """Tokenised rows, padded to ``max_seq_length`` once; batches slice them to a bucket."""
+
+  input_ids: np.ndarray  # int32 [N, max_seq_length]
+  token_type_ids: np.ndarray  # int32 [N, max_seq_length]
+  lengths: np.ndarray  # int32 [N]
+  labels: np.ndarray  # int32 (classes) or float32 (regression) [N]
+  pad_id: int = 0
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+
+def to_examples(
+  tokenized, max_seq_length: int, *, pad_id: int, regression: bool, names: list[str] | None
+) -> Examples:
+  """Numpy arrays from a tokenised dataset; string labels are mapped through ``names``."""
+  ids = tokenized["input_ids"]
+  types = tokenized["token_type_ids"] if "token_type_ids" in tokenized.column_names else None
+  n = len(ids)
+  input_ids = np.full((n, max_seq_length), pad_id, np.int32)
+  token_type_ids = np.zeros((n, max_seq_length), np.int32)
+  lengths = np.zeros(n, np.int32)
+  for i, row in enumerate(ids):
+    lengths[i] = len(row)
+    input_ids[i, : len(row)] = row
+    if types is not None:
+      token_type_ids[i, : len(row)] = types[i]
+  if "label" not in tokenized.column_names:
+    labels = np.zeros(n, np.float32 if regression else np.int32)
+  elif regression:
+    labels = np.asarray(tokenized["label"], np.float32)
+  else:
+    raw = tokenized["label"]
+    if raw and isinstance(raw[0], str):
+      index = {name: i for i, name in enumerate(names or [])}
+      bad = sorted({r for r in raw if r not in index})
+      if bad:
+        raise ValueError(f"labels {bad[:5]} are not among the training labels {names}")
+      raw = [index[r] for r in raw]
+    labels = np.asarray(raw, np.int32)
+  return Examples(input_ids, token_type_ids, lengths, labels, pad_id)
+
+
+def check_labels(examples: Examples, num_labels: int, source: str) -> None:
+  """Training labels must be class indices ``0..num_labels-1``."""
+  if num_labels == 1:
+    return
+  bad = sorted(set(np.unique(examples.labels).tolist()) - set(range(num_labels)))
+  if bad:
+    raise ValueError(
+      f"{source} has labels {bad[:5]} outside 0..{num_labels - 1} (num_labels={num_labels})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets and batches.
+
+
+def bucket_lengths(max_seq_length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Powers of two from ``smallest`` and the midpoints between them (x1.5), then the maximum.
+
+  At most 1.5x padding over a batch's longest row, from about two shapes per doubling.
+
+  Example:
+    >>> bucket_lengths(128), bucket_lengths(100), bucket_lengths(8)
+    ((16, 24, 32, 48, 64, 96, 128), (16, 24, 32, 48, 64, 96, 100), (8,))
+  """
+  out, n = [], smallest
+  while n < max_seq_length:
+    out += [m for m in (n, n + n // 2) if m < max_seq_length]
+    n *= 2
+  return (*out, max_seq_length)
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+  """The smallest bucket that holds ``length`` tokens."""
+  return next((b for b in buckets if b >= length), buckets[-1])
+
+
+def make_batch(examples: Examples, rows: np.ndarray, buckets: tuple[int, ...], size: int) -> dict:
+  """Rows ``rows`` padded to a bucket length, and with zero-weight rows up to ``size`` rows.
+
+  Returns numpy arrays ``input_ids``, ``attention_mask``, ``token_type_ids`` (int32
+  ``[size, L]``), ``labels`` and ``weights`` (float32 ``[size]``; 0 for filler rows).
+  """
+  rows = np.asarray(rows)
+  width = bucket_for(int(examples.lengths[rows].max(initial=1)), buckets)
+  fill = size - len(rows)
+  take = np.concatenate([rows, np.zeros(fill, rows.dtype)]) if fill else rows
+  ids = examples.input_ids[take, :width]
+  mask = (np.arange(width)[None, :] < examples.lengths[take][:, None]).astype(np.int32)
+  weights = np.ones(size, np.float32)
+  if fill:
+    weights[len(rows) :] = 0.0
+    mask[len(rows) :] = 0
+    mask[len(rows) :, 0] = 1  # a filler row attends to one token: no empty softmax
+  return {
+    "input_ids": ids,
+    "attention_mask": mask,
+    "token_type_ids": examples.token_type_ids[take, :width],
+    "labels": examples.labels[take],
+    "weights": weights,
+  }
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+  return n // batch_size
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The row order of one epoch: a permutation that depends on ``(seed, epoch)`` only."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_batches(
+  examples: Examples, batch_size: int, buckets: tuple[int, ...], seed: int, start: int = 0
+) -> Iterator[dict]:
+  """Micro-batches ``start, start + 1, ...`` of the endless deterministic stream."""
+  per_epoch = batches_per_epoch(len(examples), batch_size)
+  if per_epoch == 0:
+    raise ValueError(
+      f"the training set has {len(examples)} rows, fewer than one global batch of {batch_size}"
+    )
+  m = start
+  epoch, order = -1, None
+  while True:
+    e, i = divmod(m, per_epoch)
+    if e != epoch:
+      epoch, order = e, epoch_order(len(examples), seed, e)
+    yield make_batch(examples, order[i * batch_size : (i + 1) * batch_size], buckets, batch_size)
+    m += 1
+
+
+def eval_batches(
+  examples: Examples, batch_size: int, buckets: tuple[int, ...]
+) -> Iterator[tuple[np.ndarray, dict]]:
+  """``(rows, batch)`` over every row once, shortest first (less padding), last one filled."""
+  order = np.argsort(examples.lengths, kind="stable")
+  for i in range(0, len(order), batch_size):
+    rows = order[i : i + batch_size]
+    yield rows, make_batch(examples, rows, buckets, batch_size)

@@ -1,0 +1,370 @@
+"""A GLUE LoRA run end to end: :func:`train_and_evaluate` (``train/run_glue.py`` parses flags).
+
+1. Data (:mod:`train.glue_data`): Hub or local files, tokenised with the checkpoint's tokenizer.
+2. Model: ``lora_jax.models.from_pretrained(..., "sequence-classification")``, adapters from a
+   :class:`lora_jax.LoraRule` built from the ``--lora_*`` flags, the classifier head trainable.
+3. Training (:mod:`train.trainer`): the trainable partition only, in the ``--parallel`` mode;
+   Orbax checkpoints every ``--save_steps`` under ``OUTPUT_DIR/checkpoints``; rerunning the
+   same command resumes from the latest one.
+4. Evaluation with the task's GLUE metrics (:mod:`train.glue_metrics`), outputs
+   (:mod:`train.outputs`), predictions and exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax
+from lora_jax import models
+from train import glue_args
+from train import glue_data
+from train import glue_metrics
+from train import outputs
+from train import trainer
+
+logger = logging.getLogger(__name__)
+
+EXTRA_TRAINABLE = ("classifier",)  # the task head, as PEFT's modules_to_save for SEQ_CLS
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def lora_targets(values: list[str]) -> str | tuple[str, ...]:
+  """``--lora_target_modules``: one regex (if it has regex syntax), ``all-linear``, or names.
+
+  Example:
+    >>> lora_targets(["query", "value"]), lora_targets([".*/attention/self/(query|key)"])
+    (('query', 'value'), '.*/attention/self/(query|key)')
+  """
+  if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
+    return values[0]
+  return tuple(values)
+
+
+def lora_rule(args: argparse.Namespace) -> lora_jax.LoraRule:
+  return lora_jax.LoraRule(
+    lora_targets(args.lora_target_modules),
+    rank=args.lora_r,
+    alpha=args.lora_alpha,
+    dropout=args.lora_dropout,
+    rslora=args.lora_rslora,
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass
+class Data:
+  """Tokenised splits as :class:`glue_data.Examples`; eval/test dicts keep the main split first."""
+
+  train: glue_data.Examples | None
+  evals: dict[str, glue_data.Examples]
+  tests: dict[str, glue_data.Examples]
+  label_names: list[str] | None
+
+
+def load_data(args: argparse.Namespace, task: glue_data.GlueTask, tokenizer) -> Data:
+  raw = glue_data.load_raw(
+    task,
+    train_file=args.train_file,
+    validation_file=args.validation_file,
+    test_file=args.test_file,
+  )
+  first = raw["train"] if "train" in raw else next(iter(raw.values()))
+  keys = glue_data.text_keys(first, task)
+  names = glue_data.label_names(first, task)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+  def examples(split: str, limit: int | None) -> glue_data.Examples:
+    ds = raw[split]
+    if limit is not None:
+      ds = ds.select(range(min(limit, len(ds))))
+    tok = glue_data.tokenize(ds, tokenizer, keys, args.max_seq_length)
+    return glue_data.to_examples(
+      tok, args.max_seq_length, pad_id=pad_id, regression=task.is_regression, names=names
+    )
+
+  train = examples("train", args.max_train_samples) if "train" in raw else None
+  if train is not None:
+    glue_data.check_labels(train, task.num_labels, "the training split")
+  evals = {s: examples(s, args.max_eval_samples) for s in glue_data.split_names(raw, task, "eval")}
+  tests = {}
+  if args.do_predict:
+    tests = {
+      s: examples(s, args.max_predict_samples) for s in glue_data.split_names(raw, task, "test")
+    }
+  return Data(train, evals, tests, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model.
+
+
+def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
+  """``(module, params with adapters, transformers config)``.
+
+  Adapters come from the ``--lora_*`` flags, or, with ``--adapter_name_or_path``, from that
+  adapter (its own rank, alpha and targets; its classifier head too, if it saved one).
+  """
+  import transformers
+
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  module, variables = models.from_pretrained(
+    args.model_name_or_path,
+    "sequence-classification",
+    num_labels=task.num_labels,
+    dtype=dtype,
+    rng=args.seed,
+  )
+  config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+  config.num_labels = task.num_labels
+  if args.adapter_name_or_path:
+    params = load_adapter(args.adapter_name_or_path, variables, config)
+  else:
+    params = lora_jax.lora_init(variables, lora_rule(args), rng=jax.random.key(args.seed + 1))
+  return module, params, config
+
+
+def load_adapter(path: str, variables, config):
+  """An adapter in our format (``lora_jax.save_adapter``) or PEFT's (folder or Hub id)."""
+  folder = pathlib.Path(path)
+  if (folder / "adapter_config.json").exists() or not folder.exists():
+    return lora_jax.import_peft(path, variables, config=config)
+  return lora_jax.load_adapter(path, variables)
+
+
+def adapter_summary(params) -> str:
+  """``"2 x r=8 alpha=16.0 rslora=False"``: the adapters' settings, for checkpoint signatures."""
+  specs = [
+    leaf
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, lora_jax.LoraSpec))
+    if isinstance(leaf, lora_jax.LoraSpec)
+  ]
+  counts = collections.Counter(f"r={s.rank} alpha={s.alpha} rslora={s.rslora}" for s in specs)
+  return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
+
+
+def signature(args: argparse.Namespace, module, params) -> dict:
+  """What a checkpoint must agree on to be resumed by this run (shapes are checked too)."""
+  model = args.model_name_or_path
+  if pathlib.Path(model).exists():
+    model = str(pathlib.Path(model).resolve())
+  cfg = module.config
+  return {
+    "model_name_or_path": model,
+    "model": f"{cfg.model_type} vocab={cfg.vocab_size} hidden={cfg.hidden_size} "
+    f"layers={cfg.num_hidden_layers}",
+    "task_name": args.task_name,
+    "num_labels": cfg.num_labels,
+    "lora": adapter_summary(params),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and prediction.
+
+
+def run_model(parallel, trainable, frozen, examples, batch_size: int, buckets) -> np.ndarray:
+  """Logits ``[N, num_labels]`` for every row of ``examples``, in their order."""
+  out = None
+  for rows, batch in glue_data.eval_batches(examples, batch_size, buckets):
+    logits = parallel.eval(trainable, frozen, parallel.put_batch(batch))
+    if out is None:
+      out = np.zeros((len(examples), logits.shape[-1]), np.float32)
+    out[rows] = logits[: len(rows)]
+  return out
+
+
+def eval_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -> float:
+  if regression:
+    return float(np.mean(np.square(logits[:, 0] - labels)))
+  shifted = logits - logits.max(-1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return float(-np.mean(logp[np.arange(len(labels)), labels]))
+
+
+def evaluate(parallel, trainable, frozen, data: Data, task, batch_size, buckets) -> dict:
+  """``eval_*`` metrics of every eval split; the second (MNLI mismatched) gets ``_mm``."""
+  results = {}
+  for i, ex in enumerate(data.evals.values()):
+    t0 = time.perf_counter()
+    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets)
+    suffix = "" if i == 0 else "_mm"
+    metrics = glue_metrics.compute(task.name, logits, ex.labels)
+    metrics["loss"] = eval_loss(logits, ex.labels, task.is_regression)
+    results.update({f"eval_{k}{suffix}": v for k, v in metrics.items()})
+    results[f"eval_samples{suffix}"] = len(ex)
+    results[f"eval_runtime{suffix}_s"] = round(time.perf_counter() - t0, 3)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
+  """Trains (or resumes), evaluates and writes every output; returns the final eval results.
+
+  ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
+  """
+  import transformers
+
+  task = glue_data.TASKS[args.task_name]
+  out = pathlib.Path(args.output_dir)
+  main_process = jax.process_index() == 0
+  if main_process:
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_json(out / "args.json", glue_args.as_dict(args))
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_name_or_path)
+  data = load_data(args, task, tokenizer)
+  if data.train is None:
+    raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
+  module, params, hf_config = load_model(args, task)
+  logger.info(lora_jax.param_report(params, EXTRA_TRAINABLE).splitlines()[0])
+  trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, EXTRA_TRAINABLE))
+  base = frozen  # as loaded (float32), for the exports
+  if args.dtype == "bfloat16":  # frozen base in bf16; adapters, head and optimizer in float32
+    frozen = jax.tree.map(
+      lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen
+    )
+
+  apply_fn = lora_jax.lora_apply(module.apply)
+  devices = trainer.data_parallel_size(args.parallel)
+  global_batch = args.per_device_train_batch_size * devices
+  eval_batch = args.per_device_eval_batch_size * devices
+  k = args.gradient_accumulation_steps
+  per_epoch = glue_data.batches_per_epoch(len(data.train), global_batch) // k
+  if per_epoch == 0:
+    raise ValueError(
+      f"the training set has {len(data.train)} rows, fewer than one optimizer step of "
+      f"{global_batch} x {k} (global batch x gradient_accumulation_steps)"
+    )
+  total = args.max_steps or max(1, math.ceil(args.num_train_epochs * per_epoch))
+  schedule = trainer.linear_schedule(
+    args.learning_rate, total, math.ceil(args.warmup_ratio * total)
+  )
+  tx = trainer.make_optimizer(
+    params,
+    schedule,
+    weight_decay=args.weight_decay,
+    accumulation=k,
+    extra_trainable=EXTRA_TRAINABLE,
+  )
+  axis = trainer.AXIS if args.parallel == "pmap" else None
+  parallel = trainer.Parallel(
+    args.parallel,
+    trainer.make_train_step(apply_fn, tx, task.is_regression, axis),
+    trainer.make_eval_step(apply_fn),
+    shard_frozen=args.shard_frozen,
+  )
+
+  host_state = jax.tree.map(np.asarray, trainer.init_state(trainable, tx, args.seed))
+  ckpt = trainer.Checkpointer(
+    out / "checkpoints", signature(args, module, params), max_to_keep=args.save_total_limit
+  )
+  log = outputs.MetricsLog(out, enabled=main_process)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    host_state, _ = ckpt.restore(latest, host_state)
+    log.truncate_after(latest)
+    logger.info("resuming from %s (step %d of %d)", ckpt.directory / str(latest), latest, total)
+  else:
+    log.truncate_after(0)
+  state = parallel.put_state(host_state)
+  frozen = parallel.put_frozen(frozen)
+  buckets = glue_data.bucket_lengths(args.max_seq_length)
+  logger.info(
+    "%d training rows, %d steps of %d rows x %d (accumulation), %s parallel over %d device(s)",
+    len(data.train),
+    total,
+    global_batch,
+    k,
+    args.parallel,
+    parallel.data_parallel,
+  )
+
+  evaluated = {}
+
+  def do_eval(step, state):
+    results = evaluate(parallel, state.trainable, frozen, data, task, eval_batch, buckets)
+    log.write({"step": step, **results})
+    evaluated[step] = results
+
+  def do_save(step, state):
+    host = parallel.host(state)
+    ckpt.save(step, host, {"optimizer_step": step, "data_position": int(host.step)})
+
+  batches = glue_data.train_batches(
+    data.train, global_batch, buckets, args.seed, start=int(host_state.step)
+  )
+  try:
+    state = trainer.fit(
+      parallel,
+      state,
+      frozen,
+      batches,
+      trainer.LoopConfig(
+        total, k, args.logging_steps, args.eval_steps, args.save_steps, args.progress
+      ),
+      schedule=schedule,
+      log=log.write,
+      evaluate=do_eval if data.evals else None,
+      save=do_save,
+      on_step=on_step,
+    )
+  finally:  # an interrupted run still finishes writing the checkpoints it started
+    ckpt.wait()
+  final_step = int(parallel.host(state.step)) // k
+  results = {"step": final_step}
+  if data.evals:
+    if final_step not in evaluated:
+      do_eval(final_step, state)
+    results.update(evaluated[final_step])
+  trained = parallel.host(state.trainable)
+  if main_process:
+    outputs.write_json(out / outputs.EVAL_RESULTS, results)
+    outputs.plot_curves(out / outputs.METRICS, out / outputs.CURVES)
+  predict(args, parallel, state.trainable, frozen, data, task, eval_batch, buckets, out)
+  export(args, hf_config, tokenizer, lora_jax.combine(trained, base), out)
+  return results
+
+
+def predict(args, parallel, trainable, frozen, data, task, batch_size, buckets, out) -> None:
+  """``predict_results.tsv`` (MNLI mismatched: ``predict_results_mm.tsv``)."""
+  for i, (split, ex) in enumerate(data.tests.items()):
+    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets)
+    preds = glue_metrics.predictions(logits, task.is_regression)
+    if jax.process_index() == 0:
+      name = "predict_results.tsv" if i == 0 else "predict_results_mm.tsv"
+      outputs.write_predictions(out / name, preds, data.label_names)
+      logger.info("wrote %d predictions for %s to %s", len(preds), split, out / name)
+
+
+def export(args, config, tokenizer, params, out: pathlib.Path) -> None:
+  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``."""
+  if jax.process_index() != 0:
+    return
+  lora_jax.export_peft(
+    out / "adapter",
+    params,
+    base_model_name_or_path=args.model_name_or_path,
+    config=config,
+    task_type="SEQ_CLS",
+    extra_trainable=EXTRA_TRAINABLE,
+  )
+  logger.info("wrote the adapter (PEFT format) to %s", out / "adapter")
+  if args.export_merged:
+    models.export_merged(out / "merged", params, config=config, tokenizer=tokenizer)
+    logger.info("wrote the merged model to %s", out / "merged")

@@ -1,0 +1,102 @@
+"""What a run leaves in ``--output_dir`` besides checkpoints.
+
+* ``metrics.jsonl``: one JSON object per line, training rows (``step``, ``loss``,
+  ``learning_rate``, ``examples_per_s``, ``tokens_per_s``) and evaluation rows (``step`` and
+  ``eval_*`` keys). A resumed run first drops the rows past the step it resumes from, so the
+  file reads as one uninterrupted run.
+* ``eval_results.json``: the final evaluation.
+* ``curves.png``: training loss and evaluation metrics against the step (matplotlib, Agg).
+* ``predict_results.tsv``: ``index<TAB>prediction`` for ``--do_predict``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+METRICS = "metrics.jsonl"
+EVAL_RESULTS = "eval_results.json"
+CURVES = "curves.png"
+
+
+class MetricsLog:
+  """Appends rows to ``metrics.jsonl`` (only ``enabled`` processes write: process 0)."""
+
+  def __init__(self, output_dir: str | pathlib.Path, enabled: bool = True):
+    self.path = pathlib.Path(output_dir) / METRICS
+    self.enabled = enabled
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows with ``step`` greater than ``step`` (the tail of an interrupted run)."""
+    if not (self.enabled and self.path.exists()):
+      return
+    rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+  def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
+def write_json(path: str | pathlib.Path, data: dict) -> None:
+  pathlib.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _is_metric(key: str) -> bool:
+  """``eval_accuracy``, ``eval_f1_mm``, ...: not the loss, sample counts or timings."""
+  name = key.removeprefix("eval_")
+  return key.startswith("eval_") and not name.startswith(("loss", "samples", "runtime"))
+
+
+def plot_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path) -> None:
+  """Training and eval loss (left) and the eval metrics (right) against the step."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  rows = read_jsonl(metrics_path) if pathlib.Path(metrics_path).exists() else []
+  train = [r for r in rows if "loss" in r]
+  evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+  fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
+  ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+  eval_loss = [r for r in evals if "eval_loss" in r]
+  if eval_loss:
+    ax_loss.plot([r["step"] for r in eval_loss], [r["eval_loss"] for r in eval_loss], "o-")
+    ax_loss.lines[-1].set_label("eval")
+  ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+  ax_loss.legend()
+  keys = sorted({k for r in evals for k in r if _is_metric(k)})
+  for key in keys:
+    pts = [(r["step"], r[key]) for r in evals if key in r]
+    ax_eval.plot(*zip(*pts, strict=True), "o-", label=key.removeprefix("eval_"))
+  ax_eval.set(xlabel="step", title="evaluation")
+  if keys:
+    ax_eval.legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+
+
+def write_predictions(
+  path: str | pathlib.Path, predictions: np.ndarray, names: Sequence[str] | None = None
+) -> None:
+  """``index<TAB>prediction`` rows, as HF's run_glue.py: class names if known, else numbers."""
+  lines = ["index\tprediction"]
+  for i, p in enumerate(np.asarray(predictions).tolist()):
+    if isinstance(p, float):
+      value = f"{p:.3f}"
+    else:
+      value = names[p] if names else str(p)
+    lines.append(f"{i}\t{value}")
+  pathlib.Path(path).write_text("\n".join(lines) + "\n")
