@@ -3,7 +3,8 @@
 * the three parallel modes (jit, pmap, mesh with replicated or sharded frozen weights) give the
   same losses on the 8 fake CPU devices;
 * gradient accumulation of 2 x 4 rows equals one step of 8 rows;
-* a run interrupted after a checkpoint and rerun reproduces the uninterrupted run;
+* a run interrupted after a checkpoint and rerun reproduces the uninterrupted run, and its
+  exported PEFT adapter starts a new run where it ended;
 * a checkpoint from another LoRA shape is refused, naming the differences.
 """
 
@@ -209,6 +210,24 @@ def check_outputs(out: pathlib.Path, results: dict):
   assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
 
 
+def check_restart_from_adapter(model, sst2_dir, tmp_path, results: dict):
+  """--adapter_name_or_path with the run's PEFT export: one step at learning rate 0 (the
+  warmup's first) evaluates like the run that wrote it."""
+  assert (tmp_path / "whole" / "adapter" / "adapter_config.json").exists()
+  again = run_args(
+    model,
+    sst2_dir,
+    tmp_path / "again",
+    "--max_steps",
+    "1",
+    "--adapter_name_or_path",
+    str(tmp_path / "whole" / "adapter"),
+  )
+  loaded = glue_train.train_and_evaluate(again)
+  assert loaded["eval_loss"] == pytest.approx(results["eval_loss"], abs=1e-5)
+  assert loaded["eval_accuracy"] == results["eval_accuracy"]
+
+
 class Crash(Exception):
   pass
 
@@ -227,6 +246,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_bert, sst2_dir, tmp_path):
   whole = run_args(tiny_bert, sst2_dir, tmp_path / "whole", *common, *predict)
   results = glue_train.train_and_evaluate(whole)
   check_outputs(tmp_path / "whole", results)
+  check_restart_from_adapter(tiny_bert, sst2_dir, tmp_path, results)
 
   parts = run_args(tiny_bert, sst2_dir, tmp_path / "parts", *common)
 
@@ -275,25 +295,6 @@ def test_checkpoint_of_another_model_or_lora_shape_is_refused(
   other_model = run_args(tiny_bert, sst2_dir, tmp_path, "--max_steps", "2")  # same shapes
   with pytest.raises(trainer.CheckpointMismatch, match="model_name_or_path: checkpoint"):
     glue_train.train_and_evaluate(other_model)
-
-
-def test_start_from_an_exported_peft_adapter(tiny_bert_no_dropout, sst2_dir, tmp_path):
-  first = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "a", "--max_steps", "3")
-  trained = glue_train.train_and_evaluate(first)
-  assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
-  # One step at learning rate 0 (the warmup's first step): the adapter and head as exported.
-  again = run_args(
-    tiny_bert_no_dropout,
-    sst2_dir,
-    tmp_path / "b",
-    "--max_steps",
-    "1",
-    "--adapter_name_or_path",
-    str(tmp_path / "a" / "adapter"),
-  )
-  loaded = glue_train.train_and_evaluate(again)
-  assert loaded["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-5)
-  assert loaded["eval_accuracy"] == trained["eval_accuracy"]
 
 
 def test_our_adapter_format_is_read_with_load_adapter(tiny_bert_no_dropout, sst2_dir, tmp_path):
