@@ -57,12 +57,16 @@ def _input(args, kwargs, name: str):
   return args[0] if args else kwargs[name]
 
 
+def _call_einsum_str(args, kwargs) -> str | None:
+  """The equation an ``nn.Einsum`` call passes in place of its attribute, if any."""
+  return kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+
+
 def _dense_low_rank(module, x, a, b, spec: LoraSpec, dtype):
   if isinstance(module, nn.Dense):
     x_axes = (x.ndim - 1,)
   else:
-    axes = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
-    x_axes = tuple(ax % x.ndim for ax in axes)
+    x_axes = tuple(ax % x.ndim for ax in layouts.as_tuple(module.axis))
   t = jnp.tensordot(x.astype(dtype), a.astype(dtype), (x_axes, tuple(range(len(x_axes)))))
   return jnp.tensordot(t * spec.scale, b.astype(dtype), 1)
 
@@ -102,7 +106,7 @@ def _low_rank(module, method: str, args, kwargs, base, spec: LoraSpec, a, b):
   if isinstance(module, nn.Dense | nn.DenseGeneral):
     return _dense_low_rank(module, x, a, b, spec, dtype)
   if isinstance(module, nn.Einsum):
-    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    eq = _call_einsum_str(args, kwargs) or module.einsum_str
     return _einsum_low_rank(eq, x, a, b, spec, dtype)
   return _conv_low_rank(module, x, a, b, spec, dtype)
 
@@ -110,7 +114,7 @@ def _low_rank(module, method: str, args, kwargs, base, spec: LoraSpec, a, b):
 def _check_layout(module: nn.Module, spec: LoraSpec, path: str, args, kwargs):
   ndim = module.get_variable("params", spec.weight).ndim
   if isinstance(module, nn.Einsum):
-    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+    eq = _call_einsum_str(args, kwargs)
     if eq is not None:
       module = module.clone(parent=None, einsum_str=eq)
   try:

@@ -45,7 +45,7 @@ def default_layout(weight_name: str, shape) -> KernelLayout | None:
   return KernelLayout((0,), (1,), "embed" if weight_name == "embedding" else "dense")
 
 
-def _as_tuple(x) -> tuple:
+def as_tuple(x) -> tuple:
   return tuple(x) if isinstance(x, tuple | list) else (x,)
 
 
@@ -77,7 +77,7 @@ def module_layout(module: nn.Module, ndim: int) -> KernelLayout:
       raise UnsupportedLayout(
         f"nn.DenseGeneral with batch_dims={module.batch_dims} is not supported by LoRA"
       )
-    n_in = len(_as_tuple(module.axis))
+    n_in = len(as_tuple(module.axis))
     return KernelLayout(tuple(range(n_in)), tuple(range(n_in, ndim)), "dense")
   if isinstance(module, nn.Einsum):
     return _einsum_layout(module)
