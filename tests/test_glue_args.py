@@ -48,7 +48,7 @@ def test_config_file_then_command_line(tmp_path):
 
 def test_embedded_configs_parse():
   configs = pathlib.Path(glue_train.__file__).resolve().parent.parent / "configs"
-  for name in ("sst2_minilm", "roberta_base_sst2"):
+  for name in ("sst2_minilm", "roberta-base/sst2", "roberta-large/sst2"):
     args = glue_args.parse_args(["--config", str(configs / f"{name}.yaml")])
     assert args.task_name == "sst2" and args.lora_r == 8
 

@@ -5,7 +5,7 @@ Usage:
   python train/run_glue.py --config configs/sst2_minilm.yaml
 
   # With the Hugging Face Hub: roberta-base on the Hub's GLUE SST-2
-  python train/run_glue.py --config configs/roberta_base_sst2.yaml
+  python train/run_glue.py --config configs/roberta-base/sst2.yaml
 
   # Any flag overrides the config file; rerunning on an output_dir with checkpoints resumes.
   python train/run_glue.py --config configs/sst2_minilm.yaml --max_steps 500 --parallel mesh
