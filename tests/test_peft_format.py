@@ -197,6 +197,26 @@ def test_round_trip_is_bit_exact_without_config(tmp_path):
   _assert_same(import_peft(tmp_path, base), params)
 
 
+def test_ignore_mismatched_sizes_keeps_the_models_head(tmp_path, caplog):
+  """An MNLI adapter (3-label head) starting a 2-label task: the factors load, the head is
+  refused unless ``ignore_mismatched_sizes``, which keeps the model's own head and says so."""
+  rng = np.random.RandomState(0)
+  proj = {"kernel": rng.randn(6, 5).astype(np.float32)}
+  three = {"proj": proj, "head": {"kernel": rng.randn(5, 3).astype(np.float32)}}
+  params = with_numpy_adapters(three, [LoraRule(["proj"], rank=2)], seed=1)
+  export_peft(tmp_path, params, base_model_name_or_path="m", task_type=None, extra_trainable="head")
+  two = {"proj": proj, "head": {"kernel": np.zeros((5, 2), np.float32)}}
+  with pytest.raises(
+    ValueError, match=r"head/kernel: saved with shape \(5, 3\), base has \(5, 2\)"
+  ):
+    import_peft(tmp_path, two)
+  with caplog.at_level("WARNING"):
+    got = import_peft(tmp_path, two, ignore_mismatched_sizes=True)
+  assert "head/kernel (saved (5, 3), model (5, 2))" in caplog.text
+  np.testing.assert_array_equal(got["head"]["kernel"], two["head"]["kernel"])
+  np.testing.assert_array_equal(got["proj"]["lora_b"], params["proj"]["lora_b"])
+
+
 def test_hub_ids_download_with_huggingface_hub(tiny, tmp_path, monkeypatch):
   import huggingface_hub
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import re
 import shutil
@@ -58,6 +59,8 @@ from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import WEIGHT_NAMES
 from lora_jax._src.spec import LoraSpec
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -509,6 +512,24 @@ def _is_step_dir(path: Path) -> bool:
   return path.is_dir() and path.name.isdigit() and (path / "lora_jax").exists()
 
 
+def _drop_mismatched(leaves: dict, flat: Mapping[str, Any], source: str) -> dict:
+  """``leaves`` without those whose base leaf exists with another shape (logged)."""
+  mismatched = {
+    p: (np.shape(v), np.shape(flat[p]))
+    for p, v in leaves.items()
+    if p in flat and not isinstance(flat[p], LoraSpec) and np.shape(v) != np.shape(flat[p])
+  }
+  if mismatched:
+    logger.warning(
+      "ignore_mismatched_sizes: not loading %d tensor(s) of %s whose shape differs from the "
+      "model's; they keep the model's values: %s",
+      len(mismatched),
+      source,
+      ", ".join(f"{p} (saved {a}, model {b})" for p, (a, b) in sorted(mismatched.items())),
+    )
+  return {p: v for p, v in leaves.items() if p not in mismatched}
+
+
 def _check_supported(cfg: Mapping, source: str) -> None:
   peft_type = cfg.get("peft_type", "LORA")
   if peft_type != "LORA":
@@ -596,7 +617,14 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
   return factors, others
 
 
-def import_peft(directory_or_hub_id, params, *, config: Any = None, revision: str | None = None):
+def import_peft(
+  directory_or_hub_id,
+  params,
+  *,
+  config: Any = None,
+  revision: str | None = None,
+  ignore_mismatched_sizes: bool = False,
+):
   """Returns ``params`` with the LoRA adapter of a PEFT adapter folder (or Hub repo) inserted.
 
   The reverse of :func:`export_peft`: each ``lora_A``/``lora_B`` (or embedding) pair becomes
@@ -613,6 +641,10 @@ def import_peft(directory_or_hub_id, params, *, config: Any = None, revision: st
     config: the base model's transformers config, to map transformers' names (needed for
       adapters made with PEFT on transformers models); ``None`` reads Flax names.
     revision: Hub revision.
+    ignore_mismatched_sizes: keep ``params``' own value for each ``modules_to_save`` tensor
+      whose shape differs from it (logged), as transformers' ``ignore_mismatched_sizes`` does
+      for heads: e.g. start an RTE run (2 labels) from an MNLI adapter (3-label classifier).
+      Adapter factors must fit either way.
 
   Raises:
     ValueError: a PEFT option lora_jax cannot reproduce (named: ``use_dora``, a ``peft_type``
@@ -677,6 +709,8 @@ def import_peft(directory_or_hub_id, params, *, config: Any = None, revision: st
     )
 
   leaves = names.from_torch(others)
+  if ignore_mismatched_sizes:
+    leaves = _drop_mismatched(leaves, flat, source)
   try:
     check_fits(
       flat, records, [{"path": p, "shape": np.shape(v)} for p, v in leaves.items()], source
