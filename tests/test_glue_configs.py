@@ -83,4 +83,8 @@ def test_config_is_the_papers_recipe(family, task):
 @pytest.mark.parametrize("task", ("mrpc", "rte", "stsb"))
 def test_mnli_start_is_documented(family, task):
   text = (CONFIGS / family / f"{task}.yaml").read_text()
-  assert f"#   --adapter_name_or_path outputs/{family}/mnli/adapter\n" in text
+  documented = f"--adapter_name_or_path outputs/{family}/mnli/adapter --ignore_mismatched_sizes"
+  assert f"#   {documented}\n" in text
+  path = str(CONFIGS / family / f"{task}.yaml")
+  args = glue_args.parse_args(["--config", path, *documented.split()])
+  assert args.ignore_mismatched_sizes and args.adapter_name_or_path.endswith("mnli/adapter")

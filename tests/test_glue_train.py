@@ -303,6 +303,50 @@ def test_checkpoint_of_another_model_or_lora_shape_is_refused(
     glue_train.train_and_evaluate(other_model)
 
 
+def test_adapter_with_another_head_starts_a_task_with_ignore_mismatched_sizes(
+  tiny_bert_no_dropout, sst2_dir, tmp_path
+):
+  """As the LoRA paper starts RTE from MNLI: an SST-2 adapter (2-label head) starts an STS-B
+  run (regression, 1 output). Refused by default; with the flag its LoRA factors load and the
+  regression head is new."""
+  glue_train.train_and_evaluate(
+    run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "sst2", "--max_steps", "2")
+  )
+  rows = [r.split("\t") for r in (sst2_dir / "train.tsv").read_text().splitlines()[1:41]]
+  stsb = ["sentence1\tsentence2\tlabel"] + [f"{a}\t{a}\t{4.0 * int(y):.1f}" for a, y in rows]
+  for name in ("train.tsv", "validation.tsv"):
+    (tmp_path / name).write_text("\n".join(stsb) + "\n")
+
+  def stsb_args(*extra):
+    args = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "stsb", "--max_steps", "1", *extra)
+    args.task_name, args.train_file = "stsb", str(tmp_path / "train.tsv")
+    args.validation_file = str(tmp_path / "validation.tsv")
+    return args
+
+  start = ("--adapter_name_or_path", str(tmp_path / "sst2" / "adapter"))
+  with pytest.raises(ValueError, match=r"classifier/kernel: saved with shape \(32, 2\)"):
+    glue_train.load_model(stsb_args(*start), glue_data.TASKS["stsb"])
+  _, params, _ = glue_train.load_model(
+    stsb_args(*start, "--ignore_mismatched_sizes"), glue_data.TASKS["stsb"]
+  )
+  assert params["params"]["classifier"]["kernel"].shape == (32, 1)
+  saved = lora_jax.import_peft(
+    tmp_path / "sst2" / "adapter",
+    glue_train.load_model(
+      run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "x"), glue_data.TASKS["sst2"]
+    )[1],
+    config=transformers.AutoConfig.from_pretrained(tiny_bert_no_dropout),
+  )
+  query = ("encoder", "layer", "1", "attention", "self", "query", "lora_b")
+  got, want = params["params"], saved["params"]
+  for key in query:
+    got, want = got[key], want[key]
+  np.testing.assert_array_equal(got, want)
+  assert np.abs(np.asarray(want)).max() > 0  # trained: B left zero
+  results = glue_train.train_and_evaluate(stsb_args(*start, "--ignore_mismatched_sizes"))
+  assert "eval_pearson" in results
+
+
 def test_our_adapter_format_is_read_with_load_adapter(tiny_bert_no_dropout, sst2_dir, tmp_path):
   args = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path)
   task = glue_data.TASKS["sst2"]

@@ -26,6 +26,7 @@ import yaml
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 PARALLEL_MODES = ("none", "pmap", "mesh")
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MODEL = "roberta-base"  # --model_name_or_path when neither it nor --config_name is given
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -68,7 +69,20 @@ def build_parser() -> OneLineParser:
   )
   p.add_argument("--config", help="YAML file of flag values (keys = flag names)")
   g = p.add_argument_group("model and data")
-  g.add_argument("--model_name_or_path", default="roberta-base", help="folder or Hub id")
+  g.add_argument(
+    "--model_name_or_path",
+    help=f"checkpoint folder or Hub id; if not given: {DEFAULT_MODEL}, or with --config_name a "
+    "new model trained from scratch",
+  )
+  g.add_argument(
+    "--config_name",
+    help="config.json, or a folder or Hub id holding one: train a new model with random "
+    "weights from scratch (instead of --model_name_or_path)",
+  )
+  g.add_argument(
+    "--tokenizer_name",
+    help="tokenizer folder or Hub id; if not given: --model_name_or_path, else --config_name",
+  )
   g.add_argument("--task_name", choices=GLUE_TASKS, default="sst2")
   g.add_argument("--train_file", help="TSV/CSV/JSON training file (default: the Hub's GLUE)")
   g.add_argument("--validation_file", help="TSV/CSV/JSON validation file")
@@ -121,6 +135,13 @@ def build_parser() -> OneLineParser:
   )
   g.add_argument("--lora_rslora", action=argparse.BooleanOptionalAction, default=False)
   g.add_argument("--adapter_name_or_path", help="start from this adapter (ours or PEFT's)")
+  g.add_argument(
+    "--ignore_mismatched_sizes",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="with --adapter_name_or_path: keep this task's new classifier head when the saved one "
+    "has another shape (e.g. an MNLI adapter, 3 labels, starting RTE)",
+  )
   return p
 
 
@@ -165,7 +186,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   known, _ = pre.parse_known_args(argv)
   if known.config:
     argv = _config_argv(known.config, parser) + argv
-  return parser.parse_args(argv)
+  return _resolve_model(parser.parse_args(argv), parser)
+
+
+def _resolve_model(args: argparse.Namespace, parser: OneLineParser) -> argparse.Namespace:
+  """Fills ``model_name_or_path`` / ``tokenizer_name`` defaults; one model source or exit 2.
+
+  Either ``--model_name_or_path`` (a checkpoint) or ``--config_name`` (a new model from scratch,
+  as Hugging Face's ``run_mlm.py``); an empty value counts as not given.
+
+  Example:
+    >>> args = parse_args(["--config_name", "configs/quickstart"])
+    >>> args.model_name_or_path, args.tokenizer_name
+    (None, 'configs/quickstart')
+  """
+  model, config = args.model_name_or_path, args.config_name
+  if model and config:
+    parser.error(
+      f"argument --config_name: not allowed with --model_name_or_path ({config!r} and "
+      f"{model!r}): give a checkpoint, or a config to train a new model from scratch"
+    )
+  if model is None and not config:
+    model = DEFAULT_MODEL
+  if not model and not config:
+    parser.error(
+      "argument --model_name_or_path: empty, and no --config_name: give a checkpoint folder "
+      "or Hub id, or --config_name to train a new model from scratch"
+    )
+  args.model_name_or_path = model or None
+  args.config_name = config or None
+  if not args.tokenizer_name:
+    if not model and pathlib.Path(config).is_file():
+      parser.error(
+        f"argument --tokenizer_name: required when --config_name is a file ({config!r}); "
+        "name the tokenizer's folder or Hub id"
+      )
+    args.tokenizer_name = model or config
+  return args
 
 
 def as_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """A GLUE LoRA run end to end: :func:`train_and_evaluate` (``train/run_glue.py`` parses flags).
 
 1. Data (:mod:`train.glue_data`): Hub or local files, tokenised with the checkpoint's tokenizer.
-2. Model: ``lora_jax.models.from_pretrained(..., "sequence-classification")``, adapters from a
-   :class:`lora_jax.LoraRule` built from the ``--lora_*`` flags, the classifier head trainable.
+2. Model: ``lora_jax.models.from_pretrained(..., "sequence-classification")`` (``--config_name``:
+   ``from_config``, random weights), adapters from a :class:`lora_jax.LoraRule` built from the
+   ``--lora_*`` flags, the classifier head trainable.
 3. Training (:mod:`train.trainer`): the trainable partition only, in the ``--parallel`` mode;
    Orbax checkpoints every ``--save_steps`` under ``OUTPUT_DIR/checkpoints``; rerunning the
    same command resumes from the latest one.
@@ -50,6 +51,11 @@ def lora_targets(values: list[str]) -> str | tuple[str, ...]:
   return tuple(values)
 
 
+# The task head is trained whole (EXTRA_TRAINABLE): never give it an adapter, also not with
+# "all-linear" or a broad regex (PEFT's "all-linear" also leaves the output layer out).
+HEAD_MODULES = r"(.*/)?classifier(/.*)?"
+
+
 def lora_rule(args: argparse.Namespace) -> lora_jax.LoraRule:
   return lora_jax.LoraRule(
     lora_targets(args.lora_target_modules),
@@ -57,6 +63,7 @@ def lora_rule(args: argparse.Namespace) -> lora_jax.LoraRule:
     alpha=args.lora_alpha,
     dropout=args.lora_dropout,
     rslora=args.lora_rslora,
+    exclude=HEAD_MODULES,
   )
 
 
@@ -114,33 +121,102 @@ def load_data(args: argparse.Namespace, task: glue_data.GlueTask, tokenizer) -> 
 def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
   """``(module, params with adapters, transformers config)``.
 
+  The base model is the checkpoint ``--model_name_or_path``, or, with ``--config_name``, a new
+  model with random weights from ``--seed`` ("from scratch"; :func:`export` writes them).
   Adapters come from the ``--lora_*`` flags, or, with ``--adapter_name_or_path``, from that
   adapter (its own rank, alpha and targets; its classifier head too, if it saved one).
   """
   import transformers
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  module, variables = models.from_pretrained(
-    args.model_name_or_path,
-    "sequence-classification",
-    num_labels=task.num_labels,
-    dtype=dtype,
-    rng=args.seed,
-  )
-  config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+  if args.model_name_or_path:
+    module, variables = models.from_pretrained(
+      args.model_name_or_path,
+      "sequence-classification",
+      num_labels=task.num_labels,
+      dtype=dtype,
+      rng=args.seed,
+    )
+    config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+  else:
+    config = load_config(args.config_name)
+    logger.info(
+      "Training new model from scratch: %s from %s, random weights from seed %d",
+      config.model_type,
+      args.config_name,
+      args.seed,
+    )
+    module, variables = models.from_config(
+      config, "sequence-classification", num_labels=task.num_labels, dtype=dtype, rng=args.seed
+    )
   config.num_labels = task.num_labels
   if args.adapter_name_or_path:
-    params = load_adapter(args.adapter_name_or_path, variables, config)
+    params = load_adapter(
+      args.adapter_name_or_path, variables, config, args.ignore_mismatched_sizes
+    )
   else:
     params = lora_jax.lora_init(variables, lora_rule(args), rng=jax.random.key(args.seed + 1))
   return module, params, config
 
 
-def load_adapter(path: str, variables, config):
-  """An adapter in our format (``lora_jax.save_adapter``) or PEFT's (folder or Hub id)."""
+def load_config(name: str):
+  """``--config_name``: a transformers config from a ``config.json``, a folder or a Hub id."""
+  import transformers
+
+  path = pathlib.Path(name)
+  if path.is_dir() and not (path / "config.json").is_file():
+    raise FileNotFoundError(f"--config_name {name!r} is a folder without config.json")
+  if not path.exists() and (name.startswith(("/", ".", "~")) or name.endswith(".json")):
+    raise FileNotFoundError(f"--config_name {name!r} does not exist")
+  try:
+    return transformers.AutoConfig.from_pretrained(name)
+  except OSError as e:  # a Hub id that cannot be fetched: transformers' first line says why
+    raise FileNotFoundError(f"--config_name {name!r}: {str(e).splitlines()[0]}") from e
+
+
+def base_model_path(args: argparse.Namespace) -> str:
+  """The adapter's base checkpoint: ``--model_name_or_path``, or ``OUTPUT_DIR/base_model``."""
+  return args.model_name_or_path or str(pathlib.Path(args.output_dir) / "base_model")
+
+
+def export_base_model(args: argparse.Namespace, config, tokenizer) -> None:
+  """Writes a from-scratch model's random base to ``OUTPUT_DIR/base_model``, a checkpoint.
+
+  The weights are made again from ``--seed``, as :func:`load_model` made them: the frozen base
+  the adapter was trained on and applies to (PEFT's ``base_model_name_or_path``).
+  """
+  _, variables = models.from_config(config, "sequence-classification", rng=args.seed)
+  models.export_merged(base_model_path(args), variables, config=config, tokenizer=tokenizer)
+  logger.info(
+    "wrote the base model (random weights, seed %d) to %s", args.seed, base_model_path(args)
+  )
+
+
+def model_source(args: argparse.Namespace) -> str:
+  """Where the base weights come from: a checkpoint, or a config and a seed (from scratch)."""
+  if args.model_name_or_path:
+    model = args.model_name_or_path
+    return str(pathlib.Path(model).resolve()) if pathlib.Path(model).exists() else model
+  return f"new model from {pathlib.Path(args.config_name).resolve()}, seed {args.seed}"
+
+
+def load_adapter(path: str, variables, config, ignore_mismatched_sizes: bool = False):
+  """An adapter in our format (``lora_jax.save_adapter``) or PEFT's (folder or Hub id).
+
+  ``ignore_mismatched_sizes``: a saved head of another shape (another label count) is not
+  loaded; the model keeps its new head (PEFT format only).
+  """
   folder = pathlib.Path(path)
   if (folder / "adapter_config.json").exists() or not folder.exists():
-    return lora_jax.import_peft(path, variables, config=config)
+    return lora_jax.import_peft(
+      path, variables, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes
+    )
+  if ignore_mismatched_sizes:
+    raise ValueError(
+      f"--ignore_mismatched_sizes applies to adapters in PEFT's format (adapter_config.json); "
+      f"{path!r} is in lora_jax's: export it with lora_jax.export_peft, or start from the run's "
+      "OUTPUT_DIR/adapter"
+    )
   return lora_jax.load_adapter(path, variables)
 
 
@@ -157,12 +233,9 @@ def adapter_summary(params) -> str:
 
 def signature(args: argparse.Namespace, module, params) -> dict:
   """What a checkpoint must agree on to be resumed by this run (shapes are checked too)."""
-  model = args.model_name_or_path
-  if pathlib.Path(model).exists():
-    model = str(pathlib.Path(model).resolve())
   cfg = module.config
   return {
-    "model_name_or_path": model,
+    "model_name_or_path": model_source(args),
     "model": f"{cfg.model_type} vocab={cfg.vocab_size} hidden={cfg.hidden_size} "
     f"layers={cfg.num_hidden_layers}",
     "task_name": args.task_name,
@@ -227,7 +300,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(out / "args.json", glue_args.as_dict(args))
 
-  tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_name_or_path)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name)
   data = load_data(args, task, tokenizer)
   if data.train is None:
     raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
@@ -295,10 +368,12 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     parallel.data_parallel,
   )
 
-  evaluated = {}
+  evaluated, eval_seconds = {}, []
 
   def do_eval(step, state):
+    t0 = time.perf_counter()
     results = evaluate(parallel, state.trainable, frozen, data, task, eval_batch, buckets)
+    eval_seconds.append(time.perf_counter() - t0)
     log.write({"step": step, **results})
     evaluated[step] = results
 
@@ -309,6 +384,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   batches = glue_data.train_batches(
     data.train, global_batch, buckets, args.seed, start=int(host_state.step)
   )
+  first_step, t0 = int(host_state.step) // k, time.perf_counter()
   try:
     state = trainer.fit(
       parallel,
@@ -327,7 +403,13 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   finally:  # an interrupted run still finishes writing the checkpoints it started
     ckpt.wait()
   final_step = int(parallel.host(state.step)) // k
-  results = {"step": final_step}
+  # This process's training loop, compilation included, evaluations excluded (HF's train_runtime).
+  runtime = time.perf_counter() - t0 - sum(eval_seconds)
+  results = {
+    "step": final_step,
+    "train_steps": final_step - first_step,
+    "train_runtime_s": round(runtime, 3),
+  }
   if data.evals:
     if final_step not in evaluated:
       do_eval(final_step, state)
@@ -353,13 +435,19 @@ def predict(args, parallel, trainable, frozen, data, task, batch_size, buckets, 
 
 
 def export(args, config, tokenizer, params, out: pathlib.Path) -> None:
-  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``."""
+  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``.
+
+  A model trained from scratch also gets its base written (``base_model/``, see
+  :func:`export_base_model`): the adapter is useless without those random weights.
+  """
   if jax.process_index() != 0:
     return
+  if not args.model_name_or_path:
+    export_base_model(args, config, tokenizer)
   lora_jax.export_peft(
     out / "adapter",
     params,
-    base_model_name_or_path=args.model_name_or_path,
+    base_model_name_or_path=base_model_path(args),
     config=config,
     task_type="SEQ_CLS",
     extra_trainable=EXTRA_TRAINABLE,

@@ -29,6 +29,7 @@ from lora_jax.models.export import export_merged
 from lora_jax.models.heads import BertPooler
 from lora_jax.models.heads import RobertaClassificationHead
 from lora_jax.models.loading import flax_to_hf
+from lora_jax.models.loading import from_config
 from lora_jax.models.loading import from_pretrained
 from lora_jax.models.loading import hf_to_flax
 from lora_jax.models.loading import read_state_dict
@@ -48,6 +49,7 @@ __all__ = [
   "auto_model",
   "export_merged",
   "flax_to_hf",
+  "from_config",
   "from_pretrained",
   "hf_to_flax",
   "read_state_dict",

@@ -10,12 +10,15 @@ The name and layout mapping lives in two functions, :func:`hf_to_flax` and :func
 * Non-persistent buffers (``embeddings.position_ids``, ``embeddings.token_type_ids``) that old
   checkpoints still carry are skipped silently.
 
+:func:`from_config` builds the same modules with random weights and no checkpoint.
+
 Checkpoint files are read with ``safetensors``' numpy API (``model.safetensors`` or a sharded
 ``model.safetensors.index.json``); ``pytorch_model.bin`` needs torch.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import struct
@@ -386,6 +389,64 @@ def _init_subset(module: bert.Bert, key: jax.Array, dummy: jax.Array, paths: lis
   # jit so that XLA drops everything init computes but these few leaves: no full random model
   # is ever allocated beside the loaded one.
   return jax.jit(init)(key)
+
+
+def from_config(
+  config: Any,
+  task: str = "base",
+  num_labels: int | None = None,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  *,
+  rng: jax.Array | int = 0,
+  remat: bool = False,
+  attention_implementation: str | None = None,
+) -> tuple[bert.Bert, dict]:
+  """A new Flax BERT/RoBERTa module and randomly initialised variables for a config.
+
+  Transformers' ``AutoModel.from_config``: no checkpoint is read (train it "from scratch").
+  Weights are initialised as :func:`from_pretrained` initialises heads a checkpoint lacks.
+
+  Args:
+    config: a transformers ``BertConfig`` / ``RobertaConfig`` (e.g.
+      ``AutoConfig.from_pretrained("path/to/config.json")``); not modified.
+    task: ``"base"`` or ``"sequence-classification"``.
+    num_labels: set on a copy of the config (``1`` means regression).
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    rng: key or seed of the initialisation.
+    remat: rematerialise each layer.
+    attention_implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+
+  Returns:
+    ``(module, {"params": params})``.
+
+  Raises:
+    ValueError: unsupported ``model_type``, ``hidden_act`` or ``task``.
+
+  Example:
+    >>> import transformers
+    >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+    ...                               num_attention_heads=2, intermediate_size=16)
+    >>> module, variables = from_config(cfg, "sequence-classification", num_labels=3, rng=0)
+    >>> ids = jnp.ones((2, 4), jnp.int32)
+    >>> module.apply(variables, ids).shape, cfg.num_labels  # the caller's config is unchanged
+    ((2, 3), 2)
+  """
+  if num_labels is not None:
+    config = copy.deepcopy(config)
+    config.num_labels = num_labels
+  module = bert.auto_model(
+    config,
+    task,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    remat=remat,
+    attention_implementation=attention_implementation,
+  )
+  key = jax.random.key(rng) if isinstance(rng, int) else rng
+  variables = jax.jit(module.init)(key, jnp.zeros((1, 1), jnp.int32))
+  return module, {"params": variables["params"]}
 
 
 def from_pretrained(
