@@ -123,23 +123,29 @@ def logged_run(model, sst2_dir, out: pathlib.Path, mode: str, *extra) -> tuple[l
 
 def test_parallel_modes_give_the_same_losses(tiny_bert, tiny_bert_no_dropout, sst2_dir, tmp_path):
   """The issue's check: 12 logged steps in each mode, losses within 2e-3 relative. Without
-  dropout the modes compute the same function; with dropout on, ``mesh`` still matches ``none``
-  (partitionable threefry draws the same mask whatever the sharding), while each ``pmap`` device
-  draws its own."""
+  dropout the modes, and packed or padded batches, compute the same function. With dropout on,
+  padded ``mesh`` still matches ``none`` (partitionable threefry draws the same mask whatever
+  the sharding); a ``pmap`` device draws its own, and packing lays rows out per device."""
   assert jax.device_count() == 8, "tests/conftest.py should provide 8 fake CPU devices"
   steps = ("--max_steps", "12", "--lora_dropout", "0")
   ref, ref_results = logged_run(tiny_bert_no_dropout, sst2_dir, tmp_path / "none", "none", *steps)
   assert [s for s, _ in ref] == list(range(1, 13))
-  for mode, shard in (("pmap", False), ("mesh", False), ("mesh", True)):
-    extra = (*steps, "--shard_frozen") if shard else steps
-    out = tmp_path / f"{mode}{'_sharded' if shard else ''}"
-    losses, results = logged_run(tiny_bert_no_dropout, sst2_dir, out, mode, *extra)
+  variants = (  # packed batches by default (one packing group per device); padded rows too
+    ("pmap", ()),
+    ("mesh", ()),
+    ("mesh", ("--shard_frozen",)),
+    ("none", ("--no-pack_sequences",)),
+    ("mesh", ("--no-pack_sequences",)),
+  )
+  for mode, flags in variants:
+    out = tmp_path / "_".join((mode, *(f.strip("-") for f in flags)))
+    losses, results = logged_run(tiny_bert_no_dropout, sst2_dir, out, mode, *steps, *flags)
     assert [s for s, _ in losses] == list(range(1, 13)), mode
     np.testing.assert_allclose(
-      [x for _, x in losses], [x for _, x in ref], rtol=2e-3, err_msg=f"{mode} shard={shard}"
+      [x for _, x in losses], [x for _, x in ref], rtol=2e-3, err_msg=f"{mode} {flags}"
     )
     assert results["eval_loss"] == pytest.approx(ref_results["eval_loss"], rel=2e-3), mode
-  dropout = ("--max_steps", "12", "--lora_dropout", "0.1")
+  dropout = ("--max_steps", "12", "--lora_dropout", "0.1", "--no-pack_sequences")
   ref, _ = logged_run(tiny_bert, sst2_dir, tmp_path / "none_dropout", "none", *dropout)
   mesh, _ = logged_run(tiny_bert, sst2_dir, tmp_path / "mesh_dropout", "mesh", *dropout)
   np.testing.assert_allclose([x for _, x in mesh], [x for _, x in ref], rtol=2e-3)

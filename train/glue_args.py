@@ -114,6 +114,14 @@ def build_parser() -> OneLineParser:
     default=False,
     help="also write a merged Hugging Face checkpoint to OUTPUT_DIR/merged",
   )
+  g.add_argument(
+    "--pack_sequences",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="padding-free batches: sequences share rows of max_seq_length tokens, attention "
+    "masked to each sequence (same logits as padded rows, fewer tokens); --no-pack_sequences "
+    "pads each batch to a bucketed length instead",
+  )
   g.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
   g.add_argument(
     "--shard_frozen",

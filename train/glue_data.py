@@ -4,9 +4,10 @@
   TSV / CSV / JSON files (TSV is read with quoting disabled, as GLUE's files need).
 * :func:`tokenize` runs the checkpoint's tokenizer through ``Dataset.map(batched=True)`` with
   truncation and no padding; :func:`to_examples` turns the result into numpy arrays.
-* Batches are padded to the smallest of a few bucket lengths (:func:`bucket_lengths`: powers of
-  two and their midpoints up to ``max_seq_length``), so a run compiles a handful of shapes, not
-  one per batch, and pads at most 1.5x.
+* Batches are padding-free (:mod:`train.packing`: sequences share rows of ``max_seq_length``)
+  or padded to the smallest of a few bucket lengths (:func:`bucket_lengths`: powers of two and
+  their midpoints up to ``max_seq_length``); either way a run compiles a handful of shapes, not
+  one per batch.
 * :func:`train_batches` is a deterministic stream: micro-batch ``m`` is a function of ``seed``
   and ``m`` alone (each epoch a fresh permutation from ``(seed, epoch)``; the last partial
   batch of an epoch is dropped), so a resumed run continues with exactly the batches it
@@ -22,6 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from train import packing
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -273,6 +276,19 @@ def make_batch(examples: Examples, rows: np.ndarray, buckets: tuple[int, ...], s
   }
 
 
+def batch_for(
+  examples: Examples, rows: np.ndarray, buckets: tuple[int, ...], size: int, pack: int
+) -> dict:
+  """``pack`` = 0: :func:`make_batch` (padded rows); ``pack`` = G > 0: a padding-free batch of
+  ``G`` groups (:func:`train.packing.packed_batch`)."""
+  if not pack:
+    return make_batch(examples, rows, buckets, size)
+  ex = examples
+  return packing.packed_batch(
+    ex.input_ids, ex.token_type_ids, ex.lengths, ex.labels, rows, size, pack, ex.pad_id
+  )
+
+
 def batches_per_epoch(n: int, batch_size: int) -> int:
   return n // batch_size
 
@@ -283,9 +299,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(
-  examples: Examples, batch_size: int, buckets: tuple[int, ...], seed: int, start: int = 0
+  examples: Examples,
+  batch_size: int,
+  buckets: tuple[int, ...],
+  seed: int,
+  start: int = 0,
+  pack: int = 0,
 ) -> Iterator[dict]:
-  """Micro-batches ``start, start + 1, ...`` of the endless deterministic stream."""
+  """Micro-batches ``start, start + 1, ...`` of the endless deterministic stream (``pack``: see
+  :func:`batch_for`)."""
   per_epoch = batches_per_epoch(len(examples), batch_size)
   if per_epoch == 0:
     raise ValueError(
@@ -297,15 +319,16 @@ def train_batches(
     e, i = divmod(m, per_epoch)
     if e != epoch:
       epoch, order = e, epoch_order(len(examples), seed, e)
-    yield make_batch(examples, order[i * batch_size : (i + 1) * batch_size], buckets, batch_size)
+    rows = order[i * batch_size : (i + 1) * batch_size]
+    yield batch_for(examples, rows, buckets, batch_size, pack)
     m += 1
 
 
 def eval_batches(
-  examples: Examples, batch_size: int, buckets: tuple[int, ...]
+  examples: Examples, batch_size: int, buckets: tuple[int, ...], pack: int = 0
 ) -> Iterator[tuple[np.ndarray, dict]]:
   """``(rows, batch)`` over every row once, shortest first (less padding), last one filled."""
   order = np.argsort(examples.lengths, kind="stable")
   for i in range(0, len(order), batch_size):
     rows = order[i : i + batch_size]
-    yield rows, make_batch(examples, rows, buckets, batch_size)
+    yield rows, batch_for(examples, rows, buckets, batch_size, pack)

@@ -248,10 +248,12 @@ def signature(args: argparse.Namespace, module, params) -> dict:
 # Evaluation and prediction.
 
 
-def run_model(parallel, trainable, frozen, examples, batch_size: int, buckets) -> np.ndarray:
+def run_model(
+  parallel, trainable, frozen, examples, batch_size: int, buckets, pack: int = 0
+) -> np.ndarray:
   """Logits ``[N, num_labels]`` for every row of ``examples``, in their order."""
   out = None
-  for rows, batch in glue_data.eval_batches(examples, batch_size, buckets):
+  for rows, batch in glue_data.eval_batches(examples, batch_size, buckets, pack):
     logits = parallel.eval(trainable, frozen, parallel.put_batch(batch))
     if out is None:
       out = np.zeros((len(examples), logits.shape[-1]), np.float32)
@@ -267,12 +269,12 @@ def eval_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -> float
   return float(-np.mean(logp[np.arange(len(labels)), labels]))
 
 
-def evaluate(parallel, trainable, frozen, data: Data, task, batch_size, buckets) -> dict:
+def evaluate(parallel, trainable, frozen, data: Data, task, batch_size, buckets, pack=0) -> dict:
   """``eval_*`` metrics of every eval split; the second (MNLI mismatched) gets ``_mm``."""
   results = {}
   for i, ex in enumerate(data.evals.values()):
     t0 = time.perf_counter()
-    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets)
+    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets, pack)
     suffix = "" if i == 0 else "_mm"
     metrics = glue_metrics.compute(task.name, logits, ex.labels)
     metrics["loss"] = eval_loss(logits, ex.labels, task.is_regression)
@@ -358,6 +360,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   state = parallel.put_state(host_state)
   frozen = parallel.put_frozen(frozen)
   buckets = glue_data.bucket_lengths(args.max_seq_length)
+  pack = parallel.data_parallel if args.pack_sequences else 0  # one packing group per shard
   logger.info(
     "%d training rows, %d steps of %d rows x %d (accumulation), %s parallel over %d device(s)",
     len(data.train),
@@ -372,7 +375,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   def do_eval(step, state):
     t0 = time.perf_counter()
-    results = evaluate(parallel, state.trainable, frozen, data, task, eval_batch, buckets)
+    results = evaluate(parallel, state.trainable, frozen, data, task, eval_batch, buckets, pack)
     eval_seconds.append(time.perf_counter() - t0)
     log.write({"step": step, **results})
     evaluated[step] = results
@@ -382,7 +385,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     ckpt.save(step, host, {"optimizer_step": step, "data_position": int(host.step)})
 
   batches = glue_data.train_batches(
-    data.train, global_batch, buckets, args.seed, start=int(host_state.step)
+    data.train, global_batch, buckets, args.seed, start=int(host_state.step), pack=pack
   )
   first_step, t0 = int(host_state.step) // k, time.perf_counter()
   try:
@@ -418,15 +421,15 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   if main_process:
     outputs.write_json(out / outputs.EVAL_RESULTS, results)
     outputs.plot_curves(out / outputs.METRICS, out / outputs.CURVES)
-  predict(args, parallel, state.trainable, frozen, data, task, eval_batch, buckets, out)
+  predict(args, parallel, state.trainable, frozen, data, task, eval_batch, buckets, out, pack)
   export(args, hf_config, tokenizer, lora_jax.combine(trained, base), out)
   return results
 
 
-def predict(args, parallel, trainable, frozen, data, task, batch_size, buckets, out) -> None:
+def predict(args, parallel, trainable, frozen, data, task, batch_size, buckets, out, pack=0):
   """``predict_results.tsv`` (MNLI mismatched: ``predict_results_mm.tsv``)."""
   for i, (split, ex) in enumerate(data.tests.items()):
-    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets)
+    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets, pack)
     preds = glue_metrics.predictions(logits, task.is_regression)
     if jax.process_index() == 0:
       name = "predict_results.tsv" if i == 0 else "predict_results_mm.tsv"

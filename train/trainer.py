@@ -141,13 +141,18 @@ def loss_fn(logits, labels, weights, regression: bool):
 # Steps.
 
 
+PACKED_KEYS = ("segment_ids", "cls_index")  # batches from train.packing
+
+
 def _forward(apply_fn, trainable, frozen, batch, **kwargs):
   variables = lora_jax.combine(trainable, frozen)
+  packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
   return apply_fn(
     variables,
     batch["input_ids"],
     batch["attention_mask"],
     batch["token_type_ids"],
+    **packed,
     **kwargs,
   )
 
@@ -282,15 +287,18 @@ class Parallel:
     return self.put_state(frozen)
 
   def put_batch(self, batch: dict) -> dict:
-    """A global batch (numpy, same on every process) placed for the step functions."""
-    n = len(batch["labels"])
-    local = {k: v[self.local_rows(n)] for k, v in batch.items()}
+    """A global batch (numpy, same on every process) placed for the step functions.
+
+    Every array is split along its leading axis (examples, or a packed batch's rows and groups,
+    see :mod:`train.packing`), evenly over processes and then devices.
+    """
+    local = {k: v[self.local_rows(v.shape[0])] for k, v in batch.items()}
     if self.mode == "pmap":
       d = len(self.devices)
       return {k: v.reshape(d, v.shape[0] // d, *v.shape[1:]) for k, v in local.items()}
     if self.mode == "mesh":
       return {
-        k: jax.make_array_from_process_local_data(self.sharded, v, (n, *v.shape[1:]))
+        k: jax.make_array_from_process_local_data(self.sharded, v, batch[k].shape)
         for k, v in local.items()
       }
     return local

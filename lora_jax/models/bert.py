@@ -174,6 +174,30 @@ def position_ids_for(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
+def packed_position_ids(config: EncoderConfig, segment_ids: jax.Array) -> jax.Array:
+  """Position ids for rows that pack several sequences (see :class:`Bert`, ``segment_ids``).
+
+  Each sequence counts from the start, as if it were alone in its row: ``0, 1, ...`` for BERT,
+  ``pad_token_id + 1, ...`` for RoBERTa (padding, segment 0, gets ``pad_token_id``), so a packed
+  sequence is embedded exactly as :func:`position_ids_for` embeds it unpacked.
+
+  Example:
+    >>> import numpy as np, transformers
+    >>> cfg = EncoderConfig.from_hf(transformers.BertConfig())
+    >>> np.asarray(packed_position_ids(cfg, jnp.array([[1, 1, 1, 2, 2, 0]]))).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+  """
+  seq = segment_ids.shape[-1]
+  index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  offset = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  if config.model_type == "roberta":
+    return jnp.where(segment_ids > 0, offset + config.pad_token_id + 1, config.pad_token_id)
+  return jnp.where(segment_ids > 0, offset, 0)
+
+
 def attention(
   query: jax.Array,
   key: jax.Array,
@@ -362,6 +386,15 @@ class Bert(_Base):
   ``rngs={"dropout": key}``; attention-probability dropout is never applied
   (``jax.nn.dot_product_attention`` has none).
 
+  Packed rows (padding-free batches, as transformers' ``DataCollatorWithFlattening``): several
+  sequences share a row, ``segment_ids`` ``[rows, seq]`` numbers them ``1, 2, ...`` within the
+  row (``0``: padding). Each token attends only to its own sequence and position ids restart
+  per sequence (:func:`packed_position_ids`), so every sequence gets the hidden states it gets
+  alone in a padded row. The classification head then needs ``cls_index`` ``[groups, n]``:
+  the flat index of each sequence's first token within its group of ``rows / groups``
+  consecutive rows (one group per data-parallel shard; ``[1, n]`` on one device); the logits
+  are ``[groups * n, num_labels]``.
+
   Attributes:
     config: an :class:`EncoderConfig` (see :func:`auto_model` to build from transformers).
     task: ``"base"`` returns the last hidden state ``[batch, seq, hidden]`` (in ``dtype``);
@@ -387,19 +420,37 @@ class Bert(_Base):
     token_type_ids=None,
     position_ids=None,
     deterministic: bool = True,
+    *,
+    segment_ids=None,
+    cls_index=None,
   ):
     cfg = self.config
     if self.task not in TASKS:
       raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
     input_ids = jnp.asarray(input_ids)
+    batch, seq = input_ids.shape
+    if cls_index is not None and segment_ids is None:
+      raise ValueError("cls_index= is for packed rows: pass their segment_ids= too")
+    if segment_ids is not None and self.task != "base" and cls_index is None:
+      raise ValueError(
+        "packed rows (segment_ids=) need cls_index= for a sequence-classification head: the "
+        "index of each sequence's first token"
+      )
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if position_ids is None:
-      position_ids = position_ids_for(cfg, input_ids)
+      if segment_ids is None:
+        position_ids = position_ids_for(cfg, input_ids)
+      else:
+        position_ids = packed_position_ids(cfg, jnp.asarray(segment_ids))
     mask = None
     if attention_mask is not None:
-      batch, seq = input_ids.shape
       mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+    if segment_ids is not None:  # a token sees the tokens of its own sequence only
+      seg = jnp.asarray(segment_ids)
+      same = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] > 0)
+      mask = same if mask is None else mask & same
+    if mask is not None:
       # Full [B, 1, T, S]: cuDNN takes the mask as a bias and wants both sequence axes.
       mask = jnp.broadcast_to(mask, (batch, 1, seq, seq))
 
@@ -415,6 +466,10 @@ class Bert(_Base):
     )(x, mask, deterministic)
     if self.task == "base":
       return x
+    if cls_index is not None:  # each sequence's first token, as [sequences, 1, hidden]
+      idx = jnp.asarray(cls_index)
+      groups = x.reshape(idx.shape[0], -1, x.shape[-1])
+      x = jnp.take_along_axis(groups, idx[..., None], axis=1).reshape(-1, 1, x.shape[-1])
     if cfg.model_type == "roberta":
       logits = heads.RobertaClassificationHead(**kw, name="classifier")(x, deterministic)
     else:
