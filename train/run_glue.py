@@ -1,7 +1,10 @@
 """LoRA fine-tuning on GLUE with lora_jax, in the style of Hugging Face's ``run_glue.py``.
 
 Usage:
-  # Offline default: all-MiniLM-L6-v2 from .cache, SST-2 from ../shared (about 1-2 min on CPU)
+  # Offline default: a small BERT from a config and generated data (about 30 s on CPU)
+  python train/run_glue.py --config configs/quickstart.yaml
+
+  # The real all-MiniLM-L6-v2 from .cache, SST-2 from ../shared (about 2 min on CPU)
   python train/run_glue.py --config configs/sst2_minilm.yaml
 
   # With the Hugging Face Hub: roberta-base on the Hub's GLUE SST-2
