@@ -20,6 +20,7 @@ from lora_jax._src.init import lora_init
 from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import kernel_layouts
 from lora_jax._src.merge import merge
+from lora_jax._src.merge import unload
 from lora_jax._src.optimizer import lora_optimizer
 from lora_jax._src.partition import combine
 from lora_jax._src.partition import partition
@@ -50,4 +51,5 @@ __all__ = (
   "partition",
   "save_adapter",
   "trainable_mask",
+  "unload",
 )

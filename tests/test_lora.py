@@ -116,6 +116,19 @@ def test_scale_and_rslora_are_used_by_merge():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_unload_gives_back_the_base_weights():
+  model, variables, x = _mlp(jnp.float32)
+  adapted = randomize_adapters(
+    lora_jax.lora_init(variables, LoraRule(".*", rank=2), rng=jax.random.key(0)),
+    jax.random.key(1),
+  )
+  chex.assert_trees_all_equal(lora_jax.unload(adapted), variables)
+  chex.assert_trees_all_equal(lora_jax.unload(adapted["params"]), variables["params"])
+  # dropped, not merged: the base model's outputs, not the adapted ones
+  np.testing.assert_array_equal(model.apply(lora_jax.unload(adapted), x), model.apply(variables, x))
+  assert not np.allclose(model.apply(lora_jax.merge(adapted), x), model.apply(variables, x))
+
+
 def test_first_matching_rule_wins():
   model, variables, x = _mlp(jnp.float32)
   rules = [LoraRule(["dense_1"], rank=2), LoraRule(".*", rank=3)]

@@ -179,14 +179,15 @@ def base_model_path(args: argparse.Namespace) -> str:
   return args.model_name_or_path or str(pathlib.Path(args.output_dir) / "base_model")
 
 
-def export_base_model(args: argparse.Namespace, config, tokenizer) -> None:
+def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> None:
   """Writes a from-scratch model's random base to ``OUTPUT_DIR/base_model``, a checkpoint.
 
-  The weights are made again from ``--seed``, as :func:`load_model` made them: the frozen base
-  the adapter was trained on and applies to (PEFT's ``base_model_name_or_path``).
+  ``params`` without their adapters: the frozen base the adapter was trained on and applies to
+  (PEFT's ``base_model_name_or_path``), with the run's classifier head (the adapter carries it
+  too, as ``modules_to_save``).
   """
-  _, variables = models.from_config(config, "sequence-classification", rng=args.seed)
-  models.export_merged(base_model_path(args), variables, config=config, tokenizer=tokenizer)
+  base = lora_jax.unload(params)
+  models.export_merged(base_model_path(args), base, config=config, tokenizer=tokenizer)
   logger.info(
     "wrote the base model (random weights, seed %d) to %s", args.seed, base_model_path(args)
   )
@@ -446,7 +447,7 @@ def export(args, config, tokenizer, params, out: pathlib.Path) -> None:
   if jax.process_index() != 0:
     return
   if not args.model_name_or_path:
-    export_base_model(args, config, tokenizer)
+    export_base_model(args, config, tokenizer, params)
   lora_jax.export_peft(
     out / "adapter",
     params,

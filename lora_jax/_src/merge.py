@@ -1,4 +1,5 @@
-"""``merge``: fold every adapter into its weight and return a plain parameter tree."""
+"""From an adapted tree back to a plain one: ``merge`` folds each adapter into its weight,
+``unload`` drops the adapters and keeps the base weights."""
 
 from __future__ import annotations
 
@@ -60,6 +61,32 @@ def merge(params, *, check_finite: bool = True):
     return module
 
   return rebuild(paths.map_modules(fold, tree))
+
+
+def unload(params):
+  """Returns ``params`` without adapter leaves: the base weights the adapters were added to.
+
+  PEFT's ``unload()``: the tree the original model's ``apply`` accepts, with the weights as they
+  were before :func:`lora_init` (the adapters are dropped, not merged). Other leaves, trained
+  heads included, are kept as they are.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from lora_jax import LoraRule, lora_init, unload
+    >>> base = nn.Dense(3).init(jax.random.key(0), jnp.ones((2, 5)))
+    >>> adapted = lora_init(base, LoraRule(".*", rank=2), rng=jax.random.key(1))
+    >>> plain = unload(adapted)
+    >>> sorted(plain["params"]), bool((plain["params"]["kernel"] == base["params"]["kernel"]).all())
+    (['bias', 'kernel'], True)
+  """
+  tree, rebuild = paths.split_params(params)
+
+  def drop(path: str, module: dict) -> dict:
+    if LORA_SPEC not in module:
+      return module
+    return {k: v for k, v in module.items() if k not in (LORA_A, LORA_B, LORA_SPEC)}
+
+  return rebuild(paths.map_modules(drop, tree))
 
 
 def has_adapters(params) -> bool:
