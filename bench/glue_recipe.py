@@ -57,11 +57,7 @@ def lora_jax_run(model: str, data: str, out: str, extra: list[str]) -> dict:
     "--no-progress",
     *extra,
   ]
-  t0 = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
-  wall = time.perf_counter() - t0
-  if proc.returncode != 0:
-    raise RuntimeError(f"run_glue.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  _, wall = _run(cmd)
   res = json.loads((pathlib.Path(out) / "eval_results.json").read_text())
   return {
     "side": "lora_jax",
@@ -76,17 +72,8 @@ def lora_jax_run(model: str, data: str, out: str, extra: list[str]) -> dict:
 def peft_run(model: str, data: str) -> dict:
   """``../shared/bench/peft_sst2_minilm.py MODEL DATA 8000 1``: its last JSON line."""
   script = SHARED / "bench" / "peft_sst2_minilm.py"
-  t0 = time.perf_counter()
-  proc = subprocess.run(
-    [sys.executable, str(script), model, data, "8000", "1"],
-    capture_output=True,
-    text=True,
-    env=_env(),
-  )
-  wall = time.perf_counter() - t0
-  if proc.returncode != 0:
-    raise RuntimeError(f"{script.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  last = json.loads(proc.stdout.strip().splitlines()[-1])
+  stdout, wall = _run([sys.executable, str(script), model, data, "8000", "1"])
+  last = json.loads(stdout.strip().splitlines()[-1])
   return {
     "side": "peft",
     "steps": last["steps"],
@@ -97,8 +84,16 @@ def peft_run(model: str, data: str) -> dict:
   }
 
 
-def _env() -> dict:
-  return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+def _run(cmd: list[str]) -> tuple[str, float]:
+  """``(stdout, wall seconds)`` of a command that must succeed."""
+  t0 = time.perf_counter()
+  env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  wall = time.perf_counter() - t0
+  if proc.returncode != 0:
+    name = pathlib.Path(cmd[1]).name
+    raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc.stdout, wall
 
 
 def compare(model: str, data: str, rounds: int, extra: list[str], log=print) -> dict:
