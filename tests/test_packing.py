@@ -11,10 +11,15 @@ import transformers
 
 import lora_jax
 from lora_jax import models
+from train import glue_data
 from train import packing
 from train import trainer
 
 PAD = 1
+
+
+def row_counts(size: int, groups: int) -> tuple[int, ...]:
+  return glue_data.bucket_lengths(size // groups, smallest=1)  # as glue_data.batch_for
 
 
 def test_first_fit_decreasing_places_every_sequence_once():
@@ -47,7 +52,9 @@ def random_rows(n: int, width: int, seed: int = 0):
 def test_packed_batch_layout(groups):
   ids, types, lengths, labels = random_rows(13, 16)
   take = np.arange(1, 13)[::-1]  # 12 of them, in some order, filled to 16
-  b = packing.packed_batch(ids, types, lengths, labels, take, 16, groups, PAD)
+  b = packing.packed_batch(
+    ids, types, lengths, labels, take, 16, groups, PAD, row_counts(16, groups)
+  )
   rows, width = b["input_ids"].shape
   assert width == 16 and rows % groups == 0 and b["cls_index"].shape == (groups, 16 // groups)
   np.testing.assert_array_equal(b["labels"][:12], labels[take])
@@ -61,7 +68,7 @@ def test_packed_batch_layout(groups):
     seg = b["segment_ids"].reshape(groups, -1)[g, start : start + lengths[src]]
     assert len(set(seg.tolist())) == 1 and seg[0] > 0
   assert b["attention_mask"].sum() == lengths[take].sum()
-  assert rows // groups in packing.row_buckets(16 // groups)
+  assert rows // groups in row_counts(16, groups)
 
 
 def tiny_model(kind: str):
@@ -101,7 +108,9 @@ def test_packed_rows_give_the_padded_logits_and_gradients(kind, groups):
     "labels": labels,
     "weights": np.ones(12, np.float32),
   }
-  packed = packing.packed_batch(ids, types, lengths, labels, np.arange(12), 12, groups, PAD)
+  packed = packing.packed_batch(
+    ids, types, lengths, labels, np.arange(12), 12, groups, PAD, row_counts(12, groups)
+  )
   if groups == 1:
     assert packed["input_ids"].size < ids.size  # fewer tokens
   want = apply(params, ids, mask, types)

@@ -234,15 +234,19 @@ def bucket_lengths(max_seq_length: int, smallest: int = 16) -> tuple[int, ...]:
 
   At most 1.5x padding over a batch's longest row, from about two shapes per doubling.
 
+  Packed batches use the same steps for their row counts, from 1.
+
   Example:
     >>> bucket_lengths(128), bucket_lengths(100), bucket_lengths(8)
     ((16, 24, 32, 48, 64, 96, 128), (16, 24, 32, 48, 64, 96, 100), (8,))
+    >>> bucket_lengths(32, smallest=1)
+    (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
   """
   out, n = [], smallest
   while n < max_seq_length:
     out += [m for m in (n, n + n // 2) if m < max_seq_length]
     n *= 2
-  return (*out, max_seq_length)
+  return (*dict.fromkeys(out), max_seq_length)  # from 1, the first midpoint repeats 1
 
 
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
@@ -283,9 +287,9 @@ def batch_for(
   ``G`` groups (:func:`train.packing.packed_batch`)."""
   if not pack:
     return make_batch(examples, rows, buckets, size)
-  ex = examples
+  ex, row_counts = examples, bucket_lengths(size // pack, smallest=1)
   return packing.packed_batch(
-    ex.input_ids, ex.token_type_ids, ex.lengths, ex.labels, rows, size, pack, ex.pad_id
+    ex.input_ids, ex.token_type_ids, ex.lengths, ex.labels, rows, size, pack, ex.pad_id, row_counts
   )
 
 

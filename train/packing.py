@@ -2,7 +2,7 @@
 
 A batch of ``size`` sequences is split into ``groups`` consecutive groups (one per data-parallel
 shard); each group's sequences are packed into rows by first-fit decreasing length, and every
-group gets the same number of rows, rounded up to one of a few counts (:func:`row_buckets`) so a
+group gets the same number of rows, rounded up to one of a few counts (``row_buckets``) so a
 run compiles a handful of shapes. ``segment_ids`` number the sequences of a row ``1, 2, ...``
 (``0``: padding) and ``cls_index`` points at each sequence's first token; the model
 (:class:`lora_jax.models.Bert`) masks attention to each sequence and restarts its positions,
@@ -36,20 +36,6 @@ def first_fit_decreasing(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def row_buckets(size: int) -> tuple[int, ...]:
-  """Row counts a group may have: 1, 2, 3, 4, 6, 8, 12, ... (x1.5 steps), then ``size``.
-
-  Example:
-    >>> row_buckets(32)
-    (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-  """
-  out, n = [1], 2
-  while n < size:
-    out += [m for m in (n, n + n // 2) if m < size]
-    n *= 2
-  return tuple(sorted(set(out))) + ((size,) if size > 1 else ())
-
-
 def packed_batch(
   input_ids: np.ndarray,
   token_type_ids: np.ndarray,
@@ -59,6 +45,7 @@ def packed_batch(
   size: int,
   groups: int,
   pad_id: int,
+  row_buckets: tuple[int, ...],
 ) -> dict:
   """Sequences ``take`` (row indices into the arrays), plus zero-weight fillers up to ``size``.
 
@@ -72,6 +59,8 @@ def packed_batch(
     groups: data-parallel shards; group ``g`` holds sequences ``g*size/groups ...`` and rows
       ``g*R ...``.
     pad_id: the tokenizer's padding id.
+    row_buckets: the row counts a group may have, ascending, the last ``>= size / groups``
+      (e.g. :func:`train.glue_data.bucket_lengths` of ``size / groups`` from 1).
 
   Returns:
     numpy ``input_ids``, ``token_type_ids``, ``segment_ids``, ``attention_mask`` (int32
@@ -87,7 +76,7 @@ def packed_batch(
     mine = take[g * per_group : (g + 1) * per_group]
     plans.append((mine, first_fit_decreasing(lengths[mine], row_len)))
   need = max(1, max(len(rows) for _, rows in plans))
-  rows_per_group = next(b for b in row_buckets(per_group) if b >= need)
+  rows_per_group = next(b for b in row_buckets if b >= need)
   n_rows = groups * rows_per_group
   ids = np.full((n_rows, row_len), pad_id, np.int32)
   types = np.zeros((n_rows, row_len), np.int32)
