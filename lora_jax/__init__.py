@@ -30,6 +30,8 @@ from lora_jax._src.peft_format import import_peft
 from lora_jax._src.report import param_report
 from lora_jax._src.rules import LoraRule
 from lora_jax._src.spec import LoraSpec
+from lora_jax._src.stacking import stack_layers
+from lora_jax._src.stacking import unstack_layers
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,8 @@ __all__ = (
   "param_report",
   "partition",
   "save_adapter",
+  "stack_layers",
   "trainable_mask",
   "unload",
+  "unstack_layers",
 )

@@ -140,6 +140,7 @@ def test_only_adapters_and_extra_leaves_are_written(saved):
     "in_axes": [0],
     "out_axes": [1, 2],
     "rule": "['heads', 'conv']",
+    "stacked": 0,
     "weight_shape": [16, 2, 4],
   }
 

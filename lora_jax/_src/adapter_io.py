@@ -7,7 +7,8 @@ An adapter directory is an Orbax ``CheckpointManager`` directory holding one ste
   <directory>/<n>/adapter/            lora_a, lora_b and extra_trainable leaves (Orbax PyTree,
                                       OCDBT), nested like the params tree they came from
   <directory>/<n>/lora_jax/           JSON: every adapter's LoraSpec (path, rank, alpha,
-                                      rslora, dropout, weight, in_axes, out_axes, rule) and
+                                      rslora, dropout, weight, in_axes, out_axes, rule,
+                                      stacked) and
                                       weight shape, each saved leaf's path, shape and dtype,
                                       the lora_jax version, extra_trainable and metadata
 
@@ -44,7 +45,18 @@ FORMAT_VERSION = 1
 ADAPTER_ITEM = "adapter"
 INFO_ITEM = "lora_jax"
 MARKER = "lora_jax_adapter.json"
-_SPEC_FIELDS = ("rank", "alpha", "rslora", "dropout", "weight", "in_axes", "out_axes", "rule")
+_SPEC_FIELDS = (
+  "rank",
+  "alpha",
+  "rslora",
+  "dropout",
+  "weight",
+  "in_axes",
+  "out_axes",
+  "rule",
+  "stacked",
+)
+_SPEC_DEFAULTS = {"stacked": 0}  # fields that adapters saved before they existed lack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,12 +93,13 @@ def module_of(path: str) -> str:
 
 def _weight_shape(spec: LoraSpec, a_shape, b_shape) -> tuple[int, ...]:
   """The adapted weight's shape, rebuilt from its factors' shapes and axes."""
+  n = spec.stacked
   shape = [0] * (len(spec.in_axes) + len(spec.out_axes))
-  for axis, size in zip(spec.in_axes, a_shape[:-1], strict=True):
+  for axis, size in zip(spec.in_axes, a_shape[n:-1], strict=True):
     shape[axis] = size
-  for axis, size in zip(spec.out_axes, b_shape[1:], strict=True):
+  for axis, size in zip(spec.out_axes, b_shape[n + 1 :], strict=True):
     shape[axis] = size
-  return tuple(shape)
+  return (*a_shape[:n], *shape)
 
 
 def _spec_record(module: str, spec: LoraSpec, a, b) -> dict:
@@ -97,7 +110,7 @@ def _spec_record(module: str, spec: LoraSpec, a, b) -> dict:
 
 
 def _spec_from_record(record: Mapping) -> LoraSpec:
-  kw = {f: record[f] for f in _SPEC_FIELDS}
+  kw = {f: record[f] if f in record else _SPEC_DEFAULTS[f] for f in _SPEC_FIELDS}
   kw["in_axes"], kw["out_axes"] = tuple(kw["in_axes"]), tuple(kw["out_axes"])
   return LoraSpec(**kw)
 
@@ -324,8 +337,8 @@ def adapter_info(directory) -> dict:
   """The JSON description saved with the adapter in ``directory``.
 
   Keys: ``adapters`` (one record per adapter: path, rank, alpha, rslora, dropout, weight,
-  in_axes, out_axes, rule, weight_shape), ``leaves`` (path, shape, dtype of each saved leaf),
-  ``extra_trainable``, ``metadata``, ``lora_jax_version``, ``format``, ``format_version``.
+  in_axes, out_axes, rule, stacked, weight_shape), ``leaves`` (path, shape, dtype of each saved
+  leaf), ``extra_trainable``, ``metadata``, ``lora_jax_version``, ``format``, ``format_version``.
 
   Raises:
     FileNotFoundError: ``directory`` does not exist.

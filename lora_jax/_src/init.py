@@ -75,13 +75,15 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
   layout = layouts.get(path) or default_layout(name, shape)
   if layout is None:
     raise ValueError(
-      f"{path}/{name} has shape {shape}: which of its axes are inputs and which outputs is not "
-      "known from the shape alone; pass layouts=lora_jax.kernel_layouts(model, *example_inputs)"
+      f"{path}/{name} has shape {shape}: which of its axes are inputs and which outputs (and "
+      "whether leading axes stack scanned layers) is not known from the shape alone; pass "
+      "layouts=lora_jax.kernel_layouts(model, *example_inputs)"
     )
-  if len(layout.in_axes) + len(layout.out_axes) != len(shape):
+  if layout.stacked + len(layout.in_axes) + len(layout.out_axes) != len(shape):
     raise ValueError(f"layout {layout} for {path!r} does not fit weight shape {shape}")
-  n_in = math.prod(shape[i] for i in layout.in_axes)
-  n_out = math.prod(shape[o] for o in layout.out_axes)
+  layer = shape[layout.stacked :]
+  n_in = math.prod(layer[i] for i in layout.in_axes)
+  n_out = math.prod(layer[o] for o in layout.out_axes)
   # Ranks up to min(inputs, outputs) add expressiveness; the LoRA write-ups still use ranks
   # above it on small heads (r=32 on a 128 -> 10 layer), so only ranks that exceed both sides,
   # where neither factor can be of full rank, are refused.
@@ -99,6 +101,7 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
     in_axes=layout.in_axes,
     out_axes=layout.out_axes,
     rule=rule.describe(),
+    stacked=layout.stacked,
   )
 
 
@@ -113,7 +116,7 @@ def _factors(spec: LoraSpec, init: str, weight, key):
   if init == "gaussian":
     a = jax.random.normal(key, a_shape, jnp.float32) / spec.rank
   else:  # kaiming_uniform with a=sqrt(5), torch's nn.Linear default that PEFT uses
-    bound = 1.0 / math.sqrt(math.prod(a_shape[:-1]))
+    bound = 1.0 / math.sqrt(math.prod(a_shape[spec.stacked : -1]))  # fan-in of one layer
     a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
   return a, jnp.zeros(b_shape, jnp.float32)
 

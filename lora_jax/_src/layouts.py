@@ -6,6 +6,11 @@ A kernel with more axes (``nn.DenseGeneral`` over attention heads, ``nn.Einsum``
 does not say which of its axes the module contracts with the input; :func:`kernel_layouts`
 finds out by tracing the model once, shapes only, and :func:`lora_jax.lora_init` takes the
 result as ``layouts=``.
+
+Layers stacked by ``nn.scan`` store every weight with a leading layer axis (``[L, in, out]``);
+:func:`kernel_layouts` sees each module once inside the scan and the stacked variables after
+it, so it records how many leading axes are stacked (``stacked``) and ``lora_init`` gives such
+weights stacked adapters (``lora_a [L, in, r]``, ``lora_b [L, r, out]``).
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ class KernelLayout(NamedTuple):
   """The split of one weight: ``in_axes`` are contracted with the input, ``out_axes`` produced.
 
   ``kind`` is ``"dense"`` (Dense, DenseGeneral), ``"einsum"``, ``"conv"`` or ``"embed"``.
+  ``stacked`` leading axes (``nn.scan`` over layers) come before the axes that ``in_axes`` and
+  ``out_axes`` count.
   """
 
   in_axes: tuple[int, ...]
   out_axes: tuple[int, ...]
   kind: str
+  stacked: int = 0
 
 
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
@@ -98,16 +106,25 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout
   Returns ``{module path: KernelLayout}`` for each supported module, with paths as
   :func:`lora_jax.lora_init` matches them (``"params/..."``). Modules whose weight cannot be
   factored (e.g. a ``DenseGeneral`` with ``batch_dims``) are left out, so rules that reach
-  them fail in ``lora_init`` with a message.
+  them fail in ``lora_init`` with a message. Modules inside ``nn.scan`` get ``stacked`` set
+  to the number of leading axes the scan adds to their weight.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
     >>> from lora_jax import kernel_layouts
     >>> heads = nn.DenseGeneral(features=(4, 8), name="query")
     >>> kernel_layouts(heads, jnp.zeros((1, 32)))
-    {'params': KernelLayout(in_axes=(0,), out_axes=(1, 2), kind='dense')}
+    {'params': KernelLayout(in_axes=(0,), out_axes=(1, 2), kind='dense', stacked=0)}
+    >>> class Block(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, _):
+    ...     return nn.Dense(32, name="proj")(x), None
+    >>> layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+    ...                  length=4)(name="layers")
+    >>> kernel_layouts(layers, jnp.zeros((1, 32)), None)  # kernel [4, 32, 32]
+    {'params/proj': KernelLayout(in_axes=(0,), out_axes=(1,), kind='dense', stacked=1)}
   """
-  found: dict[str, KernelLayout] = {}
+  found: dict[str, tuple[str, KernelLayout]] = {}
 
   def record(next_fun, fn_args, fn_kwargs, context):
     out = next_fun(*fn_args, **fn_kwargs)
@@ -115,9 +132,9 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout
     if context.method_name == "__call__" and isinstance(mod, SUPPORTED):
       name = "embedding" if isinstance(mod, nn.Embed) else "kernel"
       if mod.has_variable("params", name):
-        ndim = mod.get_variable("params", name).ndim
+        ndim = mod.get_variable("params", name).ndim  # one layer's, inside nn.scan
         try:
-          found[paths.join(paths.PARAMS, *mod.scope.path)] = module_layout(mod, ndim)
+          found[paths.join(paths.PARAMS, *mod.scope.path)] = (name, module_layout(mod, ndim))
         except UnsupportedLayout:
           pass
     return out
@@ -126,5 +143,12 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout
     with nn.intercept_methods(record):
       return module.init(jax.random.key(0), *args, **kwargs)
 
-  jax.eval_shape(init)
-  return found
+  variables = jax.eval_shape(init)
+  out = {}
+  for path, (name, layout) in found.items():
+    node = variables
+    for key in [*path.split("/"), name]:
+      node = node[key]
+    stacked = node.ndim - len(layout.in_axes) - len(layout.out_axes)
+    out[path] = layout._replace(stacked=stacked)
+  return out

@@ -10,6 +10,11 @@ An adapted module dict holds, next to its ``kernel`` (or ``embedding``):
 
 The update is ``delta = scale * A @ B`` with the input axes of ``W`` flattened into the rows of
 ``A`` and the output axes into the columns of ``B``, transposed back to ``W``'s axis order.
+
+Stacked weights (``nn.scan`` over layers stores each layer's kernel along a leading axis,
+``[num_layers, in, out]``) carry stacked adapters: ``stacked`` leading axes are shared by the
+weight and both factors (``lora_a [L, in, r]``, ``lora_b [L, r, out]``), each slice an
+independent adapter; ``in_axes`` and ``out_axes`` then count the axes of one slice.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class LoraSpec:
     in_axes: axes of the weight contracted with the module's input (rows of ``A``).
     out_axes: axes of the weight that form the module's output (columns of ``B``).
     rule: the pattern of the rule that created the adapter (for reports and export).
+    stacked: leading axes of the weight that stack independent layers (``nn.scan``); the
+      factors share them, and ``in_axes``/``out_axes`` count the axes after them.
   """
 
   rank: int
@@ -50,16 +57,19 @@ class LoraSpec:
   in_axes: tuple[int, ...]
   out_axes: tuple[int, ...]
   rule: str = ""
+  stacked: int = 0
 
   @property
   def scale(self) -> float:
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
   def a_shape(self, weight_shape) -> tuple[int, ...]:
-    return (*(weight_shape[i] for i in self.in_axes), self.rank)
+    stack, layer = weight_shape[: self.stacked], weight_shape[self.stacked :]
+    return (*stack, *(layer[i] for i in self.in_axes), self.rank)
 
   def b_shape(self, weight_shape) -> tuple[int, ...]:
-    return (self.rank, *(weight_shape[o] for o in self.out_axes))
+    stack, layer = weight_shape[: self.stacked], weight_shape[self.stacked :]
+    return (*stack, self.rank, *(layer[o] for o in self.out_axes))
 
 
 jax.tree_util.register_static(LoraSpec)
@@ -67,6 +77,9 @@ jax.tree_util.register_static(LoraSpec)
 
 def delta(spec: LoraSpec, a: jax.Array, b: jax.Array) -> jax.Array:
   """``scale * A @ B`` in float32, laid out like the weight the adapter belongs to."""
+  if spec.stacked:  # one independent update per stacked slice
+    one = dataclasses.replace(spec, stacked=spec.stacked - 1)
+    return jax.vmap(lambda a, b: delta(one, a, b))(a, b)
   n_in = len(spec.in_axes)
   in_shape, out_shape = a.shape[:n_in], b.shape[1:]
   a2 = jnp.reshape(a.astype(jnp.float32), (math.prod(in_shape), spec.rank))
