@@ -17,10 +17,6 @@ applied as in transformers.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import logging
-import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,55 +24,16 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from lora_jax.models import heads
-
-logger = logging.getLogger(__name__)
+from lora_jax.models.activations import ACTIVATIONS
+from lora_jax.models.activations import activation
+from lora_jax.models.activations import gelu_exact  # noqa: F401  (its home before activations)
+from lora_jax.models.attention import attention
+from lora_jax.models.attention import check_implementation
+from lora_jax.models.attention import same_segment
+from lora_jax.models.attention import segment_positions
 
 TASKS = ("base", "sequence-classification")
 MODEL_TYPES = ("bert", "roberta")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
-
-
-@jax.custom_vjp
-def gelu_exact(x: jax.Array) -> jax.Array:
-  """transformers' ``"gelu"``: ``x * Phi(x)`` with the exact normal CDF ``Phi`` (via ``erf``).
-
-  The same values as ``jax.nn.gelu(x, approximate=False)``; its gradient ``Phi(x) + x phi(x)``
-  reuses the forward pass's ``Phi(x)`` instead of differentiating through ``erf`` again, which
-  XLA:CPU otherwise evaluates a second time in the backward pass (about 8% of a BERT FFN's
-  forward + backward on CPU; ``bench/NOTES.md``).
-
-  Example:
-    >>> x = jnp.linspace(-3.0, 3.0, 7)
-    >>> bool(jnp.allclose(gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-6))
-    True
-    >>> g = jax.grad(lambda x: gelu_exact(x).sum())(x)
-    >>> ref = jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x)
-    >>> bool(jnp.allclose(g, ref, atol=1e-6))
-    True
-  """
-  return _gelu_fwd(x)[0]
-
-
-def _gelu_fwd(x):
-  cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))).astype(x.dtype))
-  return x * cdf, (x, cdf)
-
-
-def _gelu_bwd(residuals, g):
-  x, cdf = residuals
-  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-  return (g * (cdf + x * pdf).astype(g.dtype),)
-
-
-gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-  "gelu": gelu_exact,
-  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-  "relu": jax.nn.relu,
-  "silu": jax.nn.silu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +76,7 @@ class EncoderConfig:
         f"supported: {', '.join(MODEL_TYPES)}"
       )
     act = config.hidden_act
-    if act not in _ACTIVATIONS:
-      raise ValueError(
-        f"unsupported hidden_act {act!r} in the {model_type} config; "
-        f"supported: {', '.join(sorted(_ACTIVATIONS))}"
-      )
+    activation(act, f"{model_type} config")
     position_type = getattr(config, "position_embedding_type", None) or "absolute"
     if position_type != "absolute":
       raise ValueError(
@@ -187,44 +140,10 @@ def packed_position_ids(config: EncoderConfig, segment_ids: jax.Array) -> jax.Ar
     >>> np.asarray(packed_position_ids(cfg, jnp.array([[1, 1, 1, 2, 2, 0]]))).tolist()
     [[0, 1, 2, 0, 1, 0]]
   """
-  seq = segment_ids.shape[-1]
-  index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
-  starts = jnp.concatenate(
-    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
-  offset = index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  offset = segment_positions(segment_ids)
   if config.model_type == "roberta":
     return jnp.where(segment_ids > 0, offset + config.pad_token_id + 1, config.pad_token_id)
-  return jnp.where(segment_ids > 0, offset, 0)
-
-
-def attention(
-  query: jax.Array,
-  key: jax.Array,
-  value: jax.Array,
-  mask: jax.Array | None,
-  implementation: str | None = None,
-) -> jax.Array:
-  """``jax.nn.dot_product_attention`` on ``[batch, seq, heads, head_dim]`` arrays.
-
-  ``implementation=None`` picks cuDNN's fused kernel on GPU for 16-bit inputs (falling back to
-  XLA if cuDNN rejects the inputs while tracing) and XLA otherwise: up to jax 0.10 at least,
-  ``dot_product_attention(implementation=None)`` always means XLA, and fused attention roughly
-  doubles training throughput on GPU.
-  """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-      f"unknown attention implementation {implementation!r}; valid: {ATTENTION_IMPLEMENTATIONS}"
-    )
-  call = functools.partial(jax.nn.dot_product_attention, query, key, value, mask=mask)
-  if implementation is not None:
-    return call(implementation=implementation)
-  if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return call(implementation="cudnn")
-    except Exception as e:  # unsupported shape, dtype or cuDNN version: XLA computes the same.
-      logger.warning("cuDNN attention unavailable (%s); using XLA attention", e)
-  return call(implementation="xla")
+  return offset
 
 
 class _Base(nn.Module):
@@ -322,7 +241,7 @@ class BertIntermediate(_Base):
   @nn.compact
   def __call__(self, x):
     x = self.dense(self.config.intermediate_size, "dense")(x)
-    return _ACTIVATIONS[self.config.hidden_act](x)
+    return ACTIVATIONS[self.config.hidden_act](x)
 
 
 class BertLayer(_Base):
@@ -447,8 +366,7 @@ class Bert(_Base):
     if attention_mask is not None:
       mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
     if segment_ids is not None:  # a token sees the tokens of its own sequence only
-      seg = jnp.asarray(segment_ids)
-      same = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] > 0)
+      same = same_segment(segment_ids)
       mask = same if mask is None else mask & same
     if mask is not None:
       # Full [B, 1, T, S]: cuDNN takes the mask as a bias and wants both sequence axes.
@@ -519,11 +437,7 @@ def auto_model(
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-  if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-      f"unknown attention_implementation {attention_implementation!r}; "
-      f"valid: {ATTENTION_IMPLEMENTATIONS}"
-    )
+  check_implementation(attention_implementation)
   cfg = config if isinstance(config, EncoderConfig) else EncoderConfig.from_hf(config)
   return Bert(
     cfg,
