@@ -1,7 +1,7 @@
-"""Flax BERT/RoBERTa encoders that load Hugging Face checkpoints.
+"""Flax models that load Hugging Face checkpoints: BERT/RoBERTa encoders, Llama-family decoders.
 
-``from_pretrained("FacebookAI/roberta-base", "sequence-classification", num_labels=2)`` returns
-``(module, {"params": ...})`` with parameters named after the Hugging Face modules:
+``from_pretrained(path_or_hub_id, task=...)`` returns ``(module, {"params": ...})`` with
+parameters named after the Hugging Face modules, so PEFT's target names mean the same here:
 
   >>> import jax, jax.numpy as jnp, transformers
   >>> from lora_jax.models import auto_model
@@ -13,6 +13,11 @@
   (8, 8)
   >>> sorted(shapes["params"]["classifier"])
   ['dense', 'out_proj']
+  >>> cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16,
+  ...                                num_hidden_layers=2, num_attention_heads=2)
+  >>> shapes = jax.eval_shape(auto_model(cfg).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  >>> shapes["params"]["model"]["layers"]["1"]["self_attn"]["q_proj"]["kernel"].shape
+  (8, 8)
 """
 
 from lora_jax.models.bert import Bert
@@ -24,10 +29,14 @@ from lora_jax.models.bert import BertLayer
 from lora_jax.models.bert import BertResidualOutput
 from lora_jax.models.bert import BertSelfAttention
 from lora_jax.models.bert import EncoderConfig
-from lora_jax.models.bert import auto_model
 from lora_jax.models.export import export_merged
 from lora_jax.models.heads import BertPooler
 from lora_jax.models.heads import RobertaClassificationHead
+from lora_jax.models.llama import Decoder
+from lora_jax.models.llama import DecoderConfig
+from lora_jax.models.llama import DecoderLayer
+from lora_jax.models.llama import KVCache
+from lora_jax.models.loading import auto_model
 from lora_jax.models.loading import flax_to_hf
 from lora_jax.models.loading import from_config
 from lora_jax.models.loading import from_pretrained
@@ -44,7 +53,11 @@ __all__ = [
   "BertPooler",
   "BertResidualOutput",
   "BertSelfAttention",
+  "Decoder",
+  "DecoderConfig",
+  "DecoderLayer",
   "EncoderConfig",
+  "KVCache",
   "RobertaClassificationHead",
   "auto_model",
   "export_merged",

@@ -9,27 +9,14 @@ installed; the tokenizer files too when one is given.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from lora_jax._src import paths
 from lora_jax._src.merge import merge
 from lora_jax._src.peft_format import publish
 from lora_jax._src.peft_format import write_safetensors
 from lora_jax.models import loading
-
-_CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta"}
-
-
-def _num_outputs(tree: Mapping, model_type: str) -> int | None:
-  head = tree.get("classifier")
-  if head is None:
-    return None
-  kernel = head["out_proj"]["kernel"] if model_type == "roberta" else head["kernel"]
-  return int(np.shape(kernel)[-1])
 
 
 def export_merged(directory, params, *, config: Any, tokenizer: Any = None) -> Path:
@@ -40,9 +27,11 @@ def export_merged(directory, params, *, config: Any, tokenizer: Any = None) -> P
       or not at all; other files in the folder are left alone.
     params: variables dict or bare params tree of a :mod:`lora_jax.models` model, with or
       without adapters.
-    config: the model's transformers config (``BertConfig`` / ``RobertaConfig``). A copy is
-      saved, its ``architectures`` set from the tree (``BertForSequenceClassification`` when
-      it has a ``classifier``, else ``BertModel``); the caller's object is not changed.
+    config: the model's transformers config (``BertConfig``, ``RobertaConfig``, ``LlamaConfig``,
+      ...). A copy is saved, its ``architectures`` set from the tree
+      (``BertForSequenceClassification`` when it has a ``classifier``, else ``BertModel``;
+      ``LlamaForCausalLM`` for a decoder with a head or tied embeddings); the caller's object
+      is not changed. Scanned layers are written per layer, as transformers names them.
     tokenizer: a transformers tokenizer to save beside the model, or ``None``.
 
   Returns:
@@ -67,25 +56,10 @@ def export_merged(directory, params, *, config: Any, tokenizer: Any = None) -> P
     >>> type(transformers.AutoModel.from_pretrained(folder)).__name__
     'BertModel'
   """
-  model_type = getattr(config, "model_type", None)
-  if model_type not in _CLASS_PREFIX:
-    raise ValueError(
-      f"export_merged: unsupported model_type {model_type!r} (from {type(config).__name__}); "
-      f"supported: {', '.join(_CLASS_PREFIX)}"
-    )
+  family = loading.family(config)
   tree, _ = paths.split_params(merge(params))
   config = copy.deepcopy(config)
-  outputs = _num_outputs(tree, model_type)
-  if outputs is None:
-    config.architectures = [f"{_CLASS_PREFIX[model_type]}Model"]
-  else:
-    if config.num_labels != outputs:
-      raise ValueError(
-        f"config.num_labels={config.num_labels} but the classifier has {outputs} outputs; pass "
-        f"a config with num_labels={outputs} (e.g. AutoConfig.from_pretrained(..., "
-        f"num_labels={outputs}))"
-      )
-    config.architectures = [f"{_CLASS_PREFIX[model_type]}ForSequenceClassification"]
+  config.architectures = [family.architecture(tree, config)]
   state = loading.flax_to_hf(tree, config)
 
   def write(tmp: Path) -> None:

@@ -1,27 +1,22 @@
-"""Hugging Face checkpoints <-> Flax parameters for the BERT family, and ``from_pretrained``.
+"""Hugging Face checkpoints <-> Flax parameters for every model family, and ``from_pretrained``.
 
-The name and layout mapping lives in two functions, :func:`hf_to_flax` and :func:`flax_to_hf`
-(and the per-name :func:`hf_name_to_path` / :func:`path_to_hf_name` under them):
-
-* ``bert.`` / ``roberta.`` prefixes (``*ForSequenceClassification`` checkpoints) are dropped;
-  heads (``classifier``) never carry one.
-* ``...weight`` of a Linear is a Flax ``kernel``, transposed to ``(in, out)``; of an Embedding
-  it is ``embedding``; of a LayerNorm it is ``scale`` (old ``gamma`` / ``beta`` names accepted).
-* Non-persistent buffers (``embeddings.position_ids``, ``embeddings.token_type_ids``) that old
-  checkpoints still carry are skipped silently.
+A config's ``model_type`` picks the family: BERT/RoBERTa encoders
+(:mod:`lora_jax.models.bert_names`) or Llama-family decoders
+(:mod:`lora_jax.models.llama_names`). Each family maps transformers' tensor names to Flax
+``"a/b/c"`` paths; this module adds what they share: a Linear's ``weight`` is stored
+transposed (``kernel [in, out]``), scanned layers are stacked from (and split into)
+transformers' per-layer tensors, and checkpoints are read tensor by tensor from memory-mapped
+files (:mod:`lora_jax.models.files`), straight into device arrays of the requested dtype and
+sharding, so that a checkpoint never sits in host memory twice.
 
 :func:`from_config` builds the same modules with random weights and no checkpoint.
-
-Checkpoint files are read with ``safetensors``' numpy API (``model.safetensors`` or a sharded
-``model.safetensors.index.json``); ``pytorch_model.bin`` needs torch.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import struct
+from collections.abc import Callable
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,55 +26,104 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_jax.models import bert
+from lora_jax._src import stacking
+from lora_jax.models import bert_names
+from lora_jax.models import llama_names
+from lora_jax.models.files import SAFETENSORS  # noqa: F401  (re-exported)
+from lora_jax.models.files import open_checkpoint
+from lora_jax.models.files import read_safetensors_file  # noqa: F401  (re-exported)
+from lora_jax.models.files import read_state_dict  # noqa: F401  (re-exported)
+from lora_jax.models.files import read_torch_file  # noqa: F401  (re-exported)
+from lora_jax.models.files import resolve_folder
 
 logger = logging.getLogger(__name__)
 
-_BASE_PREFIX = {"bert": "bert", "roberta": "roberta"}
-_BASE_MODULES = ("embeddings", "encoder", "pooler")
-_HEAD_MODULES = ("pooler", "classifier")  # may be absent from a checkpoint: freshly initialised
-_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
-_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
-_OLD_NAMES = {"gamma": "weight", "beta": "bias"}
+_FAMILIES = (bert_names, llama_names)
+Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN = "pytorch_model.bin"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-_WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
+
+def family(config: Any):
+  """The name-mapping module of ``config``'s model family (by ``model_type``).
+
+  Raises:
+    ValueError: a ``model_type`` no family implements (the supported ones are listed).
+  """
+  model_type = getattr(config, "model_type", None)
+  for fam in _FAMILIES:
+    if model_type in fam.MODEL_TYPES:
+      return fam
+  supported = [t for fam in _FAMILIES for t in fam.MODEL_TYPES]
+  raise ValueError(
+    f"unsupported model_type {model_type!r} (from {type(config).__name__}); "
+    f"supported: {', '.join(supported)}"
+  )
+
+
+def auto_model(
+  config: Any,
+  task: str | None = None,
+  *,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  remat: bool = False,
+  scan_layers: bool = False,
+  attention_implementation: str | None = None,
+):
+  """The Flax module (only) for a transformers config; ``config.model_type`` picks the family.
+
+  Args:
+    config: a transformers config: ``bert``/``roberta`` (:class:`lora_jax.models.Bert`) or
+      ``llama``/``mistral``/``qwen2``/``qwen3`` (:class:`lora_jax.models.Decoder`).
+    task: encoders ``"base"`` (default) or ``"sequence-classification"``; decoders
+      ``"causal-lm"`` (default) or ``"base"``.
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    remat: rematerialise each layer in the backward pass.
+    scan_layers: decoders only: run the layers under ``nn.scan`` with stacked parameters (one
+      layer compiled, whatever the depth).
+    attention_implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+
+  Raises:
+    ValueError: unsupported ``model_type``, task or setting (named, with the valid ones).
+
+  Example:
+    ``jax.eval_shape`` sizes a model without allocating it:
+
+    >>> import transformers
+    >>> from lora_jax.models import auto_model
+    >>> cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096,
+    ...   intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    >>> module = auto_model(cfg, "causal-lm", scan_layers=True)
+    >>> shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
+    >>> sum(x.size for x in jax.tree.leaves(shapes))
+    6738415616
+  """
+  return family(config).build(
+    config,
+    task,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    remat=remat,
+    scan_layers=scan_layers,
+    attention_implementation=attention_implementation,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Names and layouts.
 
 
-def _model_type(config: Any) -> str:
-  model_type = getattr(config, "model_type", None)
-  if model_type not in _BASE_PREFIX:
-    raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(_BASE_PREFIX)}")
-  return model_type
-
-
 def hf_name_to_path(name: str, config: Any) -> str | None:
-  """``"bert.encoder.layer.0.attention.self.query.weight"`` -> ``".../query/kernel"``.
+  """A transformers tensor name as the Flax ``"a/b/c"`` params path (no ``params/``).
 
-  Returns the Flax ``"a/b/c"`` params path (no ``params/`` prefix), or ``None`` for buffers
-  that are not parameters. Names of modules the model lacks still map (to paths it lacks).
+  ``None`` for buffers that are not parameters. Names of modules the model lacks still map.
+
+  Example:
+    >>> import transformers
+    >>> hf_name_to_path("model.layers.3.self_attn.q_proj.weight", transformers.LlamaConfig())
+    'model/layers/3/self_attn/q_proj/kernel'
   """
-  prefix = _BASE_PREFIX[_model_type(config)] + "."
-  if name.startswith(prefix):
-    name = name[len(prefix) :]
-  if name in _BUFFERS:
-    return None
-  *modules, leaf = name.split(".")
-  leaf = _OLD_NAMES.get(leaf, leaf)
-  if modules and modules[-1] == "LayerNorm":
-    leaf = {"weight": "scale"}.get(leaf, leaf)
-  elif modules and modules[-1] in _EMBEDDINGS:
-    leaf = {"weight": "embedding"}.get(leaf, leaf)
-  else:
-    leaf = {"weight": "kernel"}.get(leaf, leaf)
-  return "/".join([*modules, leaf])
+  return family(config).hf_name_to_path(name, config)
 
 
 def path_to_hf_name(path: str, config: Any, prefix: str = "") -> str:
@@ -88,27 +132,42 @@ def path_to_hf_name(path: str, config: Any, prefix: str = "") -> str:
   Raises:
     ValueError: for a leaf that is not a plain weight (e.g. ``lora_a``: merge adapters first).
   """
-  _model_type(config)
-  *modules, leaf = path.split("/")
-  hf_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-  if leaf not in hf_leaf:
+  fam = family(config)
+  leaf = path.rsplit("/", 1)[-1]
+  if leaf not in fam.HF_LEAF:
     raise ValueError(
       f"parameter {path!r} has no Hugging Face name: leaf {leaf!r} is not one of "
-      f"{sorted(hf_leaf)} (merge LoRA adapters into the weights before exporting)"
+      f"{sorted(fam.HF_LEAF)} (merge LoRA adapters into the weights before exporting)"
     )
-  head = prefix if modules and modules[0] in _BASE_MODULES else ""
-  return head + ".".join([*modules, hf_leaf[leaf]])
+  return fam.path_to_hf_name(path, config, prefix)
 
 
-def _to_flax_layout(path: str, array: np.ndarray) -> np.ndarray:
-  return array.T if path.endswith("/kernel") and array.ndim == 2 else array
+def _is_kernel(path: str, ndim: int) -> bool:
+  return path.endswith("/kernel") and ndim == 2
+
+
+def _to_flax_layout(path: str, array):
+  return array.T if _is_kernel(path, np.ndim(array)) else array
+
+
+def _flax_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(reversed(shape)) if _is_kernel(path, len(shape)) else tuple(shape)
+
+
+def _unstacked(tree: Mapping, config: Any) -> Mapping:
+  """``tree`` (bare params) with scanned layers split per layer, as transformers names them."""
+  container = family(config).LAYERS
+  if container is None or not stacking.is_stacked(tree, container):
+    return tree
+  return stacking.unstack_layers(tree, container)
 
 
 def hf_to_flax(state_dict: Mapping[str, Any], config: Any) -> dict:
   """A transformers state dict (name -> array) as a nested Flax params dict of numpy arrays.
 
-  Every tensor is converted, whether the model uses it or not; see :func:`from_pretrained`
-  for checking against a model.
+  Every tensor is converted, whether the model uses it or not; layers come out unscanned
+  (``model/layers/0/...``: :func:`lora_jax.stack_layers` stacks them). See
+  :func:`from_pretrained` for checking against a model.
 
   Example:
     >>> import numpy as np, transformers
@@ -125,15 +184,32 @@ def hf_to_flax(state_dict: Mapping[str, Any], config: Any) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def default_prefix(params: Mapping, config: Any) -> str:
+  """The base-model prefix :func:`flax_to_hf` uses by default for ``params``.
+
+  ``"bert."`` / ``"roberta."`` when an encoder's tree has a ``classifier`` (a
+  ``*ForSequenceClassification`` model), else ``""`` (decoder paths carry ``model/`` already).
+
+  Example:
+    >>> import transformers
+    >>> default_prefix({"classifier": {}, "encoder": {}}, transformers.BertConfig())
+    'bert.'
+  """
+  if "params" in params and isinstance(params["params"], Mapping):
+    params = params["params"]
+  return family(config).default_prefix(params, config)
+
+
 def flax_to_hf(params: Mapping, config: Any, *, prefix: str | None = None) -> dict:
   """Flax params (or ``{"params": ...}``) as a transformers state dict of numpy arrays.
+
+  Scanned layers are split into transformers' per-layer tensors.
 
   Args:
     params: the model's params tree (LoRA adapters merged).
     config: the transformers config of the model.
-    prefix: put before base-model names, e.g. ``"roberta."``. By default, the
-      ``model_type`` prefix when the tree has a ``classifier`` (as a
-      ``*ForSequenceClassification`` checkpoint has), else none (as ``BertModel``).
+    prefix: put before base-model names, e.g. ``"roberta."``; by default
+      :func:`default_prefix`.
 
   Example:
     >>> import numpy as np, transformers
@@ -146,27 +222,12 @@ def flax_to_hf(params: Mapping, config: Any, *, prefix: str | None = None) -> di
   if "params" in params and isinstance(params["params"], Mapping):
     params = params["params"]
   if prefix is None:
-    prefix = _BASE_PREFIX[_model_type(config)] + "." if "classifier" in params else ""
+    prefix = default_prefix(params, config)
   out = {}
-  for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
+  flat = traverse_util.flatten_dict(_unstacked(params, config), sep="/")
+  for path, leaf in flat.items():
     out[path_to_hf_name(path, config, prefix)] = _to_flax_layout(path, np.asarray(leaf))
   return out
-
-
-def default_prefix(params: Mapping, config: Any) -> str:
-  """The base-model prefix :func:`flax_to_hf` uses by default for ``params``.
-
-  ``"bert."`` / ``"roberta."`` when the tree has a ``classifier`` (a
-  ``*ForSequenceClassification`` model), else ``""``.
-
-  Example:
-    >>> import transformers
-    >>> default_prefix({"classifier": {}, "encoder": {}}, transformers.BertConfig())
-    'bert.'
-  """
-  if "params" in params and isinstance(params["params"], Mapping):
-    params = params["params"]
-  return _BASE_PREFIX[_model_type(config)] + "." if "classifier" in params else ""
 
 
 def hf_module_name(module_path: str, config: Any, prefix: str = "") -> str:
@@ -193,180 +254,119 @@ def hf_module_to_path(name: str, config: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files.
-
-
-def resolve_folder(
-  name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | None = None
-) -> Path:
-  """A local model folder, or a Hub repo id downloaded (config + weights only) to the HF cache.
-
-  Safetensors weights are fetched when the repo has them, else ``pytorch_model*.bin``.
-  """
-  if Path(name_or_path).is_dir():
-    return Path(name_or_path)
-  name = str(name_or_path)
-  if name.startswith(("/", ".", "~")) or Path(name).exists():
-    raise FileNotFoundError(f"{name!r} is not a model folder (and not a Hub repo id)")
-  import huggingface_hub
-
-  kw = dict(repo_id=name, revision=revision, cache_dir=cache_dir)
-  folder = Path(
-    huggingface_hub.snapshot_download(
-      **kw, allow_patterns=["config.json", "model*.safetensors", SAFETENSORS_INDEX]
-    )
-  )
-  if not any((folder / f).exists() for f in (SAFETENSORS, SAFETENSORS_INDEX)):
-    folder = Path(
-      huggingface_hub.snapshot_download(
-        **kw, allow_patterns=["config.json", "pytorch_model*.bin", TORCH_BIN_INDEX]
-      )
-    )
-  return folder
-
-
-def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
-  """All tensors of the checkpoint in ``folder``, by Hugging Face name, as numpy arrays.
-
-  Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
-  ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (the last two need torch).
-  """
-  folder = Path(folder)
-  if (folder / SAFETENSORS).exists():
-    return read_safetensors_file(folder / SAFETENSORS)
-  if (folder / SAFETENSORS_INDEX).exists():
-    return _read_sharded(folder, SAFETENSORS_INDEX, read_safetensors_file)
-  if (folder / TORCH_BIN).exists():
-    return read_torch_file(folder / TORCH_BIN)
-  if (folder / TORCH_BIN_INDEX).exists():
-    return _read_sharded(folder, TORCH_BIN_INDEX, read_torch_file)
-  present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-  raise FileNotFoundError(
-    f"no checkpoint in {str(folder)!r}: expected one of {list(_WEIGHT_FILES)}; found {present}"
-  )
-
-
-def _read_sharded(folder: Path, index_name: str, read) -> dict[str, np.ndarray]:
-  weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-  out = {}
-  for shard in sorted(set(weight_map.values())):
-    out.update(read(folder / shard))
-  return out
-
-
-def read_safetensors_file(path: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-
-  try:
-    return load_file(path)
-  except TypeError:  # numpy has no bfloat16 / float8: read the raw buffers with ml_dtypes.
-    return _read_safetensors_raw(path)
-
-
-_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
-  import ml_dtypes
-
-  data = path.read_bytes()
-  (header_len,) = struct.unpack("<Q", data[:8])
-  header = json.loads(data[8 : 8 + header_len])
-  header.pop("__metadata__", None)
-  out = {}
-  for name, info in header.items():
-    code = info["dtype"]
-    dtype = getattr(ml_dtypes, _RAW_DTYPES[code]) if code in _RAW_DTYPES else _np_dtype(code)
-    start, end = (8 + header_len + o for o in info["data_offsets"])
-    out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
-  return out
-
-
-def _np_dtype(code: str) -> np.dtype:
-  kind = {"F": "f", "I": "i", "U": "u"}[code[0]] if code != "BOOL" else "b"
-  return np.dtype(f"<{kind}{int(code[1:]) // 8}") if kind != "b" else np.dtype(bool)
-
-
-def read_torch_file(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-      f"{str(path)!r} is a PyTorch checkpoint and reading it needs torch, which is not "
-      "installed: `pip install torch` (CPU is enough), or convert it to model.safetensors"
-    ) from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  return {
-    name: (t.float() if t.dtype == torch.bfloat16 else t).detach().numpy()
-    for name, t in state.items()
-  }
-
-
-# ---------------------------------------------------------------------------------------------
 # Model + checkpoint.
 
 
-def _describe_shape(path: str, shape: tuple | None) -> str:
-  if shape is None:
-    return "missing"
-  return str(tuple(reversed(shape)) if path.endswith("/kernel") and len(shape) == 2 else shape)
+def _sources(path: str, shape: tuple[int, ...], container: str | None) -> list[str]:
+  """The unscanned paths a leaf is read from: itself, or one per layer of a stacked leaf."""
+  if container is None or not path.startswith(container + "/"):
+    return [path]
+  rest = path[len(container) + 1 :]
+  return [f"{container}/{i}/{rest}" for i in range(shape[0])]
 
 
-def _is_head(path: str) -> bool:
-  return path.split("/", 1)[0] in _HEAD_MODULES
+def _sharding_for(sharding: Sharding | None, path: str, shape) -> jax.sharding.Sharding:
+  if sharding is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(sharding, jax.sharding.Sharding):
+    return sharding
+  return sharding(f"params/{path}", tuple(shape))
+
+
+def _device_array(path: str, tensors: list, stacked: bool, shape, dtype, sharding) -> jax.Array:
+  """One parameter, read slice by slice from (memory-mapped) checkpoint tensors.
+
+  Each device's slice is copied from disk once, in ``dtype``; a ``stacked`` leaf (one tensor
+  per layer) reads only the layers in that slice.
+  """
+  dtype = np.dtype(dtype)
+
+  def read(tensor, index) -> np.ndarray:
+    return np.array(_to_flax_layout(path, np.asarray(tensor))[index], dtype=dtype)
+
+  def host(index):
+    if not stacked:
+      return read(tensors[0], index)
+    return np.stack([read(tensors[i], index[1:]) for i in range(len(tensors))[index[0]]])
+
+  return jax.make_array_from_callback(tuple(shape), sharding, host)
 
 
 def load_params(
-  module: bert.Bert,
+  module,
   config: Any,
   state_dict: Mapping[str, Any],
   *,
   rng: jax.Array | int = 0,
   param_dtype: Any = jnp.float32,
   source: str = "checkpoint",
+  sharding: Sharding | None = None,
 ) -> dict:
   """Checks a transformers state dict against ``module`` and returns its params.
 
-  Heads (``pooler``, ``classifier``) absent from the checkpoint are initialised from ``rng``
-  and reported in one warning; tensors the model does not use, likewise. Any other missing
-  tensor or any shape mismatch raises one error listing all of them.
+  ``state_dict`` maps transformers names to arrays or lazy tensors
+  (:func:`lora_jax.models.files.open_checkpoint`); each parameter is read into a device array
+  of ``param_dtype`` on ``sharding`` (a ``jax.sharding.Sharding``, or a function of the
+  ``"params/a/b/c"`` path and shape returning one; default: the first device), stacked from
+  per-layer tensors when ``module`` scans its layers. Encoder heads (``pooler``,
+  ``classifier``) absent from the checkpoint are initialised from ``rng`` and reported in one
+  warning; tensors the model does not use, likewise. Any other missing tensor or any shape
+  mismatch raises one error listing all of them.
   """
+  fam = family(config)
   dummy = jnp.zeros((1, 1), jnp.int32)
   key = jax.random.key(rng) if isinstance(rng, int) else rng
-  expected = jax.eval_shape(module.init, key, dummy)["params"]
-  expected = traverse_util.flatten_dict(expected, sep="/")
+  expected = traverse_util.flatten_dict(jax.eval_shape(module.init, key, dummy)["params"], sep="/")
 
-  loaded, names = {}, {}
-  for name, array in state_dict.items():
-    path = hf_name_to_path(name, config)
+  found, names = {}, {}
+  for name, tensor in state_dict.items():
+    path = fam.hf_name_to_path(name, config)
     if path is not None:
-      loaded[path] = _to_flax_layout(path, np.asarray(array))
-      names[path] = name
+      found[path], names[path] = tensor, name
+  base = fam.BASE_PREFIX.get(config.model_type)
+  prefix = f"{base}." if base and any(n.startswith(f"{base}.") for n in names.values()) else ""
+  container = fam.LAYERS if getattr(module, "scan_layers", False) else None
+  sources = {p: _sources(p, s.shape, container) for p, s in expected.items()}
 
-  base = _BASE_PREFIX[_model_type(config)] + "."
-  prefix = base if any(n.startswith(base) for n in names.values()) else ""
-  unused = sorted(names[p] for p in loaded if p not in expected)
-  missing = [p for p in expected if p not in loaded]
-  problems = [
-    f"  {names[p]} ({p}): expected {_describe_shape(p, s.shape)}, "
-    f"got {_describe_shape(p, loaded[p].shape)}"
-    for p, s in expected.items()
-    if p in loaded and loaded[p].shape != s.shape
-  ]
-  problems += [
-    f"  {path_to_hf_name(p, config, prefix)} ({p}): "
-    f"expected {_describe_shape(p, expected[p].shape)}, missing"
-    for p in missing
-    if not _is_head(p)
-  ]
-  model_name = f"{module.config.model_type} (task={module.task!r})"
+  stacked = {p: len(sources[p]) > 1 or sources[p] != [p] for p in expected}
+  problems, missing = [], []
+  for p, s in expected.items():
+    layer_shape = s.shape[1:] if stacked[p] else s.shape
+    for src in sources[p]:
+      if src not in found:
+        if fam.is_head(p):
+          missing.append(p)
+        else:
+          problems.append(
+            f"  {path_to_hf_name(src, config, prefix)} ({src}): expected "
+            f"{_flax_shape(src, layer_shape)}, missing"
+          )
+      elif _flax_shape(src, found[src].shape) != tuple(layer_shape):
+        problems.append(
+          f"  {names[src]} ({src}): expected {_flax_shape(src, layer_shape)}, "
+          f"got {tuple(found[src].shape)}"
+        )
+  model_name = f"{config.model_type} (task={module.task!r})"
   if problems:
     raise ValueError(
       f"{source} does not fit {model_name}; {len(problems)} mismatch(es) "
       "(Hugging Face name (Flax path): expected shape, got shape):\n" + "\n".join(problems)
     )
+  used = {src for p in expected for src in sources[p]}
+  unused = sorted(names[p] for p in found if p not in used)
 
-  params = {p: jnp.asarray(loaded[p], dtype=param_dtype) for p in expected if p in loaded}
+  params = {
+    p: _device_array(
+      p,
+      [found[src] for src in sources[p]],
+      stacked[p],
+      s.shape,
+      param_dtype,
+      _sharding_for(sharding, p, s.shape),
+    )
+    for p, s in expected.items()
+    if p not in missing
+  }
   if missing:
     params.update(_init_subset(module, key, dummy, missing))
     logger.warning(
@@ -381,7 +381,7 @@ def load_params(
   return traverse_util.unflatten_dict(params, sep="/")
 
 
-def _init_subset(module: bert.Bert, key: jax.Array, dummy: jax.Array, paths: list[str]) -> dict:
+def _init_subset(module, key: jax.Array, dummy: jax.Array, paths: list[str]) -> dict:
   def init(key):
     flat = traverse_util.flatten_dict(module.init(key, dummy)["params"], sep="/")
     return {p: flat[p] for p in paths}
@@ -391,38 +391,53 @@ def _init_subset(module: bert.Bert, key: jax.Array, dummy: jax.Array, paths: lis
   return jax.jit(init)(key)
 
 
+def _with_labels(config: Any, num_labels: int | None, copy_config: bool) -> Any:
+  if num_labels is None:
+    return config
+  if family(config) is not bert_names:
+    raise ValueError(
+      f"num_labels={num_labels} is for sequence-classification encoders; a "
+      f"{config.model_type!r} decoder has no classification head here"
+    )
+  config = copy.deepcopy(config) if copy_config else config
+  config.num_labels = num_labels
+  return config
+
+
 def from_config(
   config: Any,
-  task: str = "base",
+  task: str | None = None,
   num_labels: int | None = None,
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
   *,
   rng: jax.Array | int = 0,
   remat: bool = False,
+  scan_layers: bool = False,
   attention_implementation: str | None = None,
-) -> tuple[bert.Bert, dict]:
-  """A new Flax BERT/RoBERTa module and randomly initialised variables for a config.
+) -> tuple[Any, dict]:
+  """A new Flax module and randomly initialised variables for a transformers config.
 
   Transformers' ``AutoModel.from_config``: no checkpoint is read (train it "from scratch").
-  Weights are initialised as :func:`from_pretrained` initialises heads a checkpoint lacks.
 
   Args:
-    config: a transformers ``BertConfig`` / ``RobertaConfig`` (e.g.
-      ``AutoConfig.from_pretrained("path/to/config.json")``); not modified.
-    task: ``"base"`` or ``"sequence-classification"``.
-    num_labels: set on a copy of the config (``1`` means regression).
+    config: a transformers config (e.g. ``AutoConfig.from_pretrained("path/to/config.json")``);
+      not modified.
+    task: see :func:`auto_model` (default: ``"base"`` for encoders, ``"causal-lm"`` for
+      decoders).
+    num_labels: encoders' sequence classification: set on a copy of the config.
     dtype: compute dtype.
     param_dtype: parameter dtype.
     rng: key or seed of the initialisation.
     remat: rematerialise each layer.
+    scan_layers: decoders: stacked layers under ``nn.scan``.
     attention_implementation: ``None``, ``"xla"`` or ``"cudnn"``.
 
   Returns:
     ``(module, {"params": params})``.
 
   Raises:
-    ValueError: unsupported ``model_type``, ``hidden_act`` or ``task``.
+    ValueError: unsupported ``model_type``, ``hidden_act``, task or setting.
 
   Example:
     >>> import transformers
@@ -433,15 +448,14 @@ def from_config(
     >>> module.apply(variables, ids).shape, cfg.num_labels  # the caller's config is unchanged
     ((2, 3), 2)
   """
-  if num_labels is not None:
-    config = copy.deepcopy(config)
-    config.num_labels = num_labels
-  module = bert.auto_model(
+  config = _with_labels(config, num_labels, copy_config=True)
+  module = auto_model(
     config,
     task,
     dtype=dtype,
     param_dtype=param_dtype,
     remat=remat,
+    scan_layers=scan_layers,
     attention_implementation=attention_implementation,
   )
   key = jax.random.key(rng) if isinstance(rng, int) else rng
@@ -451,30 +465,42 @@ def from_config(
 
 def from_pretrained(
   name_or_path: str | Path,
-  task: str = "base",
+  task: str | None = None,
   num_labels: int | None = None,
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
   *,
   rng: jax.Array | int = 0,
   remat: bool = False,
+  scan_layers: bool = False,
   attention_implementation: str | None = None,
+  sharding: Sharding | None = None,
   revision: str | None = None,
   cache_dir: str | None = None,
   **config_overrides: Any,
-) -> tuple[bert.Bert, dict]:
-  """A Flax BERT/RoBERTa module and its variables from a Hugging Face checkpoint.
+) -> tuple[Any, dict]:
+  """A Flax module and its variables from a Hugging Face checkpoint.
+
+  BERT/RoBERTa encoders and Llama-family decoders (``llama``, ``mistral``, ``qwen2``,
+  ``qwen3``), by the checkpoint's ``model_type``. Tensors are streamed from the
+  (memory-mapped) files one at a time into device arrays of ``param_dtype``: bf16 and sharded
+  checkpoints included, no second host copy of the model.
 
   Args:
-    name_or_path: a local model folder, or a Hub repo id (``"FacebookAI/roberta-base"``),
-      downloaded with ``huggingface_hub.snapshot_download``.
-    task: ``"base"`` or ``"sequence-classification"``.
-    num_labels: set on the config (``1`` means regression).
+    name_or_path: a local model folder, or a Hub repo id (``"FacebookAI/roberta-base"``,
+      ``"HuggingFaceTB/SmolLM2-135M-Instruct"``), downloaded with
+      ``huggingface_hub.snapshot_download``.
+    task: see :func:`auto_model` (default: ``"base"`` for encoders, ``"causal-lm"`` for
+      decoders).
+    num_labels: encoders' sequence classification: set on the config (``1``: regression).
     dtype: compute dtype.
     param_dtype: parameter dtype the checkpoint is cast to.
-    rng: key or seed for heads the checkpoint lacks.
+    rng: key or seed for encoder heads the checkpoint lacks.
     remat: rematerialise each layer.
+    scan_layers: decoders: stacked layers under ``nn.scan`` (read from per-layer tensors).
     attention_implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+    sharding: where parameters go: a ``jax.sharding.Sharding`` for all, or a function of the
+      ``"params/a/b/c"`` path and shape; each device reads only its slice from disk.
     revision: Hub revision.
     cache_dir: Hub cache folder.
     **config_overrides: passed to ``transformers.AutoConfig.from_pretrained`` (e.g.
@@ -511,22 +537,23 @@ def from_pretrained(
 
   folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir)
   config = transformers.AutoConfig.from_pretrained(folder, **config_overrides)
-  if num_labels is not None:
-    config.num_labels = num_labels
-  module = bert.auto_model(
+  config = _with_labels(config, num_labels, copy_config=False)
+  module = auto_model(
     config,
     task,
     dtype=dtype,
     param_dtype=param_dtype,
     remat=remat,
+    scan_layers=scan_layers,
     attention_implementation=attention_implementation,
   )
   params = load_params(
     module,
     config,
-    read_state_dict(folder),
+    open_checkpoint(folder),
     rng=rng,
     param_dtype=param_dtype,
     source=f"the checkpoint at {str(name_or_path)!r}",
+    sharding=sharding,
   )
   return module, {"params": params}
