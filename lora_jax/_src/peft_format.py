@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import paths
+from lora_jax._src import stacking
 from lora_jax._src.adapter_io import check_fits
 from lora_jax._src.adapter_io import flatten
 from lora_jax._src.adapter_io import insert
@@ -238,6 +239,25 @@ class _Names:
     return flatten(self.loading.hf_to_flax(tensors, self.config))
 
 
+def _per_layer(tree: Mapping, config: Any) -> Mapping:
+  """``tree`` with scanned layers split per layer (PEFT names each layer's modules)."""
+  if config is not None:
+    from lora_jax.models import loading
+
+    return loading.per_layer(tree, config)
+  stacked = sorted(module_of(p) for p, v in flatten(tree).items() if _stacked_spec(v))
+  if stacked:
+    raise ValueError(
+      f"the adapters at {stacked[:5]} are stacked (scanned layers); PEFT names each layer's "
+      "modules, so pass config= (the model's transformers config) or unstack_layers first"
+    )
+  return tree
+
+
+def _stacked_spec(value) -> bool:
+  return isinstance(value, LoraSpec) and value.stacked > 0
+
+
 def _dotless(tree_flat: Mapping[str, Any]) -> None:
   dotted = [p for p in tree_flat if "." in p]
   if dotted:
@@ -371,7 +391,7 @@ def export_peft(
   """
   if task_type not in TASK_TYPES:
     raise ValueError(f"export_peft task_type={task_type!r} is not one of {list(TASK_TYPES)}")
-  tree, _ = paths.split_params(params)
+  tree = _per_layer(paths.split_params(params)[0], config)
   if isinstance(extra_trainable, str):
     extra_trainable = (extra_trainable,)
   trainable_mask({paths.PARAMS: tree}, extra_trainable)  # every pattern must match a leaf
@@ -670,6 +690,12 @@ def import_peft(
   factors, others = _split_keys(tensors, source)
 
   tree, rebuild = paths.split_params(params)
+  container = None
+  if config is not None:
+    from lora_jax.models import loading
+
+    container = loading.stacked_layers(tree, config)
+    tree = loading.per_layer(tree, config)
   flat = flatten(tree)
   if config is None:
     _dotless(flat)
@@ -724,4 +750,14 @@ def import_peft(
     ) from None
   for p, v in leaves.items():
     new[p] = jnp.asarray(v, dtype=flat[p].dtype)
-  return rebuild(insert(tree, new, specs))
+  tree = insert(tree, new, specs)
+  if container is not None:  # back into the scanned model's layout
+    try:
+      tree = stacking.stack_layers(tree, container)
+    except ValueError as e:
+      raise ValueError(
+        f"{source} cannot be loaded into a model with scanned layers: {e}. PEFT adapters that "
+        "differ between layers (layers_to_transform, per-layer rank_pattern) need the unscanned "
+        "model"
+      ) from None
+  return rebuild(tree)

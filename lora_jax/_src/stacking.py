@@ -50,9 +50,12 @@ def _restack_spec(spec: LoraSpec, change: int) -> LoraSpec:
 
 
 def is_stacked(params, container: str) -> bool:
-  """Whether the layers under ``container`` are stacked (no ``"0"``, ``"1"``, ... children)."""
+  """Whether the tree holds layers under ``container``, stacked (no ``"0"``, ``"1"`` children)."""
   tree, _ = paths.split_params(params)
-  node = _node(tree, container)
+  try:
+    node = _node(tree, container)
+  except KeyError:
+    return False
   return not any(str(k).isdigit() for k in node)
 
 
@@ -85,7 +88,7 @@ def unstack_layers(params, container: str):
   tree, rebuild = paths.split_params(params)
   node = _node(tree, container)
   leaves, treedef = jax.tree.flatten(node, is_leaf=_is_leaf)
-  arrays = [_shape(x) for x in leaves if not isinstance(x, LoraSpec)]
+  arrays = [_shape(x) for x in leaves if x is not None and not isinstance(x, LoraSpec)]
   sizes = {s[0] for s in arrays if s}
   scalars = [s for s in arrays if not s]
   if len(sizes) != 1 or scalars:
@@ -97,6 +100,8 @@ def unstack_layers(params, container: str):
 
   def layer(i: int):
     def take(x):
+      if x is None:  # e.g. the frozen half of a partition
+        return None
       if isinstance(x, LoraSpec):
         return _restack_spec(x, -1)
       if isinstance(x, jax.ShapeDtypeStruct):
@@ -129,7 +134,7 @@ def stack_layers(params, container: str):
   leaves0, treedef0 = flat[0]
   for k, (leaves, treedef) in zip(keys[1:], flat[1:], strict=True):
     same = treedef == treedef0 and all(
-      (a == b) if isinstance(a, LoraSpec) else _shape(a) == _shape(b)
+      (a == b) if a is None or isinstance(a, LoraSpec) else _shape(a) == _shape(b)
       for a, b in zip(leaves, leaves0, strict=True)
     )
     if not same:
@@ -141,6 +146,8 @@ def stack_layers(params, container: str):
 
   def stack(*xs):
     x = xs[0]
+    if x is None:
+      return None
     if isinstance(x, LoraSpec):
       return _restack_spec(x, +1)
     if isinstance(x, jax.ShapeDtypeStruct):

@@ -154,12 +154,18 @@ def _flax_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(reversed(shape)) if _is_kernel(path, len(shape)) else tuple(shape)
 
 
-def _unstacked(tree: Mapping, config: Any) -> Mapping:
-  """``tree`` (bare params) with scanned layers split per layer, as transformers names them."""
+def stacked_layers(tree: Mapping, config: Any) -> str | None:
+  """The container of ``tree``'s scanned (stacked) layers, or ``None`` if they are per layer."""
   container = family(config).LAYERS
   if container is None or not stacking.is_stacked(tree, container):
-    return tree
-  return stacking.unstack_layers(tree, container)
+    return None
+  return container
+
+
+def per_layer(tree: Mapping, config: Any) -> Mapping:
+  """``tree`` (bare params) with scanned layers split per layer, as transformers names them."""
+  container = stacked_layers(tree, config)
+  return tree if container is None else stacking.unstack_layers(tree, container)
 
 
 def hf_to_flax(state_dict: Mapping[str, Any], config: Any) -> dict:
@@ -224,7 +230,7 @@ def flax_to_hf(params: Mapping, config: Any, *, prefix: str | None = None) -> di
   if prefix is None:
     prefix = default_prefix(params, config)
   out = {}
-  flat = traverse_util.flatten_dict(_unstacked(params, config), sep="/")
+  flat = traverse_util.flatten_dict(per_layer(params, config), sep="/")
   for path, leaf in flat.items():
     out[path_to_hf_name(path, config, prefix)] = _to_flax_layout(path, np.asarray(leaf))
   return out
@@ -281,13 +287,18 @@ def _device_array(path: str, tensors: list, stacked: bool, shape, dtype, shardin
   """
   dtype = np.dtype(dtype)
 
-  def read(tensor, index) -> np.ndarray:
-    return np.array(_to_flax_layout(path, np.asarray(tensor))[index], dtype=dtype)
+  def view(tensor, index) -> np.ndarray:
+    return _to_flax_layout(path, np.asarray(tensor))[index]
 
   def host(index):
     if not stacked:
-      return read(tensors[0], index)
-    return np.stack([read(tensors[i], index[1:]) for i in range(len(tensors))[index[0]]])
+      return np.array(view(tensors[0], index), dtype=dtype)
+    layers = range(len(tensors))[index[0]]
+    first = view(tensors[layers[0]], index[1:])
+    out = np.empty((len(layers), *first.shape), dtype)  # filled layer by layer: no 2nd copy
+    for j, i in enumerate(layers):
+      out[j] = view(tensors[i], index[1:])
+    return out
 
   return jax.make_array_from_callback(tuple(shape), sharding, host)
 
