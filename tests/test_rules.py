@@ -64,3 +64,10 @@ def test_rules_are_immutable_and_hashable():
   with pytest.raises(AttributeError):
     rule.rank = 4
   assert hash(rule) == hash(LoraRule(("query", "value"), rank=8))
+
+
+def test_all_linear_leaves_a_language_model_head_alone():
+  rule = LoraRule("all-linear", rank=4)
+  assert rule.matches("params/model/layers/0/mlp/up_proj", True)
+  assert not rule.matches("params/lm_head", True)  # as PEFT's all-linear
+  assert LoraRule(["lm_head"], rank=4).matches("params/lm_head", True)  # named: adapted

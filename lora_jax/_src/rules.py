@@ -10,7 +10,8 @@ Three spellings of ``pattern``, the last two for users coming from PEFT's ``targ
 * a list of module names, each matching any path that *ends* with it (``"output.dense"``, or
   ``"output/dense"``, matches ``.../attention/output/dense`` and ``.../output/dense``);
 * ``"all-linear"``: every module whose weight is a linear ``kernel`` (two-dimensional, or
-  declared linear by a layout).
+  declared linear by a layout), except a language model's output head (a module named
+  ``lm_head``), which PEFT's ``"all-linear"`` leaves alone too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 from collections.abc import Sequence
 
 ALL_LINEAR = "all-linear"
+OUTPUT_HEADS = ("lm_head",)  # never matched by "all-linear", as in PEFT
 INITS = ("gaussian", "kaiming_uniform")
 
 
@@ -122,7 +124,7 @@ class LoraRule:
     if self._exclude is not None and self._exclude.fullmatch(path):
       return False
     if self._regex is None:
-      return linear
+      return linear and path.rsplit("/", 1)[-1] not in OUTPUT_HEADS
     return self._regex.fullmatch(path) is not None
 
   def targets(self) -> tuple[str, ...]:
