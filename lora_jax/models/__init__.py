@@ -30,6 +30,7 @@ from lora_jax.models.bert import BertResidualOutput
 from lora_jax.models.bert import BertSelfAttention
 from lora_jax.models.bert import EncoderConfig
 from lora_jax.models.export import export_merged
+from lora_jax.models.generate import generate
 from lora_jax.models.heads import BertPooler
 from lora_jax.models.heads import RobertaClassificationHead
 from lora_jax.models.llama import Decoder
@@ -64,6 +65,7 @@ __all__ = [
   "flax_to_hf",
   "from_config",
   "from_pretrained",
+  "generate",
   "hf_to_flax",
   "read_state_dict",
 ]

@@ -1,0 +1,161 @@
+"""The LoRA API on decoders, scanned or not: reports, adapter files, PEFT both ways, export."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from llm import config
+from llm import max_error
+from llm import mixed_batch
+from llm import randomize_adapters
+from llm import save_checkpoint
+from llm import torch_logits
+
+import lora_jax
+from lora_jax.models import auto_model
+from lora_jax.models import from_pretrained
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+LLAMA_2_7B = transformers.LlamaConfig(
+  vocab_size=32000,
+  hidden_size=4096,
+  intermediate_size=11008,
+  num_hidden_layers=32,
+  num_attention_heads=32,
+  num_key_value_heads=32,
+)
+
+
+@pytest.fixture(scope="module", params=["llama-tied-bias-llama3", "qwen3-qknorm"])
+def ckpt(request, tmp_path_factory):
+  # gain 0.6: logits of a few units, so that float32 rounding (not an amplifying, saturated
+  # random model) decides how close two correct implementations come
+  folder = tmp_path_factory.mktemp(request.param)
+  return save_checkpoint(config(request.param), folder, gain=0.6)
+
+
+def _adapted(module, variables, rule, seed=1, scale=0.2):
+  layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 2), jnp.int32))
+  params = lora_jax.lora_init(variables, rule, rng=jax.random.key(0), layouts=layouts)
+  return randomize_adapters(params, seed, scale)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_llama_2_7b_param_report_without_allocating(scan):
+  module = auto_model(LLAMA_2_7B, scan_layers=scan)
+  ids = jnp.ones((1, 1), jnp.int32)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), ids)
+  layouts = lora_jax.kernel_layouts(module, ids)
+  rule = lora_jax.LoraRule(["q_proj", "v_proj"], rank=8)
+  adapted = lora_jax.lora_init(shapes, rule, rng=jax.random.key(0), layouts=layouts)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(adapted))
+  first = lora_jax.param_report(adapted).splitlines()[0]
+  # PEFT's print_trainable_parameters for meta-llama/Llama-2-7b-hf, r=8 on q_proj, v_proj
+  assert first == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622"
+
+
+def test_stacked_adapters_save_and_load(ckpt, tmp_path):
+  module, variables = from_pretrained(ckpt.folder, scan_layers=True)
+  rule = lora_jax.LoraRule("all-linear", rank=4, alpha=8)
+  params = _adapted(module, variables, rule)
+  lora_jax.save_adapter(tmp_path / "a", params)
+  info = lora_jax.adapter_info(tmp_path / "a")
+  q = next(r for r in info["adapters"] if r["path"].endswith("self_attn/q_proj"))
+  kernel = variables["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q["stacked"] == 1 and q["weight_shape"] == list(kernel.shape) and kernel.ndim == 3
+  loaded = lora_jax.load_adapter(tmp_path / "a", variables)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  # an unscanned base does not fit a stacked adapter: every adapter is named
+  _, loop_vars = from_pretrained(ckpt.folder)
+  with pytest.raises(ValueError, match="mismatch"):
+    lora_jax.load_adapter(tmp_path / "a", loop_vars)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_exported_adapter_gives_our_logits_in_peft(ckpt, scan, tmp_path):
+  module, variables = from_pretrained(ckpt.folder, scan_layers=scan)
+  rule = lora_jax.LoraRule("all-linear", rank=4, alpha=8)
+  params = _adapted(module, variables, rule)
+  ids, mask = mixed_batch(ckpt.config)
+  ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
+  assert max_error(ours, module.apply(variables, ids, mask), mask) > 0.1
+  folder = lora_jax.export_peft(
+    tmp_path, params, base_model_name_or_path="x", config=ckpt.config, task_type="CAUSAL_LM"
+  )
+  names = sorted(peft.utils.load_peft_weights(str(folder)))
+  assert "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight" in names
+  assert len(names) == 3 * 7 * 2  # one pair per layer and projection: no lm_head
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
+  peft_model = peft.PeftModel.from_pretrained(torch_model, folder).eval()
+  assert max_error(ours, torch_logits(peft_model, ids, mask), mask) <= 1e-4
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_peft_made_adapter_imports_to_peft_logits(ckpt, scan, tmp_path):
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
+  peft_config = peft.LoraConfig(
+    r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0
+  )
+  peft_model = peft.get_peft_model(torch_model, peft_config)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.3)
+  peft_model.eval().save_pretrained(tmp_path)
+  module, variables = from_pretrained(ckpt.folder, scan_layers=scan)
+  params = lora_jax.import_peft(tmp_path, variables, config=ckpt.config)
+  ids, mask = mixed_batch(ckpt.config)
+  ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
+  ref = torch_logits(peft_model, ids, mask)
+  assert max_error(ref, module.apply(variables, ids, mask), mask) > 0.1  # B is non-zero
+  assert max_error(ours, ref, mask) <= 1e-4
+
+
+def test_adapter_on_some_layers_only_needs_the_unscanned_model(ckpt, tmp_path):
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder)
+  peft_config = peft.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1])
+  peft.get_peft_model(torch_model, peft_config).save_pretrained(tmp_path)
+  _, scanned = from_pretrained(ckpt.folder, scan_layers=True)
+  with pytest.raises(ValueError, match="cannot be loaded into a model with scanned layers: layer"):
+    lora_jax.import_peft(tmp_path, scanned, config=ckpt.config)
+  _, plain = from_pretrained(ckpt.folder)
+  params = lora_jax.import_peft(tmp_path, plain, config=ckpt.config)
+  layers = params["params"]["model"]["layers"]
+  assert "lora_a" in layers["1"]["self_attn"]["q_proj"]
+  assert "lora_a" not in layers["0"]["self_attn"]["q_proj"]
+
+
+def test_stacked_adapters_need_a_config_for_peft_names(ckpt, tmp_path):
+  module, variables = from_pretrained(ckpt.folder, scan_layers=True)
+  params = _adapted(module, variables, lora_jax.LoraRule(["q_proj"], rank=2))
+  with pytest.raises(ValueError, match="stacked .scanned layers.; PEFT names each layer"):
+    lora_jax.export_peft(tmp_path, params, base_model_name_or_path="x")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_merged_export_loads_in_transformers(ckpt, scan, tmp_path):
+  module, variables = from_pretrained(ckpt.folder, scan_layers=scan)
+  rule = lora_jax.LoraRule("all-linear", rank=4, alpha=8)
+  params = _adapted(module, variables, rule)
+  ids, mask = mixed_batch(ckpt.config)
+  ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
+  lora_jax.models.export_merged(tmp_path, params, config=ckpt.config)
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert type(merged).__name__.endswith("ForCausalLM")
+  assert max_error(ours, torch_logits(merged, ids, mask), mask) <= 1e-4
+
+
+def test_stack_layers_names_the_layer_that_differs():
+  tree = {"layers": {"0": {"w": np.zeros((2, 3))}, "1": {"w": np.zeros((2, 4))}}}
+  with pytest.raises(ValueError, match="layer 1 of 'layers' differs from layer 0"):
+    lora_jax.stack_layers(tree, "layers")
+  with pytest.raises(ValueError, match="not layers numbered 0..L-1"):
+    lora_jax.stack_layers({"layers": {"0": {}, "2": {}}}, "layers")
+  with pytest.raises(ValueError, match="do not share one leading layer axis"):
+    lora_jax.unstack_layers({"layers": {"a": np.zeros((2, 3)), "b": np.zeros((3,))}}, "layers")
