@@ -34,3 +34,12 @@ def minilm_path() -> pathlib.Path:
   if not (path / "model.safetensors").exists():
     pytest.skip(f"all-MiniLM-L6-v2 not found at {path}: run .ci/fetch_minilm.sh first")
   return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> pathlib.Path:
+  """The real SmolLM2-135M-Instruct as a float32 Hugging Face folder, made by CI."""
+  path = REPO / ".cache" / "SmolLM2-135M-Instruct"
+  if not (path / ".fetched").exists():
+    pytest.skip(f"SmolLM2-135M-Instruct not found at {path}: run .ci/fetch_smollm2.sh first")
+  return path
