@@ -106,8 +106,8 @@ class TinyEncoder(nn.Module):
     return x
 
 
-def with_numpy_adapters(base, rules, seed, layouts=None):
-  """``lora_init`` on shapes only (nothing to compile), then random numpy factors."""
+def with_numpy_adapters(base, rules, seed, layouts=None, scale=0.1):
+  """``lora_init`` on shapes only (nothing to compile), then N(0, scale^2) numpy factors."""
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), base)
   adapted = lora_jax.lora_init(shapes, rules, rng=jax.random.key(0), layouts=layouts)
   rng = np.random.RandomState(seed)
@@ -115,7 +115,7 @@ def with_numpy_adapters(base, rules, seed, layouts=None):
 
   def fill(keypath, leaf):
     if paths.keypath_str(keypath).rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
-      return (0.1 * rng.randn(*leaf.shape)).astype(np.float32)
+      return (scale * rng.randn(*leaf.shape)).astype(np.float32)
     return flat_base[keypath]
 
   return jax.tree_util.tree_map_with_path(fill, adapted)

@@ -128,7 +128,7 @@ def max_error(ours, ref, mask) -> float:
 
 
 def randomize_adapters(params, seed: int, scale: float = 0.3):
-  """Every lora_a/lora_b replaced by N(0, scale^2): an adapter that changes outputs."""
+  """Every lora_a/lora_b replaced by N(0, scale^2) (``scale=0``: a fresh, zero adapter)."""
   from lora_jax._src import paths
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -139,3 +139,14 @@ def randomize_adapters(params, seed: int, scale: float = 0.3):
       leaf = (scale * rng.randn(*leaf.shape)).astype(np.float32)
     out.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def adapted(module, variables, rule, seed: int = 1, scale: float = 0.2):
+  """``variables`` with random (non-zero) adapters by ``rule``, scanned layers included; built
+  on shapes and filled with numpy, so nothing is compiled."""
+  from helpers import with_numpy_adapters
+
+  import lora_jax
+
+  layouts = lora_jax.kernel_layouts(module, jax.numpy.ones((1, 2), jax.numpy.int32))
+  return with_numpy_adapters(variables, rule, seed, layouts, scale)

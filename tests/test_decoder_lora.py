@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from llm import adapted
 from llm import config
 from llm import max_error
 from llm import mixed_batch
-from llm import randomize_adapters
 from llm import save_checkpoint
 from llm import torch_logits
 
@@ -30,18 +30,21 @@ LLAMA_2_7B = transformers.LlamaConfig(
 )
 
 
-@pytest.fixture(scope="module", params=["llama-tied-bias-llama3", "qwen3-qknorm"])
-def ckpt(request, tmp_path_factory):
+def _checkpoint(name, tmp_path_factory):
   # gain 0.6: logits of a few units, so that float32 rounding (not an amplifying, saturated
   # random model) decides how close two correct implementations come
-  folder = tmp_path_factory.mktemp(request.param)
-  return save_checkpoint(config(request.param), folder, gain=0.6)
+  return save_checkpoint(config(name), tmp_path_factory.mktemp(name), gain=0.6)
 
 
-def _adapted(module, variables, rule, seed=1, scale=0.2):
-  layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 2), jnp.int32))
-  params = lora_jax.lora_init(variables, rule, rng=jax.random.key(0), layouts=layouts)
-  return randomize_adapters(params, seed, scale)
+@pytest.fixture(scope="module", params=["llama-tied-bias-llama3", "qwen3-qknorm"])
+def ckpt(request, tmp_path_factory):
+  """Two families: tied embeddings, biases and llama3 RoPE; untied head and q/k norm."""
+  return _checkpoint(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+  return _checkpoint("qwen3-qknorm", tmp_path_factory)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
@@ -58,10 +61,10 @@ def test_llama_2_7b_param_report_without_allocating(scan):
   assert first == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622"
 
 
-def test_stacked_adapters_save_and_load(ckpt, tmp_path):
-  module, variables = from_pretrained(ckpt.folder, scan_layers=True)
+def test_stacked_adapters_save_and_load(qwen3, tmp_path):
+  module, variables = from_pretrained(qwen3.folder, scan_layers=True)
   rule = lora_jax.LoraRule("all-linear", rank=4, alpha=8)
-  params = _adapted(module, variables, rule)
+  params = adapted(module, variables, rule)
   lora_jax.save_adapter(tmp_path / "a", params)
   info = lora_jax.adapter_info(tmp_path / "a")
   q = next(r for r in info["adapters"] if r["path"].endswith("self_attn/q_proj"))
@@ -72,7 +75,7 @@ def test_stacked_adapters_save_and_load(ckpt, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   # an unscanned base does not fit a stacked adapter: every adapter is named
-  _, loop_vars = from_pretrained(ckpt.folder)
+  _, loop_vars = from_pretrained(qwen3.folder)
   with pytest.raises(ValueError, match="mismatch"):
     lora_jax.load_adapter(tmp_path / "a", loop_vars)
 
@@ -81,7 +84,7 @@ def test_stacked_adapters_save_and_load(ckpt, tmp_path):
 def test_exported_adapter_gives_our_logits_in_peft(ckpt, scan, tmp_path):
   module, variables = from_pretrained(ckpt.folder, scan_layers=scan)
   rule = lora_jax.LoraRule("all-linear", rank=4, alpha=8)
-  params = _adapted(module, variables, rule)
+  params = adapted(module, variables, rule)
   ids, mask = mixed_batch(ckpt.config)
   ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
   assert max_error(ours, module.apply(variables, ids, mask), mask) > 0.1
@@ -97,8 +100,8 @@ def test_exported_adapter_gives_our_logits_in_peft(ckpt, scan, tmp_path):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-def test_peft_made_adapter_imports_to_peft_logits(ckpt, scan, tmp_path):
-  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
+def test_peft_made_adapter_imports_to_peft_logits(qwen3, scan, tmp_path):
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(qwen3.folder).eval()
   peft_config = peft.LoraConfig(
     r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0
   )
@@ -108,32 +111,32 @@ def test_peft_made_adapter_imports_to_peft_logits(ckpt, scan, tmp_path):
       if "lora_B" in name:
         p.normal_(0.0, 0.3)
   peft_model.eval().save_pretrained(tmp_path)
-  module, variables = from_pretrained(ckpt.folder, scan_layers=scan)
-  params = lora_jax.import_peft(tmp_path, variables, config=ckpt.config)
-  ids, mask = mixed_batch(ckpt.config)
+  module, variables = from_pretrained(qwen3.folder, scan_layers=scan)
+  params = lora_jax.import_peft(tmp_path, variables, config=qwen3.config)
+  ids, mask = mixed_batch(qwen3.config)
   ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
   ref = torch_logits(peft_model, ids, mask)
   assert max_error(ref, module.apply(variables, ids, mask), mask) > 0.1  # B is non-zero
   assert max_error(ours, ref, mask) <= 1e-4
 
 
-def test_adapter_on_some_layers_only_needs_the_unscanned_model(ckpt, tmp_path):
-  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder)
+def test_adapter_on_some_layers_only_needs_the_unscanned_model(qwen3, tmp_path):
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(qwen3.folder)
   peft_config = peft.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1])
   peft.get_peft_model(torch_model, peft_config).save_pretrained(tmp_path)
-  _, scanned = from_pretrained(ckpt.folder, scan_layers=True)
+  _, scanned = from_pretrained(qwen3.folder, scan_layers=True)
   with pytest.raises(ValueError, match="cannot be loaded into a model with scanned layers: layer"):
-    lora_jax.import_peft(tmp_path, scanned, config=ckpt.config)
-  _, plain = from_pretrained(ckpt.folder)
-  params = lora_jax.import_peft(tmp_path, plain, config=ckpt.config)
+    lora_jax.import_peft(tmp_path, scanned, config=qwen3.config)
+  _, plain = from_pretrained(qwen3.folder)
+  params = lora_jax.import_peft(tmp_path, plain, config=qwen3.config)
   layers = params["params"]["model"]["layers"]
   assert "lora_a" in layers["1"]["self_attn"]["q_proj"]
   assert "lora_a" not in layers["0"]["self_attn"]["q_proj"]
 
 
-def test_stacked_adapters_need_a_config_for_peft_names(ckpt, tmp_path):
-  module, variables = from_pretrained(ckpt.folder, scan_layers=True)
-  params = _adapted(module, variables, lora_jax.LoraRule(["q_proj"], rank=2))
+def test_stacked_adapters_need_a_config_for_peft_names(qwen3, tmp_path):
+  module, variables = from_pretrained(qwen3.folder, scan_layers=True)
+  params = adapted(module, variables, lora_jax.LoraRule(["q_proj"], rank=2))
   with pytest.raises(ValueError, match="stacked .scanned layers.; PEFT names each layer"):
     lora_jax.export_peft(tmp_path, params, base_model_name_or_path="x")
 
@@ -142,7 +145,7 @@ def test_stacked_adapters_need_a_config_for_peft_names(ckpt, tmp_path):
 def test_merged_export_loads_in_transformers(ckpt, scan, tmp_path):
   module, variables = from_pretrained(ckpt.folder, scan_layers=scan)
   rule = lora_jax.LoraRule("all-linear", rank=4, alpha=8)
-  params = _adapted(module, variables, rule)
+  params = adapted(module, variables, rule)
   ids, mask = mixed_batch(ckpt.config)
   ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
   lora_jax.models.export_merged(tmp_path, params, config=ckpt.config)

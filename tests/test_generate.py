@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from llm import adapted
 from llm import config
-from llm import randomize_adapters
 from llm import save_checkpoint
 
 import lora_jax
@@ -63,19 +63,25 @@ def test_cached_decoding_gives_the_full_forward_logits(ckpt):
   seqs = [rng.randint(1, 211, n + new) for n in lengths]
   ids = np.zeros((2, bucket), np.int32)
   valid = np.zeros((2, bucket + new), np.int32)
+  full_ids = np.zeros((2, max(lengths) + new), np.int32)  # right-padded, no cache
+  full_mask = np.zeros_like(full_ids)
   for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
     ids[i, bucket - n :], valid[i, bucket - n : bucket] = s[:n], 1
+    full_ids[i, : n + new], full_mask[i, : n + new] = s, 1
+  full = jax.jit(module.apply)(variables, full_ids, full_mask)
   cache = KVCache.zeros(module.config, 2, bucket + new)
   positions = np.maximum(np.cumsum(valid[:, :bucket], axis=1) - 1, 0)
-  _, cache = module.apply(variables, ids, valid, positions, cache=cache, cache_index=0)
+  prefill = jax.jit(module.apply, static_argnames="cache_index")
+  logits, cache = prefill(variables, ids, valid, positions, cache=cache, cache_index=0)
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(logits[i, -1], full[i, n - 1], atol=1e-5, rtol=1e-5)
   step = jax.jit(decode_step, static_argnums=0)
-  for t in range(new):
+  for t in range(new - 1):
     valid[:, bucket + t] = 1
     token = np.array([s[n + t] for s, n in zip(seqs, lengths, strict=True)], np.int32)
     logits, cache = step(module, variables, token, np.array(lengths) + t, cache, valid, bucket + t)
-    for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
-      full = module.apply(variables, s[None, : n + t + 1])[0, -1]
-      np.testing.assert_allclose(logits[i], full, atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(lengths):
+      np.testing.assert_allclose(logits[i], full[i, n + t], atol=1e-5, rtol=1e-5)
 
 
 def test_prompts_in_one_bucket_share_one_program(ckpt):
@@ -90,7 +96,7 @@ def test_prompts_in_one_bucket_share_one_program(ckpt):
 
 
 def test_generation_ends_at_the_first_eos(ckpt):
-  module, variables = from_pretrained(ckpt.folder)
+  module, variables = from_pretrained(ckpt.folder, scan_layers=True)
   free = generate(module, variables, PROMPTS, max_new_tokens=8)
   eos = free[0][2]  # the third token of the first prompt's answer
   ended = generate(module, variables, PROMPTS, max_new_tokens=8, eos_token_id=[999, eos])
@@ -107,6 +113,7 @@ def test_sampling_settings(ckpt):
   greedy = generate(module, variables, PROMPTS, max_new_tokens=6)
   key = jax.random.key(7)
   kw = dict(max_new_tokens=6, rng=key)
+  before = TRACES["generate"]
   assert generate(module, variables, PROMPTS, temperature=1.0, top_k=1, **kw) == greedy
   assert generate(module, variables, PROMPTS, temperature=1.0, top_p=1e-6, **kw) == greedy
   hot = generate(module, variables, PROMPTS, temperature=5.0, **kw)
@@ -114,6 +121,7 @@ def test_sampling_settings(ckpt):
   assert hot != greedy
   assert hot != generate(module, variables, PROMPTS, temperature=5.0, max_new_tokens=6,
                          rng=jax.random.key(8))  # fmt: skip
+  assert TRACES["generate"] == before + 1  # one program for every sampling setting
 
 
 def test_sample_token_keeps_only_top_k_and_top_p():
@@ -162,21 +170,19 @@ def test_adapters_take_effect_and_match_merged_weights_and_peft(ckpt, tmp_path):
   import peft
 
   module, variables = from_pretrained(ckpt.folder, scan_layers=True)
-  layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 2), jnp.int32))
   rule = lora_jax.LoraRule(["q_proj", "v_proj", "down_proj"], rank=4, alpha=8)
-  params = lora_jax.lora_init(variables, rule, rng=jax.random.key(0), layouts=layouts)
-  params = randomize_adapters(params, seed=3, scale=0.2)
+  params = adapted(module, variables, rule, seed=3, scale=0.2)
   base = generate(module, variables, PROMPTS, max_new_tokens=10)
-  adapted = generate(module, params, PROMPTS, max_new_tokens=10)
-  assert adapted != base
-  assert generate(module, lora_jax.merge(params), PROMPTS, max_new_tokens=10) == adapted
+  tuned = generate(module, params, PROMPTS, max_new_tokens=10)
+  assert tuned != base
+  assert generate(module, lora_jax.merge(params), PROMPTS, max_new_tokens=10) == tuned
   lora_jax.export_peft(
     tmp_path, params, base_model_name_or_path=str(ckpt.folder), config=ckpt.config,
     task_type="CAUSAL_LM",
   )  # fmt: skip
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
   peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path).eval()
-  assert _transformers_greedy(peft_model, PROMPTS, 10) == adapted
+  assert _transformers_greedy(peft_model, PROMPTS, 10) == tuned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,5 +224,5 @@ def test_decode_step_reads_each_weight_once():
   rule = lora_jax.LoraRule("all-linear", rank=8)
   params = lora_jax.lora_init(variables, rule, rng=jax.random.key(0), layouts=layouts)
   adapter = sum(2 * 8 * (k.shape[0] + k.shape[1]) for k in kernels)
-  adapted = _flops(decode_step, module, params, *args)
-  assert adapted <= 1.15 * (model + batch * adapter), (adapted, model, adapter)
+  with_adapters = _flops(decode_step, module, params, *args)
+  assert with_adapters <= 1.15 * (model + batch * adapter), (with_adapters, model, adapter)

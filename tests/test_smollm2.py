@@ -7,12 +7,11 @@ Marked slow (a minute or two on 2 CPU cores); ``.ci/run`` runs them after the RE
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from llm import adapted
 from llm import max_error
-from llm import randomize_adapters
 from llm import torch_logits
 
 import lora_jax
@@ -79,29 +78,23 @@ def test_greedy_chat_answers_equal_transformers(smol):
   assert tokenizer.decode(ours[0], skip_special_tokens=True) == "The capital of France is Paris."
 
 
-def _adapter(module, variables):
-  layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 2), jnp.int32))
-  rule = lora_jax.LoraRule(["q_proj", "v_proj"], rank=8, alpha=16)
-  params = lora_jax.lora_init(variables, rule, rng=jax.random.key(0), layouts=layouts)
-  return randomize_adapters(params, seed=0, scale=0.05)
-
-
 def test_adapter_generation_equals_merged_and_peft(smol, tmp_path):
   tokenizer, torch_model, module, variables, prompts = smol
   eos = tokenizer.eos_token_id
-  params = _adapter(module, variables)
-  adapted = generate(module, params, prompts, max_new_tokens=32, eos_token_id=eos)
+  rule = lora_jax.LoraRule(["q_proj", "v_proj"], rank=8, alpha=16)
+  params = adapted(module, variables, rule, seed=0, scale=0.05)
+  tuned = generate(module, params, prompts, max_new_tokens=32, eos_token_id=eos)
   base = generate(module, variables, prompts, max_new_tokens=32, eos_token_id=eos)
-  assert adapted != base  # the adapter changes the answers
+  assert tuned != base  # the adapter changes the answers
   merged = generate(module, lora_jax.merge(params), prompts, max_new_tokens=32, eos_token_id=eos)
-  assert merged == adapted
+  assert merged == tuned
   folder = lora_jax.export_peft(
     tmp_path, params, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
     config=torch_model.config, task_type="CAUSAL_LM",
   )  # fmt: skip
   peft_model = peft.PeftModel.from_pretrained(torch_model, folder).eval()
   try:
-    assert _torch_greedy(peft_model, prompts, eos) == adapted
+    assert _torch_greedy(peft_model, prompts, eos) == tuned
     ids, mask = _batch(tokenizer)
     ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
     assert max_error(ours, torch_logits(peft_model, ids, mask), mask) <= 1e-3

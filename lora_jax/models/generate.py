@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded to a power-of-two bucket, so prompts of similar
 length share one compiled program. One jitted function per (batch, bucket, new tokens,
-sampling settings) runs the prefill (all prompt tokens at once, filling a preallocated
+greedy or sampled) runs the prefill (all prompt tokens at once, filling a preallocated
 :class:`~lora_jax.models.KVCache`) and then a ``lax.while_loop`` whose body is
 :func:`decode_step`: one token per row, written into the cache, attending to every slot
 before it. The loop stops early once every row has produced an end-of-sequence token.
@@ -38,23 +38,28 @@ def prompt_bucket(length: int) -> int:
   return max(_MIN_BUCKET, 1 << (int(length) - 1).bit_length())
 
 
-def sample_token(logits, rng, temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """One token per row of ``logits`` ``[batch, vocab]``: argmax at ``temperature == 0``, else
-  sampled from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
-  tokens (``0``: all) and to the smallest set whose probability reaches ``top_p``."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def sample_token(logits, rng, temperature, top_k, top_p) -> jax.Array:
+  """One token per row of ``logits`` ``[batch, vocab]``, sampled from
+  ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens (``0``: all)
+  and then to the smallest set whose probability reaches ``top_p`` (as transformers' logits
+  processors, in that order). The settings may be traced: one program serves them all.
+  """
   logits = logits.astype(jnp.float32) / temperature
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-    kept = jnp.where(before < top_p, ordered, jnp.inf)
-    logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+  ordered = -jnp.sort(-logits, axis=-1)
+  kth = jnp.take(ordered, jnp.maximum(top_k - 1, 0), axis=-1)[:, None]
+  kth = jnp.where(top_k > 0, kth, -jnp.inf)
+  ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+  smallest = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+  logits = jnp.where(logits < jnp.maximum(kth, smallest), -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _next_token(logits, rng, sampling) -> jax.Array:
+  if sampling is None:  # greedy
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return sample_token(logits, rng, *sampling)
 
 
 def decode_step(module: Decoder, variables, token, position, cache: KVCache, valid, index):
@@ -77,22 +82,8 @@ def decode_step(module: Decoder, variables, token, position, cache: KVCache, val
   return logits, cache
 
 
-@functools.partial(
-  jax.jit, static_argnames=("module", "max_new_tokens", "temperature", "top_k", "top_p")
-)
-def _generate(
-  module: Decoder,
-  variables,
-  ids,
-  valid,
-  eos,
-  rng,
-  *,
-  max_new_tokens: int,
-  temperature: float,
-  top_k: int,
-  top_p: float,
-):
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
+def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max_new_tokens: int):
   TRACES["generate"] += 1
   batch, bucket = ids.shape
   slots = bucket + max_new_tokens
@@ -110,7 +101,7 @@ def _generate(
     logits_index=jnp.full((batch,), bucket - 1, jnp.int32),
   )
   rng, key = jax.random.split(rng)
-  token = sample_token(logits, key, temperature, top_k, top_p)
+  token = _next_token(logits, key, sampling)
   out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
   done = jnp.isin(token, eos)
 
@@ -124,7 +115,7 @@ def _generate(
     valid = jax.lax.dynamic_update_slice(valid, jnp.ones((batch, 1), valid.dtype), (0, index))
     logits, cache = decode_step(module, variables, token, lengths + t - 1, cache, valid, index)
     rng, key = jax.random.split(rng)
-    token = sample_token(logits, key, temperature, top_k, top_p)
+    token = _next_token(logits, key, sampling)
     out = jax.lax.dynamic_update_slice(out, jnp.where(done, 0, token)[:, None], (0, t))
     return t + 1, token, out, cache, valid, done | jnp.isin(token, eos), rng
 
@@ -206,6 +197,9 @@ def generate(
     ids[i, bucket - len(p) :] = p
     valid[i, bucket - len(p) :] = 1
   eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+  sampling = None  # greedy; else traced settings, so changing them compiles nothing new
+  if temperature > 0.0:
+    sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
   out, steps = _generate(
     module,
     variables,
@@ -213,10 +207,8 @@ def generate(
     valid,
     jnp.asarray(eos or [-1], jnp.int32),
     jax.random.key(0) if rng is None else rng,
+    sampling,
     max_new_tokens=max_new_tokens,
-    temperature=float(temperature),
-    top_k=int(top_k),
-    top_p=float(top_p),
   )
   out = np.asarray(out)[:, : int(steps)].tolist()
   result = []
