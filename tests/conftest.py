@@ -15,15 +15,27 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = pathlib.Path(os.environ.get("LORA_JAX_SHARED", REPO.parent / "shared"))
+# CI sets LORA_JAX_REQUIRE_DATA=1: there, missing data or models fail the tests that need them
+# instead of skipping them (a green run must have run everything).
+REQUIRE_DATA = os.environ.get("LORA_JAX_REQUIRE_DATA") == "1"
+
+
+def require(path: pathlib.Path, what: str, how: str) -> pathlib.Path:
+  """``path`` if it exists; else skip, or fail where LORA_JAX_REQUIRE_DATA=1."""
+  if not path.exists():
+    message = f"{what} not found at {path}: {how}"
+    if REQUIRE_DATA:
+      pytest.fail(f"{message} (LORA_JAX_REQUIRE_DATA=1: missing data fails)", pytrace=False)
+    pytest.skip(message)
+  return path
 
 
 @pytest.fixture(scope="session")
 def sst2_dir() -> pathlib.Path:
   """GLUE SST-2 TSVs from ../shared (real data, no Hub)."""
   path = SHARED / "data" / "glue" / "sst2"
-  if not (path / "train.tsv").exists():
-    pytest.skip(f"SST-2 data not found at {path} (it lives in ../shared beside the checkout)")
+  require(path / "train.tsv", "SST-2 data", "it lives in ../shared beside the checkout")
   return path
 
 
@@ -31,8 +43,7 @@ def sst2_dir() -> pathlib.Path:
 def minilm_path() -> pathlib.Path:
   """The real all-MiniLM-L6-v2 checkpoint (a Hugging Face BERT folder), fetched by CI."""
   path = REPO / ".cache" / "all-MiniLM-L6-v2"
-  if not (path / "model.safetensors").exists():
-    pytest.skip(f"all-MiniLM-L6-v2 not found at {path}: run .ci/fetch_minilm.sh first")
+  require(path / "model.safetensors", "all-MiniLM-L6-v2", "run .ci/fetch_minilm.sh first")
   return path
 
 
@@ -40,6 +51,5 @@ def minilm_path() -> pathlib.Path:
 def smollm2_path() -> pathlib.Path:
   """The real SmolLM2-135M-Instruct as a float32 Hugging Face folder, made by CI."""
   path = REPO / ".cache" / "SmolLM2-135M-Instruct"
-  if not (path / ".fetched").exists():
-    pytest.skip(f"SmolLM2-135M-Instruct not found at {path}: run .ci/fetch_smollm2.sh first")
+  require(path / ".fetched", "SmolLM2-135M-Instruct", "run .ci/fetch_smollm2.sh first")
   return path
