@@ -1,0 +1,71 @@
+"""One SGD step in each parallel mode moves the trainable weights by the same amount.
+
+The logged-loss comparison (tests/test_glue_train.py) cannot see the scale of the gradients:
+AdamW without clipping normalises it away, so summing the devices' gradients (8x) instead of
+averaging them leaves the losses within 5e-7. An SGD step's update is the gradient itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+from helpers import with_numpy_adapters
+
+import lora_jax
+from lora_jax import models
+from train import trainer
+
+EXTRA = ("classifier",)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = transformers.BertConfig(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0, num_labels=3,
+  )  # fmt: skip
+  module, variables = models.from_config(cfg, "sequence-classification", rng=0)
+  params = with_numpy_adapters(variables, lora_jax.LoraRule(["query", "value"], rank=4), seed=0)
+  rng = np.random.RandomState(0)
+  batch = {
+    "input_ids": rng.randint(1, 64, (8, 12)).astype(np.int32),
+    "attention_mask": (np.arange(12)[None] < rng.randint(4, 13, (8, 1))).astype(np.int32),
+    "token_type_ids": np.zeros((8, 12), np.int32),
+    "labels": rng.randint(0, 3, 8).astype(np.int32),
+    "weights": np.ones(8, np.float32),
+  }
+  return module, params, batch
+
+
+def _sgd_update(setup, mode: str, shard_frozen: bool = False):
+  module, params, batch = setup
+  apply_fn = lora_jax.lora_apply(module.apply)
+  tx = lora_jax.lora_optimizer(optax.sgd(1.0), params, EXTRA)
+  trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, EXTRA))
+  axis = trainer.AXIS if mode == "pmap" else None
+  par = trainer.Parallel(
+    mode,
+    trainer.make_train_step(apply_fn, tx, regression=False, axis_name=axis),
+    trainer.make_eval_step(apply_fn),
+    shard_frozen=shard_frozen,
+  )
+  before = jax.tree.map(np.array, trainable)  # the step donates (deletes) the state it gets
+  state = par.put_state(trainer.init_state(jax.tree.map(jnp.array, trainable), tx, seed=0))
+  state, loss = par.train(state, par.put_frozen(frozen), par.put_batch(batch))
+  update = jax.tree.map(lambda a, b: np.asarray(a) - b, par.host(state.trainable), before)
+  return float(loss), update
+
+
+def test_one_sgd_step_updates_the_same_in_every_mode(setup):
+  assert jax.device_count() == 8
+  loss, ref = _sgd_update(setup, "none")
+  assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(ref)) > 1e-3
+  for mode, shard in (("pmap", False), ("mesh", False), ("mesh", True)):
+    other_loss, update = _sgd_update(setup, mode, shard)
+    assert other_loss == pytest.approx(loss, rel=1e-5), mode
+    for u, r in zip(jax.tree.leaves(update), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_allclose(u, r, rtol=1e-4, atol=1e-6, err_msg=f"{mode} {shard}")
