@@ -339,3 +339,114 @@ def test_works_under_eval_shape_without_allocating():
     lambda v: lora_jax.lora_init(v, LoraRule(".*", rank=2), rng=jax.random.key(0)), shapes
   )
   chex.assert_trees_all_equal_shapes_and_dtypes(adapted, traced)
+
+
+def test_lora_dropout_drops_the_adapter_input_and_rescales_what_it_keeps():
+  """With A = I and an invertible B, the adapter's contribution ``s * ((mask * x / (1-p)) @ A)
+  @ B`` gives back what reached A: each input entry either dropped or scaled by ``1/(1-p)``.
+  Dropping the output instead, or forgetting the rescale, gives something else."""
+  n, p, scale = 16, 0.25, 2.0
+  model = nn.Dense(n, use_bias=False)
+  x = jax.random.normal(jax.random.key(0), (64, n))
+  variables = model.init(jax.random.key(1), x)
+  params = lora_jax.lora_init(
+    variables, LoraRule(".*", rank=n, alpha=scale * n, dropout=p), rng=jax.random.key(2)
+  )
+  b = np.eye(n, dtype=np.float32) + 0.3 * np.random.RandomState(0).randn(n, n).astype(np.float32)
+  params["params"]["lora_a"] = jnp.eye(n)
+  params["params"]["lora_b"] = jnp.asarray(b)
+  out = lora_jax.lora_apply(model.apply)(params, x, rngs={"lora_dropout": jax.random.key(3)})
+  reached = np.asarray(out - model.apply(variables, x)) / scale @ np.linalg.inv(b)
+  kept = np.abs(reached) > 1e-3
+  np.testing.assert_allclose(reached[kept], np.asarray(x)[kept] / (1 - p), rtol=1e-3)
+  np.testing.assert_allclose(reached[~kept], 0.0, atol=1e-3)
+  assert 0.15 < 1 - kept.mean() < 0.35  # about p of the entries dropped
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_bfloat16_adapter_contribution_is_accurate_relative_to_its_size(rank):
+  """bf16 base: the adapter's effect ``out - base`` against the float32 ``s * x @ A @ B``,
+  relatively (2e-2: bf16 rounds at 2^-9; a wrong scale is off by 50% or more)."""
+  model = nn.Dense(32, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (16, 24)).astype(jnp.bfloat16)
+  variables = model.init(jax.random.key(1), x)
+  rule = LoraRule(".*", rank=rank, alpha=3.0 * rank)
+  params = randomize_adapters(
+    lora_jax.lora_init(variables, rule, rng=jax.random.key(2)), jax.random.key(3), scale=1.0
+  )
+  out = lora_jax.lora_apply(model.apply)(params, x).astype(jnp.float32)
+  effect = out - model.apply(variables, x).astype(jnp.float32)
+  a, b = params["params"]["lora_a"], params["params"]["lora_b"]
+  ref = 3.0 * (x.astype(jnp.float32) @ a @ b)
+  assert float(jnp.linalg.norm(ref)) > 0.5 * float(jnp.linalg.norm(out))  # an effect that matters
+  assert float(jnp.linalg.norm(effect - ref) / jnp.linalg.norm(ref)) < 2e-2
+
+
+class _BatchDims(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.DenseGeneral(features=4, axis=-1, batch_dims=(0,), name="bd")(x)
+
+
+class _Grouped(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(4, (3, 3), feature_group_count=2, name="conv")(x)
+
+
+@pytest.mark.parametrize(
+  "model,x,reason",
+  [
+    (_BatchDims(), jnp.ones((2, 3, 5)), r"nn.DenseGeneral with batch_dims=\(0,\) is not supported"),
+    (_Grouped(), jnp.ones((1, 8, 8, 4)), "nn.Conv with feature_group_count=2 is not supported"),
+  ],
+)
+def test_documented_refusals_name_their_reason(model, x, reason):
+  variables = model.init(jax.random.key(0), x)
+  layouts = lora_jax.kernel_layouts(model, x)
+  assert not layouts and len(layouts.refused) == 1
+  with pytest.raises(
+    ValueError, match=f"matched rule '.\\*' but cannot carry an adapter: {reason}"
+  ):
+    lora_jax.lora_init(variables, LoraRule(".*", rank=2), rng=jax.random.key(1), layouts=layouts)
+
+
+def test_batch_dims_adapter_forced_by_hand_is_refused_at_apply():
+  model, x = _BatchDims(), jnp.ones((2, 3, 5))
+  forced = {"params/bd": lora_jax.KernelLayout((0,), (1,), "dense", stacked=1)}
+  params = lora_jax.lora_init(
+    model.init(jax.random.key(0), x), LoraRule(".*", rank=2), rng=jax.random.key(1),
+    layouts=forced,
+  )  # fmt: skip
+  with pytest.raises(ValueError, match="batch_dims=.* is not supported by LoRA; use lora_apply"):
+    lora_jax.lora_apply(model.apply)(params, x)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "kaiming_uniform"])
+def test_initial_factors_follow_their_distribution(init):
+  """A ~ N(0, 1/r^2) (PEFT's "gaussian") or U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's Linear
+  default, PEFT's init_lora_weights=True); B = 0. Embeddings, as in PEFT: A = 0, B ~ N(0, 1).
+  Stacked (scanned) weights use one layer's fan-in."""
+  rank, fan_in = 8, 512
+  variables = {
+    "params": {
+      "dense": {"kernel": jnp.zeros((fan_in, 256))},
+      "stacked": {"kernel": jnp.zeros((4, fan_in, 256))},
+      "embed": {"embedding": jnp.zeros((1000, 64))},
+    }
+  }
+  layouts = {"params/stacked": lora_jax.KernelLayout((0,), (1,), "dense", stacked=1)}
+  params = lora_jax.lora_init(
+    variables, LoraRule(".*", rank=rank, init=init), rng=jax.random.key(0), layouts=layouts
+  )["params"]
+  for name in ("dense", "stacked"):
+    a, b = np.asarray(params[name]["lora_a"]), np.asarray(params[name]["lora_b"])
+    assert not b.any() and abs(a.mean()) < 0.05 * a.std()
+    if init == "gaussian":
+      assert a.std() == pytest.approx(1 / rank, rel=0.05)
+    else:
+      bound = 1 / np.sqrt(fan_in)
+      assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
+      assert a.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+  a, b = np.asarray(params["embed"]["lora_a"]), np.asarray(params["embed"]["lora_b"])
+  assert not a.any() and b.std() == pytest.approx(1.0, rel=0.05)

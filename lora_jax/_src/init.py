@@ -73,13 +73,19 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
     raise ValueError(f"module {path!r} already has an adapter; merge it before adding another")
   shape = tuple(module[name].shape)
   layout = layouts.get(path) or default_layout(name, shape)
+  if layout is None and path in getattr(layouts, "refused", {}):
+    raise ValueError(
+      f"module {path!r} matched rule {rule.describe()} but cannot carry an adapter: "
+      f"{layouts.refused[path]}"
+    )
   if layout is None:
     raise ValueError(
       f"{path}/{name} has shape {shape}: which of its axes are inputs and which outputs (and "
       "whether leading axes stack scanned layers) is not known from the shape alone; pass "
       "layouts=lora_jax.kernel_layouts(model, *example_inputs)"
     )
-  if layout.stacked + len(layout.in_axes) + len(layout.out_axes) != len(shape):
+  axes = sorted(layout.in_axes + layout.out_axes)
+  if layout.stacked + len(axes) != len(shape) or axes != list(range(len(axes))):
     raise ValueError(f"layout {layout} for {path!r} does not fit weight shape {shape}")
   layer = shape[layout.stacked :]
   n_in = math.prod(layer[i] for i in layout.in_axes)
@@ -151,7 +157,7 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
   """
   tree, rebuild = paths.split_params(params)
   rules = as_rules(rules)
-  layouts = dict(layouts or {})
+  layouts = layouts if layouts is not None else {}
   chosen = _assign(tree, rules, layouts)
   specs = {}
   for path, module in paths.iter_modules(tree):

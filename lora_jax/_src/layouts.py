@@ -46,6 +46,15 @@ class UnsupportedLayout(ValueError):
   """The module's weight cannot be split into input and output axes."""
 
 
+class Layouts(dict):
+  """``{module path: KernelLayout}`` from :func:`kernel_layouts`, plus ``refused``: the modules
+  it left out, ``{path: why}``, so that ``lora_init`` can say why a rule cannot adapt them."""
+
+  def __init__(self, layouts=(), refused=None):
+    super().__init__(layouts)
+    self.refused = dict(refused or {})
+
+
 def default_layout(weight_name: str, shape) -> KernelLayout | None:
   """The layout of a weight known from its name and shape alone, or ``None``."""
   if len(shape) != 2:
@@ -100,14 +109,15 @@ def module_layout(module: nn.Module, ndim: int) -> KernelLayout:
   )
 
 
-def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout]:
+def kernel_layouts(module: nn.Module, *args, **kwargs) -> Layouts:
   """Traces ``module.init(rng, *args, **kwargs)`` (shapes only) and records every weight's layout.
 
   Returns ``{module path: KernelLayout}`` for each supported module, with paths as
   :func:`lora_jax.lora_init` matches them (``"params/..."``). Modules whose weight cannot be
-  factored (e.g. a ``DenseGeneral`` with ``batch_dims``) are left out, so rules that reach
-  them fail in ``lora_init`` with a message. Modules inside ``nn.scan`` get ``stacked`` set
-  to the number of leading axes the scan adds to their weight.
+  factored (e.g. a ``DenseGeneral`` with ``batch_dims``) are left out (the result's
+  ``refused`` says why), so rules that reach them fail in ``lora_init`` with that reason.
+  Modules inside ``nn.scan`` get ``stacked`` set to the number of leading axes the scan adds to
+  their weight.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -125,6 +135,7 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout
     {'params/proj': KernelLayout(in_axes=(0,), out_axes=(1,), kind='dense', stacked=1)}
   """
   found: dict[str, tuple[str, KernelLayout]] = {}
+  refused: dict[str, str] = {}
 
   def record(next_fun, fn_args, fn_kwargs, context):
     out = next_fun(*fn_args, **fn_kwargs)
@@ -133,10 +144,11 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout
       name = "embedding" if isinstance(mod, nn.Embed) else "kernel"
       if mod.has_variable("params", name):
         ndim = mod.get_variable("params", name).ndim  # one layer's, inside nn.scan
+        path = paths.join(paths.PARAMS, *mod.scope.path)
         try:
-          found[paths.join(paths.PARAMS, *mod.scope.path)] = (name, module_layout(mod, ndim))
-        except UnsupportedLayout:
-          pass
+          found[path] = (name, module_layout(mod, ndim))
+        except UnsupportedLayout as e:
+          refused[path] = str(e)
     return out
 
   def init():
@@ -151,4 +163,4 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> dict[str, KernelLayout
       node = node[key]
     stacked = node.ndim - len(layout.in_axes) - len(layout.out_axes)
     out[path] = layout._replace(stacked=stacked)
-  return out
+  return Layouts(out, refused)
