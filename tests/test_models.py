@@ -404,7 +404,8 @@ def test_fresh_lora_adapter_leaves_outputs_identical(roberta_ckpt):
   )
 
 
-def test_roberta_base_lora_param_count_matches_peft():
+def test_roberta_base_param_report_matches_the_lora_write_up():
+  """The write-up's line for roberta-base, r=4 on query and output.dense, head trained."""
   from lora_jax import LoraRule
   from lora_jax import lora_init
   from lora_jax import param_report
@@ -418,3 +419,31 @@ def test_roberta_base_lora_param_count_matches_peft():
   )
   first = param_report(shapes, extra_trainable=("classifier",)).splitlines()[0]
   assert first == "trainable params: 923,906 || all params: 124,978,946 || trainable%: 0.7392"
+
+
+def test_roberta_base_param_counts_match_peft_own_count():
+  """PEFT's get_nb_trainable_parameters on the same model and LoRA setup (a meta-device model:
+  nothing allocated). PEFT counts the ``modules_to_save`` head twice (the original and its
+  trained copy), so its total is ours plus the head."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from lora_jax import LoraRule
+  from lora_jax import lora_init
+  from lora_jax._src.report import count_params
+
+  config = transformers.RobertaConfig(max_position_embeddings=514, type_vocab_size=1, num_labels=2)
+  with torch.device("meta"):
+    torch_model = transformers.AutoModelForSequenceClassification.from_config(config)
+  peft_config = peft.LoraConfig(
+    r=4, target_modules=["query", "output.dense"], modules_to_save=["classifier"]
+  )
+  trainable, total = peft.get_peft_model(torch_model, peft_config).get_nb_trainable_parameters()
+  module = auto_model(config, "sequence-classification")
+  rule = LoraRule(["query", "output.dense"], rank=4)
+  shapes = jax.eval_shape(
+    lambda: lora_init(module.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32)), rule,
+                      rng=jax.random.key(1))
+  )  # fmt: skip
+  ours_trainable, ours_total = count_params(shapes, extra_trainable=("classifier",))
+  head = sum(x.size for x in jax.tree.leaves(shapes["params"]["classifier"]))
+  assert (ours_trainable, ours_total + head) == (trainable, total)
