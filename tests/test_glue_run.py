@@ -8,6 +8,9 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train" / "run_glue.py"
 
@@ -52,8 +55,38 @@ def test_default_config_end_to_end(minilm_path, sst2_dir, tmp_path):
   assert (out / "adapter" / "adapter_model.safetensors").is_file()
   results = json.loads((out / "eval_results.json").read_text())
   assert results["step"] == 1 and results["eval_samples"] == 64
-  assert 0.0 <= results["eval_accuracy"] <= 1.0
-  assert len((out / "predict_results.tsv").read_text().splitlines()) == 17
+  # The reported accuracy and predictions are the saved adapter's: recompute its logits.
+  logits = {
+    split: _logits_of_saved_adapter(minilm_path, out / "adapter", sst2_dir / f"{split}.tsv", n)
+    for split, n in (("validation", 64), ("test", 16))
+  }
+  labels = [int(line.split("\t")[1]) for line in _rows(sst2_dir / "validation.tsv", 64)]
+  accuracy = float(np.mean(logits["validation"].argmax(-1) == np.array(labels)))
+  assert results["eval_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+  predicted = [line.split("\t")[1] for line in _rows(out / "predict_results.tsv", 16)]
+  assert predicted == [str(p) for p in logits["test"].argmax(-1)]
+
+
+def _rows(path: pathlib.Path, n: int) -> list[str]:
+  return path.read_text().splitlines()[1 : n + 1]
+
+
+def _logits_of_saved_adapter(model_path, adapter, tsv, n):
+  import transformers
+
+  import lora_jax
+  from lora_jax import models
+
+  module, variables = models.from_pretrained(model_path, "sequence-classification", num_labels=2)
+  config = transformers.AutoConfig.from_pretrained(model_path, num_labels=2)
+  params = lora_jax.import_peft(adapter, variables, config=config)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+  sentences = [line.split("\t")[0] for line in _rows(tsv, n)]
+  batch = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="np")
+  logits = lora_jax.lora_apply(module.apply)(
+    params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+  )
+  return np.asarray(logits)
 
 
 def test_bad_flag_value_exits_with_one_line():
