@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import random
 import signal
 import subprocess
 import sys
@@ -276,11 +275,11 @@ def test_damaged_files_give_a_clear_error(tmp_path):
 
 _CHILD = textwrap.dedent(
   """
-  import os, sys, time
+  import builtins, os, shutil, sys, time
   import numpy as np
   from lora_jax import LoraSpec, save_adapter
 
-  folder, mode = sys.argv[1], sys.argv[2]
+  folder, kind, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
   def params(version):
     spec = LoraSpec(rank=2, alpha=2.0, rslora=False, dropout=0.0, weight="kernel",
@@ -289,32 +288,37 @@ _CHILD = textwrap.dedent(
     return {"dense": {"kernel": np.zeros((64, 32), np.float32), "lora_a": full(64, 2),
                       "lora_b": full(2, 32), "lora_spec": spec}}
 
-  if mode == "commit":
-    # Stall at the commit point (Orbax renames the finished temporary directory into place):
-    # every byte of the new adapter is on disk, none of it published.
-    rename = os.rename
-    def stalled(src, dst, *args, **kwargs):
-      if ".orbax-checkpoint-tmp" in str(src):
-        print("COMMIT", flush=True)
+  # Stall at the nth file-system operation of one kind that the save makes from Python (the
+  # array bytes are written by TensorStore in C++, between these points).
+  seen = {}
+  def stall_at(module, name, kind_name=None):
+    real = getattr(module, name)
+    def op(*args, **kwargs):
+      k = kind_name or name
+      if k == "open" and not any(c in (args[1] if len(args) > 1 else kwargs.get("mode", "r"))
+                                 for c in "wax"):
+        return real(*args, **kwargs)
+      seen[k] = seen.get(k, 0) + 1
+      if k == kind and seen[k] == nth:
+        print("STALL", k, nth, str(args[0])[-80:], flush=True)
         time.sleep(600)
-      return rename(src, dst, *args, **kwargs)
-    os.rename = stalled
-    save_adapter(folder, params(2), metadata={"version": 2})
-    print("DONE", flush=True)
-  else:
-    version = 2
-    while True:
-      save_adapter(folder, params(version), metadata={"version": version})
-      print("SAVED", version, flush=True)
-      version += 1
+      return real(*args, **kwargs)
+    setattr(module, name, op)
+
+  for name in ("makedirs", "mkdir", "rename", "replace", "remove", "unlink", "rmdir"):
+    stall_at(os, name)
+  stall_at(shutil, "rmtree")
+  stall_at(builtins, "open")
+  save_adapter(folder, params(2), metadata={"version": 2})
+  print("DONE", dict(sorted(seen.items())), flush=True)
   """
 )
 
 
-def _spawn(folder, mode):
+def _spawn(folder, kind: str, nth: int):
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   proc = subprocess.Popen(
-    [sys.executable, "-c", _CHILD, str(folder), mode],
+    [sys.executable, "-c", _CHILD, str(folder), kind, str(nth)],
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
     text=True,
@@ -350,36 +354,39 @@ def _assert_version(folder, version):
   np.testing.assert_array_equal(loaded["lora_b"], np.full((2, 32), version, np.float32))
 
 
-def test_save_killed_before_commit_keeps_previous_adapter(tmp_path):
-  folder = tmp_path / "a"
-  save_adapter(folder, _tiny(1), metadata={"version": 1})
-  proc, watchdog = _spawn(folder, "commit")
-  try:
-    line = proc.stdout.readline().strip()
-    assert line == "COMMIT", f"the child never reached Orbax's commit rename (said {line!r})"
-    assert any(".orbax-checkpoint-tmp" in p.name for p in folder.iterdir())
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  finally:
-    watchdog.cancel()
-  _assert_version(folder, 1)
-  save_adapter(folder, _tiny(3), metadata={"version": 3})  # the next save cleans up
-  _assert_version(folder, 3)
-  assert not any(".orbax-checkpoint-tmp" in p.name for p in folder.iterdir())
+# (kind, n, the adapter a kill there leaves), each stall just before the operation: the first
+# directory made, a metadata file written, the commit renames of each item and of the whole
+# step (Orbax publishes a finished temporary directory), the start of deleting the previous
+# step, and half-way through it.
+KILL_POINTS = [
+  ("mkdir", 1, 1),
+  ("open", 2, 1),
+  ("rename", 1, 1),
+  ("rename", 2, 1),
+  ("rename", 3, 1),
+  ("rmtree", 1, 2),
+  ("unlink", 5, 2),
+]
 
 
-def test_save_killed_at_a_random_moment_keeps_a_whole_adapter(tmp_path):
-  folder = tmp_path / "a"
-  save_adapter(folder, _tiny(1), metadata={"version": 1})
-  proc, watchdog = _spawn(folder, "loop")
-  try:
-    for _ in range(2):
-      assert proc.stdout.readline().startswith("SAVED"), "the child stopped saving"
-    threading.Event().wait(random.uniform(0.0, 0.2))  # somewhere inside the next save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  finally:
-    watchdog.cancel()
-  version = adapter_info(folder)["metadata"]["version"]
-  assert version >= 3
-  _assert_version(folder, version)
+def test_a_save_killed_at_chosen_points_leaves_a_whole_adapter(tmp_path):
+  """SIGKILL while a save is stalled at each chosen point: the adapter in the folder is the
+  previous one or the new one, whole, and the next save cleans up what the kill left."""
+  procs = []
+  for i, (kind, nth, _) in enumerate(KILL_POINTS):
+    folder = tmp_path / str(i)
+    save_adapter(folder, _tiny(1), metadata={"version": 1})
+    procs.append((folder, *_spawn(folder, kind, nth)))
+  for (folder, proc, watchdog), (kind, nth, version) in zip(procs, KILL_POINTS, strict=True):
+    try:
+      line = proc.stdout.readline().strip()
+      assert line.startswith(f"STALL {kind} {nth}"), f"the save never reached {kind} {nth}: {line}"
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    finally:
+      watchdog.cancel()
+    assert adapter_info(folder)["metadata"] == {"version": version}, (kind, nth)
+    _assert_version(folder, version)
+    save_adapter(folder, _tiny(3), metadata={"version": 3})  # the next save cleans up
+    _assert_version(folder, 3)
+    assert not any(".orbax-checkpoint-tmp" in p.name for p in folder.iterdir()), (kind, nth)
