@@ -196,6 +196,43 @@ def test_accumulation_matches_a_bigger_batch(tiny_bert_no_dropout, sst2_dir, tmp
   )
 
 
+def test_bfloat16_training_and_merged_export(tiny_bert_no_dropout, sst2_dir, tmp_path):
+  """--dtype bfloat16 trains (bf16 compute, float32 adapters and optimizer) to about the
+  float32 run's losses, and --export_merged writes a transformers model that gives the logits
+  of the adapter the run saved (both evaluated in float32)."""
+  import torch
+
+  common = ("--max_steps", "4", "--lora_dropout", "0", "--save_steps", "0",
+            "--learning_rate", "1e-2")  # fmt: skip
+  f32 = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "f32", *common)
+  bf16 = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "bf16", *common, "--dtype",
+                  "bfloat16", "--export_merged")  # fmt: skip
+  results = glue_train.train_and_evaluate(bf16)
+  f32_results = glue_train.train_and_evaluate(f32)
+  losses = [x for _, x in train_losses(tmp_path / "bf16")]
+  assert np.isfinite(losses).all() and np.isfinite(results["eval_loss"])
+  np.testing.assert_allclose(losses, [x for _, x in train_losses(tmp_path / "f32")], rtol=3e-2)
+  assert results["eval_loss"] == pytest.approx(f32_results["eval_loss"], rel=3e-2)
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_no_dropout)
+  sentences = [line.split("\t")[0] for line in
+               (sst2_dir / "validation.tsv").read_text().splitlines()[1:9]]  # fmt: skip
+  batch = tokenizer(sentences, padding=True, truncation=True, max_length=16, return_tensors="np")
+  merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16/merged")
+  with torch.no_grad():
+    theirs = merged.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+  config = transformers.AutoConfig.from_pretrained(tiny_bert_no_dropout, num_labels=2)
+  # the checkpoint has no pooler: the run drew it from --seed, and so does this reference
+  module, base = models.from_pretrained(
+    tiny_bert_no_dropout, "sequence-classification", num_labels=2, rng=bf16.seed
+  )
+  params = lora_jax.import_peft(tmp_path / "bf16" / "adapter", base, config=config)
+  ours = lora_jax.lora_apply(module.apply)(
+    params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+  )
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+
 def check_outputs(out: pathlib.Path, results: dict):
   """What a 20-step run with evaluations at 10 and 20 and --do_predict leaves behind."""
   assert set(results) >= {"step", "eval_accuracy", "eval_loss"} and results["step"] == 20

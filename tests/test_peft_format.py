@@ -470,3 +470,62 @@ def test_modules_to_save_naming(tmp_path):
   )
   with pytest.raises(ValueError, match="'params' sits at the root of the parameter tree"):
     export_peft(tmp_path, root, base_model_name_or_path="m")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoBERTa (every paper config is RoBERTa): its position ids start after the padding id and its
+# head is classifier/dense + classifier/out_proj; names, exports and logits against torch.
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+  torch = pytest.importorskip("torch")
+  config = transformers.RobertaConfig(**{**TINY, "max_position_embeddings": 34}, type_vocab_size=1)
+  folder = tmp_path_factory.mktemp("tiny-roberta")
+  torch.manual_seed(0)
+  torch_model = transformers.RobertaForSequenceClassification(config).eval()
+  torch_model.save_pretrained(folder)
+  module, base = from_pretrained(folder, "sequence-classification")
+  rules = [LoraRule(["query", "value"], rank=4, alpha=8), LoraRule(["output.dense"], rank=2)]
+  params = with_numpy_adapters(base, rules, seed=3, scale=0.5)
+  head = params["params"]["classifier"]
+  params["params"]["classifier"] = jax.tree.map(lambda v: v + 0.3, head)
+  ids = np.array([[0, 5, 17, 42, 9, 2, 1, 1], [0, 33, 8, 2, 1, 1, 1, 1]])  # <s> ... </s> <pad>
+  batch = {"input_ids": ids, "attention_mask": (ids != 1).astype(np.int64)}
+  logits = lora_jax.lora_apply(module.apply)(params, batch["input_ids"], batch["attention_mask"])
+  return config, folder, torch_model, base, params, batch, np.asarray(logits)
+
+
+def test_roberta_flax_to_hf_gives_back_the_torch_state_dict(roberta):
+  config, _, torch_model, base, *_ = roberta
+  ours = lora_jax.models.flax_to_hf(base, config)
+  theirs = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  theirs.pop("roberta.embeddings.token_type_ids", None)  # a buffer, not a parameter
+  assert sorted(ours) == sorted(theirs)
+  for name, value in theirs.items():
+    np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+
+def test_roberta_adapter_and_merged_export_give_our_logits(roberta, tmp_path):
+  peft = pytest.importorskip("peft")
+  config, folder, _, base, params, batch, logits = roberta
+  assert (
+    np.abs(
+      logits
+      - _torch_logits(
+        transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval(), batch
+      )
+    ).max()
+    > 0.05
+  )
+  export_peft(tmp_path / "adapter", params, base_model_name_or_path=str(folder), config=config,
+              extra_trainable=["classifier"])  # fmt: skip
+  torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+  peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+  np.testing.assert_allclose(_torch_logits(peft_model, batch), logits, atol=ATOL)
+  back = import_peft(tmp_path / "adapter", base, config=config)
+  _assert_same(back, params)
+  export_merged(tmp_path / "merged", params, config=config)
+  merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+  assert type(merged).__name__ == "RobertaForSequenceClassification"
+  np.testing.assert_allclose(_torch_logits(merged.eval(), batch), logits, atol=ATOL)
