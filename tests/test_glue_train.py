@@ -1,4 +1,5 @@
-"""train/trainer.py and train/glue_train.py on a tiny random BERT and a few dozen SST-2 rows.
+"""The training machinery (train/trainer.py, train/loop.py) and train/glue_train.py on a tiny
+random BERT and a few dozen SST-2 rows.
 
 * the three parallel modes (jit, pmap, mesh with replicated or sharded frozen weights) give the
   same losses on the 8 fake CPU devices;
@@ -21,8 +22,10 @@ from safetensors.numpy import save_file
 
 import lora_jax
 from lora_jax import models
+from train import checkpoints
 from train import glue_args
 from train import glue_data
+from train import glue_task
 from train import glue_train
 from train import outputs
 from train import trainer
@@ -330,7 +333,7 @@ def test_checkpoint_of_another_model_or_lora_shape_is_refused(
   other_rank = run_args(
     tiny_bert_no_dropout, sst2_dir, tmp_path, "--max_steps", "2", "--lora_r", "2"
   )
-  with pytest.raises(trainer.CheckpointMismatch) as e:
+  with pytest.raises(checkpoints.CheckpointMismatch) as e:
     glue_train.train_and_evaluate(other_rank)
   message = str(e.value)
   assert (
@@ -342,7 +345,7 @@ def test_checkpoint_of_another_model_or_lora_shape_is_refused(
     in (message)
   )
   other_model = run_args(tiny_bert, sst2_dir, tmp_path, "--max_steps", "2")  # same shapes
-  with pytest.raises(trainer.CheckpointMismatch, match="model_name_or_path: checkpoint"):
+  with pytest.raises(checkpoints.CheckpointMismatch, match="model_name_or_path: checkpoint"):
     glue_train.train_and_evaluate(other_model)
 
 
@@ -406,10 +409,10 @@ def test_our_adapter_format_is_read_with_load_adapter(tiny_bert_no_dropout, sst2
 def test_loss_fn_weights_and_regression():
   logits = np.array([[0.0, 1.0], [2.0, 0.0], [5.0, -5.0]], np.float32)
   labels = np.array([1, 0, 1])
-  full = trainer.loss_fn(logits[:2], labels[:2], np.ones(2, np.float32), False)
-  masked = trainer.loss_fn(logits, labels, np.array([1, 1, 0], np.float32), False)
+  full = glue_task.loss_fn(logits[:2], labels[:2], np.ones(2, np.float32), False)
+  masked = glue_task.loss_fn(logits, labels, np.array([1, 1, 0], np.float32), False)
   np.testing.assert_allclose(full, masked, rtol=1e-6)
-  mse = trainer.loss_fn(np.array([[1.0], [3.0]]), np.array([0.0, 1.0]), np.ones(2), True)
+  mse = glue_task.loss_fn(np.array([[1.0], [3.0]]), np.array([0.0, 1.0]), np.ones(2), True)
   np.testing.assert_allclose(mse, 2.5)
 
 

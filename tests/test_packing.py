@@ -12,8 +12,8 @@ import transformers
 import lora_jax
 from lora_jax import models
 from train import glue_data
+from train import glue_task
 from train import packing
-from train import trainer
 
 PAD = 1
 
@@ -127,8 +127,8 @@ def test_packed_rows_give_the_padded_logits_and_gradients(kind, groups):
   trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, ["classifier"]))
 
   def loss(t, batch):
-    logits = trainer._forward(lora_jax.lora_apply(module.apply), t, frozen, batch)
-    return trainer.loss_fn(logits, batch["labels"], batch["weights"], False)
+    logits = glue_task.forward(lora_jax.lora_apply(module.apply), t, frozen, batch)
+    return glue_task.loss_fn(logits, batch["labels"], batch["weights"], False)
 
   g_padded = jax.grad(loss)(trainable, padded)
   g_packed = jax.grad(loss)(trainable, packed)

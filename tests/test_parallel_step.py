@@ -17,6 +17,7 @@ from helpers import with_numpy_adapters
 
 import lora_jax
 from lora_jax import models
+from train import glue_task
 from train import trainer
 
 EXTRA = ("classifier",)
@@ -47,17 +48,22 @@ def _sgd_update(setup, mode: str, shard_frozen: bool = False):
   tx = lora_jax.lora_optimizer(optax.sgd(1.0), params, EXTRA)
   trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, EXTRA))
   axis = trainer.AXIS if mode == "pmap" else None
+
+  def loss(trainable, frozen, batch, rngs):
+    logits = glue_task.forward(apply_fn, trainable, frozen, batch, deterministic=False, rngs=rngs)
+    return glue_task.loss_terms(logits, batch["labels"], batch["weights"], regression=False)
+
+  def eval_step(trainable, frozen, batch):
+    return glue_task.forward(apply_fn, trainable, frozen, batch)
+
   par = trainer.Parallel(
-    mode,
-    trainer.make_train_step(apply_fn, tx, regression=False, axis_name=axis),
-    trainer.make_eval_step(apply_fn),
-    shard_frozen=shard_frozen,
+    mode, trainer.make_train_step(loss, tx, axis), eval_step, shard_frozen=shard_frozen
   )
   before = jax.tree.map(np.array, trainable)  # the step donates (deletes) the state it gets
   state = par.put_state(trainer.init_state(jax.tree.map(jnp.array, trainable), tx, seed=0))
-  state, loss = par.train(state, par.put_frozen(frozen), par.put_batch(batch))
+  state, metrics = par.train(state, par.put_frozen(frozen), par.put_batch(batch))
   update = jax.tree.map(lambda a, b: np.asarray(a) - b, par.host(state.trainable), before)
-  return float(loss), update
+  return float(metrics["loss"]), update
 
 
 def test_one_sgd_step_updates_the_same_in_every_mode(setup):

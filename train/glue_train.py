@@ -4,9 +4,10 @@
 2. Model: ``lora_jax.models.from_pretrained(..., "sequence-classification")`` (``--config_name``:
    ``from_config``, random weights), adapters from a :class:`lora_jax.LoraRule` built from the
    ``--lora_*`` flags, the classifier head trainable.
-3. Training (:mod:`train.trainer`): the trainable partition only, in the ``--parallel`` mode;
-   Orbax checkpoints every ``--save_steps`` under ``OUTPUT_DIR/checkpoints``; rerunning the
-   same command resumes from the latest one.
+3. Training (:func:`train.loop.run`, the machinery every script shares, with GLUE's loss and
+   evaluation from :mod:`train.glue_task`): the trainable partition only, in the
+   ``--parallel`` mode; Orbax checkpoints every ``--save_steps`` under
+   ``OUTPUT_DIR/checkpoints``; rerunning the same command resumes from the latest one.
 4. Evaluation with the task's GLUE metrics (:mod:`train.glue_metrics`), outputs
    (:mod:`train.outputs`), predictions and exports.
 """
@@ -17,19 +18,18 @@ import argparse
 import collections
 import dataclasses
 import logging
-import math
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lora_jax
 from lora_jax import models
 from train import glue_args
 from train import glue_data
 from train import glue_metrics
+from train import glue_task
+from train import loop
 from train import outputs
 from train import trainer
 
@@ -246,46 +246,6 @@ def signature(args: argparse.Namespace, module, params) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation and prediction.
-
-
-def run_model(
-  parallel, trainable, frozen, examples, batch_size: int, buckets, pack: int = 0
-) -> np.ndarray:
-  """Logits ``[N, num_labels]`` for every row of ``examples``, in their order."""
-  out = None
-  for rows, batch in glue_data.eval_batches(examples, batch_size, buckets, pack):
-    logits = parallel.eval(trainable, frozen, parallel.put_batch(batch))
-    if out is None:
-      out = np.zeros((len(examples), logits.shape[-1]), np.float32)
-    out[rows] = logits[: len(rows)]
-  return out
-
-
-def eval_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -> float:
-  if regression:
-    return float(np.mean(np.square(logits[:, 0] - labels)))
-  shifted = logits - logits.max(-1, keepdims=True)
-  logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  return float(-np.mean(logp[np.arange(len(labels)), labels]))
-
-
-def evaluate(parallel, trainable, frozen, data: Data, task, batch_size, buckets, pack=0) -> dict:
-  """``eval_*`` metrics of every eval split; the second (MNLI mismatched) gets ``_mm``."""
-  results = {}
-  for i, ex in enumerate(data.evals.values()):
-    t0 = time.perf_counter()
-    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets, pack)
-    suffix = "" if i == 0 else "_mm"
-    metrics = glue_metrics.compute(task.name, logits, ex.labels)
-    metrics["loss"] = eval_loss(logits, ex.labels, task.is_regression)
-    results.update({f"eval_{k}{suffix}": v for k, v in metrics.items()})
-    results[f"eval_samples{suffix}"] = len(ex)
-    results[f"eval_runtime{suffix}_s"] = round(time.perf_counter() - t0, 3)
-  return results
-
-
-# ---------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -298,8 +258,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   task = glue_data.TASKS[args.task_name]
   out = pathlib.Path(args.output_dir)
-  main_process = jax.process_index() == 0
-  if main_process:
+  if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_json(out / "args.json", glue_args.as_dict(args))
 
@@ -309,59 +268,22 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
   module, params, hf_config = load_model(args, task)
   logger.info(lora_jax.param_report(params, EXTRA_TRAINABLE).splitlines()[0])
-  trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, EXTRA_TRAINABLE))
-  base = frozen  # as loaded (float32), for the exports
-  if args.dtype == "bfloat16":  # frozen base in bf16; adapters, head and optimizer in float32
-    frozen = jax.tree.map(
-      lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen
-    )
 
-  apply_fn = lora_jax.lora_apply(module.apply)
   devices = trainer.data_parallel_size(args.parallel)
   global_batch = args.per_device_train_batch_size * devices
-  eval_batch = args.per_device_eval_batch_size * devices
   k = args.gradient_accumulation_steps
-  per_epoch = glue_data.batches_per_epoch(len(data.train), global_batch) // k
-  if per_epoch == 0:
-    raise ValueError(
-      f"the training set has {len(data.train)} rows, fewer than one optimizer step of "
-      f"{global_batch} x {k} (global batch x gradient_accumulation_steps)"
-    )
-  total = args.max_steps or max(1, math.ceil(args.num_train_epochs * per_epoch))
-  schedule = trainer.linear_schedule(
-    args.learning_rate, total, math.ceil(args.warmup_ratio * total)
+  total = loop.total_steps(len(data.train), global_batch, k, args.num_train_epochs, args.max_steps)
+  classification = glue_task.Classification(
+    apply_fn=lora_jax.lora_apply(module.apply),
+    task=task,
+    train=data.train,
+    evals=data.evals,
+    global_batch=global_batch,
+    eval_batch=args.per_device_eval_batch_size * devices,
+    buckets=glue_data.bucket_lengths(args.max_seq_length),
+    seed=args.seed,
+    pack_sequences=args.pack_sequences,
   )
-  tx = trainer.make_optimizer(
-    params,
-    schedule,
-    weight_decay=args.weight_decay,
-    accumulation=k,
-    extra_trainable=EXTRA_TRAINABLE,
-  )
-  axis = trainer.AXIS if args.parallel == "pmap" else None
-  parallel = trainer.Parallel(
-    args.parallel,
-    trainer.make_train_step(apply_fn, tx, task.is_regression, axis),
-    trainer.make_eval_step(apply_fn),
-    shard_frozen=args.shard_frozen,
-  )
-
-  host_state = jax.tree.map(np.asarray, trainer.init_state(trainable, tx, args.seed))
-  ckpt = trainer.Checkpointer(
-    out / "checkpoints", signature(args, module, params), max_to_keep=args.save_total_limit
-  )
-  log = outputs.MetricsLog(out, enabled=main_process)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    host_state, _ = ckpt.restore(latest, host_state)
-    log.truncate_after(latest)
-    logger.info("resuming from %s (step %d of %d)", ckpt.directory / str(latest), latest, total)
-  else:
-    log.truncate_after(0)
-  state = parallel.put_state(host_state)
-  frozen = parallel.put_frozen(frozen)
-  buckets = glue_data.bucket_lengths(args.max_seq_length)
-  pack = parallel.data_parallel if args.pack_sequences else 0  # one packing group per shard
   logger.info(
     "%d training rows, %d steps of %d rows x %d (accumulation), %s parallel over %d device(s)",
     len(data.train),
@@ -369,69 +291,43 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     global_batch,
     k,
     args.parallel,
-    parallel.data_parallel,
+    devices,
   )
-
-  evaluated, eval_seconds = {}, []
-
-  def do_eval(step, state):
-    t0 = time.perf_counter()
-    results = evaluate(parallel, state.trainable, frozen, data, task, eval_batch, buckets, pack)
-    eval_seconds.append(time.perf_counter() - t0)
-    log.write({"step": step, **results})
-    evaluated[step] = results
-
-  def do_save(step, state):
-    host = parallel.host(state)
-    ckpt.save(step, host, {"optimizer_step": step, "data_position": int(host.step)})
-
-  batches = glue_data.train_batches(
-    data.train, global_batch, buckets, args.seed, start=int(host_state.step), pack=pack
+  trained = loop.run(
+    params,
+    classification,
+    loop.Settings(
+      output_dir=args.output_dir,
+      total_steps=total,
+      learning_rate=args.learning_rate,
+      lr_scheduler_type="linear",
+      warmup_ratio=args.warmup_ratio,
+      weight_decay=args.weight_decay,
+      gradient_accumulation_steps=k,
+      logging_steps=args.logging_steps,
+      eval_steps=args.eval_steps,
+      save_steps=args.save_steps,
+      save_total_limit=args.save_total_limit,
+      parallel=args.parallel,
+      shard_frozen=args.shard_frozen,
+      seed=args.seed,
+      dtype=args.dtype,
+      progress=args.progress,
+    ),
+    signature=signature(args, module, params),
+    extra_trainable=EXTRA_TRAINABLE,
+    on_step=on_step,
   )
-  first_step, t0 = int(host_state.step) // k, time.perf_counter()
-  try:
-    state = trainer.fit(
-      parallel,
-      state,
-      frozen,
-      batches,
-      trainer.LoopConfig(
-        total, k, args.logging_steps, args.eval_steps, args.save_steps, args.progress
-      ),
-      schedule=schedule,
-      log=log.write,
-      evaluate=do_eval if data.evals else None,
-      save=do_save,
-      on_step=on_step,
-    )
-  finally:  # an interrupted run still finishes writing the checkpoints it started
-    ckpt.wait()
-  final_step = int(parallel.host(state.step)) // k
-  # This process's training loop, compilation included, evaluations excluded (HF's train_runtime).
-  runtime = time.perf_counter() - t0 - sum(eval_seconds)
-  results = {
-    "step": final_step,
-    "train_steps": final_step - first_step,
-    "train_runtime_s": round(runtime, 3),
-  }
-  if data.evals:
-    if final_step not in evaluated:
-      do_eval(final_step, state)
-    results.update(evaluated[final_step])
-  trained = parallel.host(state.trainable)
-  if main_process:
-    outputs.write_json(out / outputs.EVAL_RESULTS, results)
-    outputs.plot_curves(out / outputs.METRICS, out / outputs.CURVES)
-  predict(args, parallel, state.trainable, frozen, data, task, eval_batch, buckets, out, pack)
-  export(args, hf_config, tokenizer, lora_jax.combine(trained, base), out)
-  return results
+  predict(classification, trained, data, out)
+  export(args, hf_config, tokenizer, trained.params, out)
+  return trained.results
 
 
-def predict(args, parallel, trainable, frozen, data, task, batch_size, buckets, out, pack=0):
+def predict(classification, trained, data: Data, out: pathlib.Path) -> None:
   """``predict_results.tsv`` (MNLI mismatched: ``predict_results_mm.tsv``)."""
   for i, (split, ex) in enumerate(data.tests.items()):
-    logits = run_model(parallel, trainable, frozen, ex, batch_size, buckets, pack)
-    preds = glue_metrics.predictions(logits, task.is_regression)
+    logits = classification.logits(trained.parallel, trained.trainable, trained.frozen, ex)
+    preds = glue_metrics.predictions(logits, classification.task.is_regression)
     if jax.process_index() == 0:
       name = "predict_results.tsv" if i == 0 else "predict_results_mm.tsv"
       outputs.write_predictions(out / name, preds, data.label_names)

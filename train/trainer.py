@@ -1,14 +1,17 @@
-"""Training machinery: state, optimizer, train/eval steps, parallel modes, checkpoints, loop.
+"""Training machinery shared by every script: state, optimizer, steps, parallel modes.
 
 Only the trainable partition (adapters + extra-trainable leaves such as a classifier head, from
-:func:`lora_jax.partition`) is differentiated, updated, given optimizer state and
-checkpointed; the frozen base is an ordinary, non-differentiated argument of every step.
+:func:`lora_jax.partition`) is differentiated, updated and given optimizer state; the frozen
+base is an ordinary, non-differentiated argument of every step. Nothing here knows the task:
+a script hands :func:`make_train_step` its loss, and :mod:`train.loop` runs the rest
+(checkpoints in :mod:`train.checkpoints`).
 
 Parallel modes (:class:`Parallel`), all giving the same losses for the same global batch:
 
 * ``"none"``: ``jax.jit`` on one device, the state donated.
-* ``"pmap"``: ``jax.pmap`` over the local devices; gradients and loss averaged with
-  ``lax.pmean``; state and frozen weights replicated once, batches split on a leading axis.
+* ``"pmap"``: ``jax.pmap`` over the local devices; loss sums, weights and gradients summed with
+  ``lax.psum``, then divided by the global weight; state and frozen weights replicated once,
+  batches split on a leading axis.
 * ``"mesh"``: ``jax.jit`` over a ``jax.sharding.Mesh`` with one ``"data"`` axis spanning every
   device of every process: batches sharded on that axis, state replicated, frozen weights
   replicated or (``shard_frozen``) split FSDP-style along their largest divisible axis.
@@ -20,13 +23,9 @@ every global batch (:meth:`Parallel.local_rows`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import pathlib
-import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
@@ -98,6 +97,9 @@ def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainS
   )
 
 
+SCHEDULES = ("linear", "cosine", "constant")
+
+
 def linear_schedule(learning_rate: float, total_steps: int, warmup_steps: int):
   """Linear warmup from 0 to ``learning_rate``, then linear decay to 0 at ``total_steps``.
 
@@ -108,9 +110,32 @@ def linear_schedule(learning_rate: float, total_steps: int, warmup_steps: int):
     >>> [round(float(s(i)), 3) for i in (0, 1, 2, 6, 10)]
     [0.0, 0.5, 1.0, 0.5, 0.0]
   """
+  return make_schedule("linear", learning_rate, total_steps, warmup_steps)
+
+
+def make_schedule(kind: str, learning_rate: float, total_steps: int, warmup_steps: int):
+  """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then ``kind``.
+
+  transformers' schedules: ``"linear"`` decays to 0 at ``total_steps``
+  (``get_linear_schedule_with_warmup``), ``"cosine"`` follows half a cosine to 0
+  (``get_cosine_schedule_with_warmup``), ``"constant"`` stays
+  (``get_constant_schedule_with_warmup``).
+
+  Example:
+    >>> s = make_schedule("cosine", 1.0, 10, 2)
+    >>> [round(float(s(i)), 3) for i in (1, 2, 6, 10)]
+    [0.5, 1.0, 0.5, 0.0]
+  """
+  if kind not in SCHEDULES:
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
   warmup = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
-  decay = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
-  return optax.join_schedules([warmup, decay], [warmup_steps])
+  decay_steps = max(total_steps - warmup_steps, 1)
+  after = {
+    "linear": optax.linear_schedule(learning_rate, 0.0, decay_steps),
+    "cosine": optax.cosine_decay_schedule(learning_rate, decay_steps),
+    "constant": optax.constant_schedule(learning_rate),
+  }[kind]
+  return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def make_optimizer(
@@ -120,50 +145,31 @@ def make_optimizer(
   weight_decay: float,
   accumulation: int = 1,
   extra_trainable=(),
+  max_grad_norm: float | None = None,
 ) -> optax.GradientTransformation:
-  """AdamW on the trainable leaves (``lora_jax.lora_optimizer``), accumulated if asked."""
-  tx = lora_jax.lora_optimizer(
-    optax.adamw(schedule, weight_decay=weight_decay), params, extra_trainable
-  )
+  """AdamW on the trainable leaves (``lora_jax.lora_optimizer``), gradients first clipped to
+  ``max_grad_norm`` (global norm over the trainable leaves) if given; accumulated if asked."""
+  tx = optax.adamw(schedule, weight_decay=weight_decay)
+  if max_grad_norm:
+    tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+  tx = lora_jax.lora_optimizer(tx, params, extra_trainable)
   return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
-
-
-def loss_fn(logits, labels, weights, regression: bool):
-  """Weighted mean cross-entropy (classes) or squared error (regression); weight 0 = filler."""
-  if regression:
-    per_row = jnp.square(logits[:, 0] - labels.astype(jnp.float32))
-  else:
-    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Steps.
 
 
-PACKED_KEYS = ("segment_ids", "cls_index")  # batches from train.packing
+def make_train_step(loss_fn: Callable, tx, axis_name: str | None = None):
+  """``step(state, frozen, batch) -> (state, metrics)``: one micro-batch, one (maybe partial)
+  update; ``metrics`` holds the batch's mean ``loss`` and the gradients' ``grad_norm``.
 
-
-def _forward(apply_fn, trainable, frozen, batch, **kwargs):
-  variables = lora_jax.combine(trainable, frozen)
-  packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
-  return apply_fn(
-    variables,
-    batch["input_ids"],
-    batch["attention_mask"],
-    batch["token_type_ids"],
-    **packed,
-    **kwargs,
-  )
-
-
-def make_train_step(apply_fn, tx, regression: bool, axis_name: str | None = None):
-  """``step(state, frozen, batch) -> (state, loss)``: one micro-batch, one (maybe partial) update.
-
-  ``apply_fn`` is ``lora_jax.lora_apply(module.apply)``; it gets ``deterministic=False`` and
-  rngs for ``"dropout"`` and ``"lora_dropout"`` derived from ``state.rng`` and ``state.step``
-  (and the device index under ``pmap``). Under ``axis_name`` loss and gradients are
-  ``lax.pmean``-ed.
+  ``loss_fn(trainable, frozen, batch, rngs) -> (total, weight)`` is the task's: the sum of the
+  batch's weighted losses and the sum of the weights (rows, or tokens). The step differentiates
+  ``total``, sums ``total``, ``weight`` and the gradients over ``axis_name`` (``pmap``), then
+  divides by the weight: every mode averages over the whole global batch, however unevenly the
+  weight falls on the devices. ``rngs`` has ``"dropout"`` and ``"lora_dropout"`` keys derived
+  from ``state.rng`` and ``state.step`` (and the device index under ``pmap``).
   """
 
   def step(state: TrainState, frozen, batch):
@@ -171,35 +177,22 @@ def make_train_step(apply_fn, tx, regression: bool, axis_name: str | None = None
     if axis_name is not None:
       key = jax.random.fold_in(key, lax.axis_index(axis_name))
     k_dropout, k_lora = jax.random.split(key)
+    rngs = {"dropout": k_dropout, "lora_dropout": k_lora}
 
     def compute(trainable):
-      logits = _forward(
-        apply_fn,
-        trainable,
-        frozen,
-        batch,
-        deterministic=False,
-        rngs={"dropout": k_dropout, "lora_dropout": k_lora},
-      )
-      return loss_fn(logits, batch["labels"], batch["weights"], regression)
+      return loss_fn(trainable, frozen, batch, rngs)
 
-    loss, grads = jax.value_and_grad(compute)(state.trainable)
+    (total, weight), grads = jax.value_and_grad(compute, has_aux=True)(state.trainable)
     if axis_name is not None:
-      loss, grads = lax.pmean((loss, grads), axis_name)
+      total, weight, grads = lax.psum((total, weight, grads), axis_name)
+    scale = 1.0 / jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    return state._replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), loss
+    new = state._replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new, {"loss": total * scale, "grad_norm": optax.global_norm(grads)}
 
   return step
-
-
-def make_eval_step(apply_fn):
-  """``eval_step(trainable, frozen, batch) -> logits`` (deterministic: no dropout)."""
-
-  def eval_step(trainable, frozen, batch):
-    return _forward(apply_fn, trainable, frozen, batch, deterministic=True)
-
-  return eval_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +223,7 @@ class Parallel:
   Args:
     mode: ``"none"``, ``"pmap"`` or ``"mesh"`` (see the module docstring).
     train_step: from :func:`make_train_step` (built with ``axis_name=AXIS`` for ``"pmap"``).
-    eval_step: from :func:`make_eval_step`.
+    eval_step: the task's ``eval_step(trainable, frozen, batch)``, returning per-row outputs.
     shard_frozen: ``"mesh"`` only: shard the frozen weights instead of replicating them.
   """
 
@@ -304,11 +297,14 @@ class Parallel:
     return local
 
   def train(self, state, frozen, batch):
-    state, loss = self._train(state, frozen, batch)
-    return state, (loss[0] if self.mode == "pmap" else loss)
+    """One step: the new state and its metrics (scalars, as the step returns them)."""
+    state, metrics = self._train(state, frozen, batch)
+    if self.mode == "pmap":
+      metrics = jax.tree.map(lambda x: x[0], metrics)
+    return state, metrics
 
   def eval(self, trainable, frozen, batch) -> np.ndarray:
-    """Logits for the whole global batch, on the host of every process."""
+    """The eval step's per-row outputs for the whole global batch, on every process's host."""
     out = self._eval(trainable, frozen, batch)
     if self.mode == "pmap":
       out = np.asarray(out).reshape(-1, *out.shape[2:])
@@ -323,222 +319,3 @@ class Parallel:
     if self.mode == "pmap":
       return jax.tree.map(lambda x: np.asarray(x[0]), tree)
     return jax.tree.map(np.asarray, tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-class CheckpointMismatch(ValueError):
-  """A checkpoint written for another model, task or LoRA shape."""
-
-
-def _leaf_paths(tree) -> dict[str, Any]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(kp, simple=True, separator="/"): leaf for kp, leaf in flat}
-
-
-def _describe(x) -> str:
-  """``"float32[32, 4]"``."""
-  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-  return f"{dtype}{list(np.shape(x))}"
-
-
-def _encode(state: TrainState) -> dict:
-  """A checkpointable dict of numpy arrays: Orbax sees no None leaves nor LoraSpec nodes."""
-  trainable = _leaf_paths(state.trainable)
-  return {
-    "step": np.asarray(state.step),
-    "rng": np.asarray(state.rng),
-    "trainable": {p.replace("/", "."): np.asarray(v) for p, v in trainable.items()},
-    "opt_state": {
-      f"{i:05d}": np.asarray(v) for i, v in enumerate(jax.tree.leaves(state.opt_state))
-    },
-  }
-
-
-def _layout(state: TrainState) -> dict:
-  return {
-    "trainable": {p: _describe(v) for p, v in _leaf_paths(state.trainable).items()},
-    "opt_state": [_describe(v) for v in jax.tree.leaves(state.opt_state)],
-  }
-
-
-class Checkpointer:
-  """Orbax ``CheckpointManager`` for the trainable state under ``directory``.
-
-  Each checkpoint holds two items: ``state`` (trainable leaves, optimizer state, step = data
-  position, rng; never the frozen base) and ``meta`` (JSON: the run's ``signature``, e.g.
-  model and LoRA settings, and every leaf's shape). Restoring compares both with the current run
-  and refuses, listing every difference, when they disagree.
-  """
-
-  def __init__(self, directory, signature: dict, max_to_keep: int | None = None):
-    import orbax.checkpoint as ocp
-
-    self._ocp = ocp
-    self.directory = pathlib.Path(directory).absolute()
-    self.signature = signature
-    self.manager = ocp.CheckpointManager(
-      self.directory,
-      item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True),
-    )
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: TrainState, extra: dict | None = None) -> None:
-    """Saves host ``state`` (numpy) as checkpoint ``step`` (the optimizer step)."""
-    ocp = self._ocp
-    meta = {"signature": self.signature, "layout": _layout(state), **(extra or {})}
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_encode(state)), meta=ocp.args.JsonSave(meta)
-      ),
-    )
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def check(self, step: int, template: TrainState) -> dict:
-    """The checkpoint's meta, after checking it fits ``template``; else CheckpointMismatch."""
-    ocp = self._ocp
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    problems = []
-    theirs = meta.get("signature", {})
-    for key in sorted(set(theirs) | set(self.signature)):
-      if theirs.get(key) != self.signature.get(key):
-        problems.append(
-          f"{key}: checkpoint {theirs.get(key)!r}, this run {self.signature.get(key)!r}"
-        )
-    mine, saved = _layout(template), meta.get("layout", {})
-    for path in sorted(set(mine["trainable"]) | set(saved.get("trainable", {}))):
-      a, b = saved.get("trainable", {}).get(path), mine["trainable"].get(path)
-      if a != b:
-        problems.append(f"{path}: checkpoint {a or 'missing'}, this run {b or 'missing'}")
-    if not problems and saved.get("opt_state") != mine["opt_state"]:
-      problems.append("optimizer state: a different structure (e.g. gradient accumulation)")
-    if problems:
-      raise CheckpointMismatch(
-        f"checkpoint {self.directory / str(step)} was written by a different setup; refusing "
-        f"to resume from it ({len(problems)} difference(s)):\n  "
-        + "\n  ".join(problems)
-        + "\nUse another --output_dir, or delete its checkpoints/ to start over."
-      )
-    return meta
-
-  def restore(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
-    """Checkpoint ``step`` as a host ``TrainState`` shaped like ``template``, and its meta."""
-    ocp = self._ocp
-    meta = self.check(step, template)
-    target = _encode(template)
-    got = self.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )["state"]
-    by_path = {p.replace(".", "/"): v for p, v in got["trainable"].items()}
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template.trainable)
-    trainable = jax.tree_util.tree_unflatten(
-      treedef, [by_path[jax.tree_util.keystr(kp, simple=True, separator="/")] for kp, _ in flat]
-    )
-    opt_leaves = [got["opt_state"][k] for k in sorted(got["opt_state"])]
-    opt_state = jax.tree.unflatten(jax.tree.structure(template.opt_state), opt_leaves)
-    state = TrainState(
-      step=np.asarray(got["step"]), trainable=trainable, opt_state=opt_state, rng=got["rng"]
-    )
-    return state, meta
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop.
-
-
-@dataclasses.dataclass
-class LoopConfig:
-  """When the loop logs, evaluates and saves (in optimizer steps; 0 = only at the end)."""
-
-  total_steps: int
-  accumulation: int = 1
-  logging_steps: int = 10
-  eval_steps: int = 0
-  save_steps: int = 0
-  progress: bool = True
-
-
-def fit(
-  parallel: Parallel,
-  state,
-  frozen,
-  batches: Iterator[dict],
-  config: LoopConfig,
-  *,
-  schedule: Callable[[int], Any],
-  log: Callable[[dict], None],
-  evaluate: Callable[[int, Any], dict] | None = None,
-  save: Callable[[int, Any], None] | None = None,
-  on_step: Callable[[int], None] | None = None,
-):
-  """Runs optimizer steps from the one ``state`` is at up to ``config.total_steps``.
-
-  Args:
-    parallel: the mode's placement and steps.
-    state: placed :class:`TrainState`.
-    frozen: placed frozen partition.
-    batches: global numpy micro-batches, starting at ``state.step`` (the data position).
-    config: totals and intervals.
-    schedule: learning rate by optimizer step (for the logs).
-    log: receives one dict per logged step (``step``, ``loss``, ``learning_rate``,
-      ``examples_per_s``, ``tokens_per_s``).
-    evaluate: ``evaluate(step, state)`` every ``eval_steps`` (the caller evaluates at the end).
-    save: ``save(step, state)`` every ``save_steps`` and at the end.
-    on_step: called after each optimizer step (tests use it to simulate a crash).
-
-  Returns:
-    The final state.
-  """
-  from tqdm.auto import tqdm
-
-  k = config.accumulation
-  start = int(parallel.host(state.step)) // k
-  bar = tqdm(
-    total=config.total_steps,
-    initial=start,
-    disable=not config.progress or jax.process_index() != 0,
-    desc="train",
-    dynamic_ncols=True,
-  )
-  losses, examples, tokens, t0 = [], 0, 0, time.perf_counter()
-  step = start
-  for step in range(start + 1, config.total_steps + 1):
-    for _ in range(k):
-      batch = next(batches)
-      examples += int(batch["weights"].sum())
-      tokens += int(batch["attention_mask"].sum())
-      state, loss = parallel.train(state, frozen, parallel.put_batch(batch))
-      losses.append(loss)
-    bar.update(1)
-    last = step == config.total_steps
-    if step % config.logging_steps == 0 or last:
-      loss = float(np.mean([float(x) for x in losses]))  # waits for the steps to finish
-      dt = time.perf_counter() - t0
-      row = {
-        "step": step,
-        "loss": loss,
-        "learning_rate": float(schedule(step - 1)),
-        "examples_per_s": round(examples / dt, 2),
-        "tokens_per_s": round(tokens / dt, 1),
-        "s_per_step": round(dt * k / max(len(losses), 1), 4),
-      }
-      log(row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
-      losses, examples, tokens, t0 = [], 0, 0, time.perf_counter()
-    if evaluate is not None and config.eval_steps and step % config.eval_steps == 0:
-      evaluate(step, state)
-      t0 = time.perf_counter()  # evaluation time is not training throughput
-    if save is not None and ((config.save_steps and step % config.save_steps == 0) or last):
-      save(step, state)
-    if on_step is not None:
-      on_step(step)
-  bar.close()
-  return state
