@@ -1,0 +1,222 @@
+"""Command-line flags every training script shares, and ``--config FILE`` (YAML).
+
+``--config FILE`` names a YAML mapping whose keys are flag names (without ``--``). Its values
+become flags placed *before* the command line, so the command line overrides the file and every
+value goes through the same parsing and checks (``choices``, positive numbers, ...). A bad value,
+from the file or the command line, ends the program with one line naming the flag, the value and
+the valid choices, and exit status 2.
+
+Scripts build their parser from :func:`new_parser` and the groups here (:func:`add_model`,
+:func:`add_training`, :func:`add_lora`), each with the script's own defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NoReturn
+
+import yaml
+
+PARALLEL_MODES = ("none", "pmap", "mesh")
+DTYPES = ("float32", "bfloat16")
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """``ArgumentParser`` whose errors are one line (no usage block): ``prog: error: ...``."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, name: str, ok):
+  """An argparse ``type``: parses ``kind``; ``ok(value)`` False -> "invalid NAME value: 'x'"."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not ok(value):
+      raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}")
+    return value
+
+  parse.__name__ = name
+  return parse
+
+
+positive_int = _number(int, "positive int", lambda v: v > 0)
+nonneg_int = _number(int, "non-negative int", lambda v: v >= 0)
+positive_float = _number(float, "positive float", lambda v: v > 0)
+nonneg_float = _number(float, "non-negative float", lambda v: v >= 0)
+unit_float = _number(float, "float in [0, 1]", lambda v: 0 <= v <= 1)
+dropout_float = _number(float, "float in [0, 1)", lambda v: 0 <= v < 1)
+percent_int = _number(int, "int in [0, 100)", lambda v: 0 <= v < 100)
+
+
+def new_parser(prog: str, description: str) -> OneLineParser:
+  p = OneLineParser(
+    prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
+  p.add_argument("--config", help="YAML file of flag values (keys = flag names)")
+  return p
+
+
+def add_model(g, default_model: str | None) -> None:
+  """``--model_name_or_path``, ``--config_name``, ``--tokenizer_name``, ``--dtype``."""
+  fallback = f"{default_model}, or " if default_model else ""
+  g.add_argument(
+    "--model_name_or_path",
+    help=f"checkpoint folder or Hub id; if not given: {fallback}with --config_name a new model "
+    "trained from scratch",
+  )
+  g.add_argument(
+    "--config_name",
+    help="config.json, or a folder or Hub id holding one: train a new model with random "
+    "weights from scratch (instead of --model_name_or_path)",
+  )
+  g.add_argument(
+    "--tokenizer_name",
+    help="tokenizer folder or Hub id; if not given: --model_name_or_path, else --config_name",
+  )
+  g.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+
+
+def add_training(g, *, batch: int, eval_batch: int, learning_rate: float, warmup: float,
+                 epochs: float, save_steps: int, output_dir: str) -> None:  # fmt: skip
+  """Batch sizes, optimizer, schedule, lengths of the run, logging/eval/save, parallel mode."""
+  g.add_argument("--per_device_train_batch_size", type=positive_int, default=batch)
+  g.add_argument("--per_device_eval_batch_size", type=positive_int, default=eval_batch)
+  g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+  g.add_argument("--learning_rate", type=positive_float, default=learning_rate)
+  g.add_argument("--weight_decay", type=nonneg_float, default=0.01)
+  g.add_argument("--warmup_ratio", type=unit_float, default=warmup)
+  g.add_argument("--num_train_epochs", type=positive_float, default=epochs)
+  g.add_argument("--max_steps", type=nonneg_int, default=0, help="if > 0: overrides epochs")
+  g.add_argument("--logging_steps", type=positive_int, default=10)
+  g.add_argument("--eval_steps", type=nonneg_int, default=0, help="0: evaluate at the end only")
+  g.add_argument("--save_steps", type=nonneg_int, default=save_steps, help="0: at the end only")
+  g.add_argument("--save_total_limit", type=nonneg_int, default=2, help="0: keep all")
+  g.add_argument("--seed", type=int, default=42)
+  g.add_argument("--output_dir", default=output_dir)
+  g.add_argument(
+    "--export_merged",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="also write a merged Hugging Face checkpoint to OUTPUT_DIR/merged",
+  )
+  g.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
+  g.add_argument(
+    "--shard_frozen",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="--parallel mesh: shard the frozen base over the devices (FSDP-style) instead of "
+    "replicating it",
+  )
+  g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm")
+
+
+def add_lora(g, *, targets: list[str], dropout: float) -> None:
+  """``--lora_r``, ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``, ... ."""
+  g.add_argument("--lora_r", type=positive_int, default=8)
+  g.add_argument("--lora_alpha", type=positive_float, default=16.0)
+  g.add_argument("--lora_dropout", type=dropout_float, default=dropout)
+  g.add_argument(
+    "--lora_target_modules",
+    nargs="+",
+    default=targets,
+    help="PEFT-style module names, 'all-linear', or one regex over 'params/a/b/c' module paths",
+  )
+  g.add_argument("--lora_rslora", action=argparse.BooleanOptionalAction, default=False)
+  g.add_argument("--adapter_name_or_path", help="start from this adapter (ours or PEFT's)")
+
+
+def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+  """YAML as flags: ``{lora_r: 8, do_predict: true}`` -> ``--lora_r 8 --do_predict``."""
+  try:
+    data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+  except OSError as e:
+    parser.error(f"argument --config: cannot read {path!r}: {e.strerror}")
+  except yaml.YAMLError as e:
+    parser.error(f"argument --config: {path!r} is not valid YAML: {str(e).splitlines()[0]}")
+  if not isinstance(data, dict):
+    parser.error(f"argument --config: {path!r} must hold a mapping of flag names to values")
+  actions = {a.dest: a for a in parser._actions if a.option_strings}
+  unknown = sorted(set(map(str, data)) - set(actions) - {"config"})
+  if unknown:
+    parser.error(
+      f"argument --config: {path!r} has unknown keys {unknown}; valid keys: {sorted(actions)}"
+    )
+  argv: list[str] = []
+  for key, value in data.items():
+    flag = f"--{key}"
+    if isinstance(actions[key], argparse.BooleanOptionalAction):
+      if not isinstance(value, bool):
+        parser.error(f"argument --config: {key}={value!r} in {path!r} must be true or false")
+      argv.append(flag if value else f"--no-{key}")
+    elif value is None:
+      continue
+    elif isinstance(value, list):
+      argv += [flag, *map(str, value)]
+    else:
+      argv += [flag, str(value)]
+  return argv
+
+
+def parse(
+  parser: OneLineParser,
+  argv: Sequence[str] | None,
+  check: Callable[[argparse.Namespace, OneLineParser], argparse.Namespace] = lambda a, p: a,
+) -> argparse.Namespace:
+  """Flags from ``--config`` (if any), then from ``argv`` (default ``sys.argv[1:]``), then
+  ``check(args, parser)`` (which may fill defaults, or end the program with ``parser.error``)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--config")
+  known, _ = pre.parse_known_args(argv)
+  if known.config:
+    argv = _config_argv(known.config, parser) + argv
+  return check(parser.parse_args(argv), parser)
+
+
+def resolve_model(
+  args: argparse.Namespace, parser: OneLineParser, default_model: str | None
+) -> argparse.Namespace:
+  """Fills ``model_name_or_path`` / ``tokenizer_name`` defaults; one model source or exit 2.
+
+  Either ``--model_name_or_path`` (a checkpoint) or ``--config_name`` (a new model from scratch,
+  as Hugging Face's ``run_mlm.py``); an empty value counts as not given.
+  """
+  model, config = args.model_name_or_path, args.config_name
+  if model and config:
+    parser.error(
+      f"argument --config_name: not allowed with --model_name_or_path ({config!r} and "
+      f"{model!r}): give a checkpoint, or a config to train a new model from scratch"
+    )
+  if model is None and not config:
+    model = default_model
+  if not model and not config:
+    parser.error(
+      f"argument --model_name_or_path: {'not given' if model is None else 'empty'}, and no "
+      "--config_name: give a checkpoint folder or Hub id, or --config_name to train a new "
+      "model from scratch"
+    )
+  args.model_name_or_path = model or None
+  args.config_name = config or None
+  if not args.tokenizer_name:
+    if not model and pathlib.Path(config).is_file():
+      parser.error(
+        f"argument --tokenizer_name: required when --config_name is a file ({config!r}); "
+        "name the tokenizer's folder or Hub id"
+      )
+    args.tokenizer_name = model or config
+  return args
+
+
+def as_dict(args: argparse.Namespace) -> dict[str, Any]:
+  """The flags as a JSON-friendly dict (written beside the outputs)."""
+  return {k: v for k, v in sorted(vars(args).items())}
