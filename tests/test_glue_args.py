@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from train import glue_args
-from train import glue_train
+from train import setup
 
 
 def parse_error(capsys, argv) -> str:
@@ -47,7 +47,7 @@ def test_config_file_then_command_line(tmp_path):
 
 
 def test_embedded_configs_parse():
-  configs = pathlib.Path(glue_train.__file__).resolve().parent.parent / "configs"
+  configs = pathlib.Path(setup.__file__).resolve().parent.parent / "configs"
   for name in ("sst2_minilm", "roberta-base/sst2", "roberta-large/sst2"):
     args = glue_args.parse_args(["--config", str(configs / f"{name}.yaml")])
     assert args.task_name == "sst2" and args.lora_r == 8
@@ -87,7 +87,7 @@ def test_bad_config_files_are_one_line_errors(capsys, tmp_path):
 
 
 def test_lora_targets_names_regex_or_all_linear():
-  assert glue_train.lora_targets(["query", "value"]) == ("query", "value")
-  assert glue_train.lora_targets(["output.dense"]) == ("output.dense",)
-  assert glue_train.lora_targets(["all-linear"]) == "all-linear"
-  assert glue_train.lora_targets([".*/self/(query|value)"]) == ".*/self/(query|value)"
+  assert setup.lora_targets(["query", "value"]) == ("query", "value")
+  assert setup.lora_targets(["output.dense"]) == ("output.dense",)
+  assert setup.lora_targets(["all-linear"]) == "all-linear"
+  assert setup.lora_targets([".*/self/(query|value)"]) == ".*/self/(query|value)"

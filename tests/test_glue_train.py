@@ -28,6 +28,7 @@ from train import glue_data
 from train import glue_task
 from train import glue_train
 from train import outputs
+from train import setup
 from train import trainer
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -401,9 +402,9 @@ def test_our_adapter_format_is_read_with_load_adapter(tiny_bert_no_dropout, sst2
     tmp_path / "ours", params, extra_trainable=glue_train.EXTRA_TRAINABLE
   )
   base = models.from_pretrained(tiny_bert_no_dropout, "sequence-classification", num_labels=2)[1]
-  loaded = glue_train.load_adapter(str(folder), base, config)
-  assert glue_train.adapter_summary(loaded) == glue_train.adapter_summary(params)
-  assert glue_train.adapter_summary(params) == "4 x r=4 alpha=16.0 rslora=False"
+  loaded = setup.load_adapter(str(folder), base, config)
+  assert setup.adapter_summary(loaded) == setup.adapter_summary(params)
+  assert setup.adapter_summary(params) == "4 x r=4 alpha=16.0 rslora=False"
 
 
 def test_loss_fn_weights_and_regression():

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import logging
 import pathlib
@@ -31,40 +30,17 @@ from train import glue_metrics
 from train import glue_task
 from train import loop
 from train import outputs
+from train import setup
 from train import trainer
 
 logger = logging.getLogger(__name__)
 
 EXTRA_TRAINABLE = ("classifier",)  # the task head, as PEFT's modules_to_save for SEQ_CLS
-_REGEX_CHARS = set("*+?[](){}|^$\\")
-
-
-def lora_targets(values: list[str]) -> str | tuple[str, ...]:
-  """``--lora_target_modules``: one regex (if it has regex syntax), ``all-linear``, or names.
-
-  Example:
-    >>> lora_targets(["query", "value"]), lora_targets([".*/attention/self/(query|key)"])
-    (('query', 'value'), '.*/attention/self/(query|key)')
-  """
-  if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
-    return values[0]
-  return tuple(values)
 
 
 # The task head is trained whole (EXTRA_TRAINABLE): never give it an adapter, also not with
 # "all-linear" or a broad regex (PEFT's "all-linear" also leaves the output layer out).
 HEAD_MODULES = r"(.*/)?classifier(/.*)?"
-
-
-def lora_rule(args: argparse.Namespace) -> lora_jax.LoraRule:
-  return lora_jax.LoraRule(
-    lora_targets(args.lora_target_modules),
-    rank=args.lora_r,
-    alpha=args.lora_alpha,
-    dropout=args.lora_dropout,
-    rslora=args.lora_rslora,
-    exclude=HEAD_MODULES,
-  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +115,7 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
     )
     config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
   else:
-    config = load_config(args.config_name)
+    config = setup.load_config(args.config_name)
     logger.info(
       "Training new model from scratch: %s from %s, random weights from seed %d",
       config.model_type,
@@ -151,97 +127,26 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
     )
   config.num_labels = task.num_labels
   if args.adapter_name_or_path:
-    params = load_adapter(
+    params = setup.load_adapter(
       args.adapter_name_or_path, variables, config, args.ignore_mismatched_sizes
     )
   else:
-    params = lora_jax.lora_init(variables, lora_rule(args), rng=jax.random.key(args.seed + 1))
+    params = lora_jax.lora_init(
+      variables, setup.lora_rule(args, HEAD_MODULES), rng=jax.random.key(args.seed + 1)
+    )
   return module, params, config
-
-
-def load_config(name: str):
-  """``--config_name``: a transformers config from a ``config.json``, a folder or a Hub id."""
-  import transformers
-
-  path = pathlib.Path(name)
-  if path.is_dir() and not (path / "config.json").is_file():
-    raise FileNotFoundError(f"--config_name {name!r} is a folder without config.json")
-  if not path.exists() and (name.startswith(("/", ".", "~")) or name.endswith(".json")):
-    raise FileNotFoundError(f"--config_name {name!r} does not exist")
-  try:
-    return transformers.AutoConfig.from_pretrained(name)
-  except OSError as e:  # a Hub id that cannot be fetched: transformers' first line says why
-    raise FileNotFoundError(f"--config_name {name!r}: {str(e).splitlines()[0]}") from e
-
-
-def base_model_path(args: argparse.Namespace) -> str:
-  """The adapter's base checkpoint: ``--model_name_or_path``, or ``OUTPUT_DIR/base_model``."""
-  return args.model_name_or_path or str(pathlib.Path(args.output_dir) / "base_model")
-
-
-def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> None:
-  """Writes a from-scratch model's random base to ``OUTPUT_DIR/base_model``, a checkpoint.
-
-  ``params`` without their adapters: the frozen base the adapter was trained on and applies to
-  (PEFT's ``base_model_name_or_path``), with the run's classifier head (the adapter carries it
-  too, as ``modules_to_save``).
-  """
-  base = lora_jax.unload(params)
-  models.export_merged(base_model_path(args), base, config=config, tokenizer=tokenizer)
-  logger.info(
-    "wrote the base model (random weights, seed %d) to %s", args.seed, base_model_path(args)
-  )
-
-
-def model_source(args: argparse.Namespace) -> str:
-  """Where the base weights come from: a checkpoint, or a config and a seed (from scratch)."""
-  if args.model_name_or_path:
-    model = args.model_name_or_path
-    return str(pathlib.Path(model).resolve()) if pathlib.Path(model).exists() else model
-  return f"new model from {pathlib.Path(args.config_name).resolve()}, seed {args.seed}"
-
-
-def load_adapter(path: str, variables, config, ignore_mismatched_sizes: bool = False):
-  """An adapter in our format (``lora_jax.save_adapter``) or PEFT's (folder or Hub id).
-
-  ``ignore_mismatched_sizes``: a saved head of another shape (another label count) is not
-  loaded; the model keeps its new head (PEFT format only).
-  """
-  folder = pathlib.Path(path)
-  if (folder / "adapter_config.json").exists() or not folder.exists():
-    return lora_jax.import_peft(
-      path, variables, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes
-    )
-  if ignore_mismatched_sizes:
-    raise ValueError(
-      f"--ignore_mismatched_sizes applies to adapters in PEFT's format (adapter_config.json); "
-      f"{path!r} is in lora_jax's: export it with lora_jax.export_peft, or start from the run's "
-      "OUTPUT_DIR/adapter"
-    )
-  return lora_jax.load_adapter(path, variables)
-
-
-def adapter_summary(params) -> str:
-  """``"2 x r=8 alpha=16.0 rslora=False"``: the adapters' settings, for checkpoint signatures."""
-  specs = [
-    leaf
-    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, lora_jax.LoraSpec))
-    if isinstance(leaf, lora_jax.LoraSpec)
-  ]
-  counts = collections.Counter(f"r={s.rank} alpha={s.alpha} rslora={s.rslora}" for s in specs)
-  return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
 
 
 def signature(args: argparse.Namespace, module, params) -> dict:
   """What a checkpoint must agree on to be resumed by this run (shapes are checked too)."""
   cfg = module.config
   return {
-    "model_name_or_path": model_source(args),
+    "model_name_or_path": setup.model_source(args),
     "model": f"{cfg.model_type} vocab={cfg.vocab_size} hidden={cfg.hidden_size} "
     f"layers={cfg.num_hidden_layers}",
     "task_name": args.task_name,
     "num_labels": cfg.num_labels,
-    "lora": adapter_summary(params),
+    "lora": setup.adapter_summary(params),
   }
 
 
@@ -319,7 +224,15 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     on_step=on_step,
   )
   predict(classification, trained, data, out)
-  export(args, hf_config, tokenizer, trained.params, out)
+  setup.export(
+    args,
+    hf_config,
+    tokenizer,
+    trained.params,
+    out,
+    task_type="SEQ_CLS",
+    extra_trainable=EXTRA_TRAINABLE,
+  )
   return trained.results
 
 
@@ -332,27 +245,3 @@ def predict(classification, trained, data: Data, out: pathlib.Path) -> None:
       name = "predict_results.tsv" if i == 0 else "predict_results_mm.tsv"
       outputs.write_predictions(out / name, preds, data.label_names)
       logger.info("wrote %d predictions for %s to %s", len(preds), split, out / name)
-
-
-def export(args, config, tokenizer, params, out: pathlib.Path) -> None:
-  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``.
-
-  A model trained from scratch also gets its base written (``base_model/``, see
-  :func:`export_base_model`): the adapter is useless without those random weights.
-  """
-  if jax.process_index() != 0:
-    return
-  if not args.model_name_or_path:
-    export_base_model(args, config, tokenizer, params)
-  lora_jax.export_peft(
-    out / "adapter",
-    params,
-    base_model_name_or_path=base_model_path(args),
-    config=config,
-    task_type="SEQ_CLS",
-    extra_trainable=EXTRA_TRAINABLE,
-  )
-  logger.info("wrote the adapter (PEFT format) to %s", out / "adapter")
-  if args.export_merged:
-    models.export_merged(out / "merged", params, config=config, tokenizer=tokenizer)
-    logger.info("wrote the merged model to %s", out / "merged")

@@ -1,0 +1,140 @@
+"""Model and adapter setup every script shares: where the base comes from, LoRA from flags,
+adapters from a path, and the exports a run leaves (PEFT adapter, merged model, the random base
+of a model trained from scratch)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import pathlib
+
+import jax
+
+import lora_jax
+from lora_jax import models
+
+logger = logging.getLogger(__name__)
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def lora_targets(values: list[str]) -> str | tuple[str, ...]:
+  """``--lora_target_modules``: one regex (if it has regex syntax), ``all-linear``, or names.
+
+  Example:
+    >>> lora_targets(["query", "value"]), lora_targets([".*/attention/self/(query|key)"])
+    (('query', 'value'), '.*/attention/self/(query|key)')
+  """
+  if len(values) == 1 and (values[0] == "all-linear" or _REGEX_CHARS & set(values[0])):
+    return values[0]
+  return tuple(values)
+
+
+def lora_rule(args: argparse.Namespace, exclude: str | None = None) -> lora_jax.LoraRule:
+  """The ``--lora_*`` flags as a rule; ``exclude``: modules never adapted (e.g. a head)."""
+  return lora_jax.LoraRule(
+    lora_targets(args.lora_target_modules),
+    rank=args.lora_r,
+    alpha=args.lora_alpha,
+    dropout=args.lora_dropout,
+    rslora=args.lora_rslora,
+    exclude=exclude,
+  )
+
+
+def load_config(name: str):
+  """``--config_name``: a transformers config from a ``config.json``, a folder or a Hub id."""
+  import transformers
+
+  path = pathlib.Path(name)
+  if path.is_dir() and not (path / "config.json").is_file():
+    raise FileNotFoundError(f"--config_name {name!r} is a folder without config.json")
+  if not path.exists() and (name.startswith(("/", ".", "~")) or name.endswith(".json")):
+    raise FileNotFoundError(f"--config_name {name!r} does not exist")
+  try:
+    return transformers.AutoConfig.from_pretrained(name)
+  except OSError as e:  # a Hub id that cannot be fetched: transformers' first line says why
+    raise FileNotFoundError(f"--config_name {name!r}: {str(e).splitlines()[0]}") from e
+
+
+def base_model_path(args: argparse.Namespace) -> str:
+  """The adapter's base checkpoint: ``--model_name_or_path``, or ``OUTPUT_DIR/base_model``."""
+  return args.model_name_or_path or str(pathlib.Path(args.output_dir) / "base_model")
+
+
+def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> None:
+  """Writes a from-scratch model's random base to ``OUTPUT_DIR/base_model``, a checkpoint.
+
+  ``params`` without their adapters: the frozen base the adapter was trained on and applies to
+  (PEFT's ``base_model_name_or_path``), with any trained head (the adapter carries it too, as
+  ``modules_to_save``).
+  """
+  base = lora_jax.unload(params)
+  models.export_merged(base_model_path(args), base, config=config, tokenizer=tokenizer)
+  logger.info(
+    "wrote the base model (random weights, seed %d) to %s", args.seed, base_model_path(args)
+  )
+
+
+def model_source(args: argparse.Namespace) -> str:
+  """Where the base weights come from: a checkpoint, or a config and a seed (from scratch)."""
+  if args.model_name_or_path:
+    model = args.model_name_or_path
+    return str(pathlib.Path(model).resolve()) if pathlib.Path(model).exists() else model
+  return f"new model from {pathlib.Path(args.config_name).resolve()}, seed {args.seed}"
+
+
+def load_adapter(path: str, variables, config, ignore_mismatched_sizes: bool = False):
+  """An adapter in our format (``lora_jax.save_adapter``) or PEFT's (folder or Hub id).
+
+  ``ignore_mismatched_sizes``: a saved head of another shape (another label count) is not
+  loaded; the model keeps its new head (PEFT format only).
+  """
+  folder = pathlib.Path(path)
+  if (folder / "adapter_config.json").exists() or not folder.exists():
+    return lora_jax.import_peft(
+      path, variables, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes
+    )
+  if ignore_mismatched_sizes:
+    raise ValueError(
+      f"--ignore_mismatched_sizes applies to adapters in PEFT's format (adapter_config.json); "
+      f"{path!r} is in lora_jax's: export it with lora_jax.export_peft, or start from the run's "
+      "OUTPUT_DIR/adapter"
+    )
+  return lora_jax.load_adapter(path, variables)
+
+
+def adapter_summary(params) -> str:
+  """``"2 x r=8 alpha=16.0 rslora=False"``: the adapters' settings, for checkpoint signatures."""
+  specs = [
+    leaf
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, lora_jax.LoraSpec))
+    if isinstance(leaf, lora_jax.LoraSpec)
+  ]
+  counts = collections.Counter(f"r={s.rank} alpha={s.alpha} rslora={s.rslora}" for s in specs)
+  return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
+
+
+def export(args, config, tokenizer, params, out: pathlib.Path, *, task_type: str,
+           extra_trainable=()) -> None:  # fmt: skip
+  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``.
+
+  A model trained from scratch also gets its base written (``base_model/``, see
+  :func:`export_base_model`): the adapter is useless without those random weights.
+  """
+  if jax.process_index() != 0:
+    return
+  if not args.model_name_or_path:
+    export_base_model(args, config, tokenizer, params)
+  lora_jax.export_peft(
+    out / "adapter",
+    params,
+    base_model_name_or_path=base_model_path(args),
+    config=config,
+    task_type=task_type,
+    extra_trainable=extra_trainable,
+  )
+  logger.info("wrote the adapter (PEFT format) to %s", out / "adapter")
+  if args.export_merged:
+    models.export_merged(out / "merged", params, config=config, tokenizer=tokenizer)
+    logger.info("wrote the merged model to %s", out / "merged")
