@@ -24,6 +24,7 @@ import yaml
 
 PARALLEL_MODES = ("none", "pmap", "mesh")
 DTYPES = ("float32", "bfloat16")
+LR_SCHEDULERS = ("linear", "cosine", "constant")  # train.trainer.make_schedule's kinds
 
 
 class OneLineParser(argparse.ArgumentParser):

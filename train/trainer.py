@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax
+from train.flags import LR_SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,6 @@ def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainS
   )
 
 
-SCHEDULES = ("linear", "cosine", "constant")
-
-
 def linear_schedule(learning_rate: float, total_steps: int, warmup_steps: int):
   """Linear warmup from 0 to ``learning_rate``, then linear decay to 0 at ``total_steps``.
 
@@ -126,8 +124,8 @@ def make_schedule(kind: str, learning_rate: float, total_steps: int, warmup_step
     >>> [round(float(s(i)), 3) for i in (1, 2, 6, 10)]
     [0.5, 1.0, 0.5, 0.0]
   """
-  if kind not in SCHEDULES:
-    raise ValueError(f"unknown learning-rate schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
+  if kind not in LR_SCHEDULERS:
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; valid: {', '.join(LR_SCHEDULERS)}")
   warmup = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
   decay_steps = max(total_steps - warmup_steps, 1)
   after = {

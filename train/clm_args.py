@@ -1,0 +1,108 @@
+"""Command-line flags of ``train/run_clm.py``: transformers' ``run_clm.py`` and TRL's SFT config
+names, plus LoRA's and ``--config FILE`` (YAML; see :mod:`train.flags`).
+
+Example:
+  >>> args = parse_args(["--model_name_or_path", "m", "--train_file", "t.jsonl"])
+  >>> args.lora_target_modules, args.packing, args.lr_scheduler_type, args.max_grad_norm
+  (['all-linear'], True, 'linear', 1.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from train import flags
+from train.flags import as_dict  # noqa: F401  (run_clm's outputs use it)
+
+
+def build_parser() -> flags.OneLineParser:
+  """All flags, with their defaults (which a ``--config`` file then overrides)."""
+  p = flags.new_parser(
+    "run_clm.py",
+    "LoRA supervised fine-tuning of a causal LM with lora_jax (see train/run_clm.py).",
+  )
+  g = p.add_argument_group("model")
+  flags.add_model(g, None)
+  g.add_argument(
+    "--scan_layers",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="run the decoder layers under nn.scan (one layer compiled, however deep)",
+  )
+  g.add_argument(
+    "--remat",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="rematerialise each layer in the backward pass (less memory, more compute)",
+  )
+  g = p.add_argument_group("data")
+  g.add_argument("--dataset_name", help="a Hub dataset (datasets.load_dataset)")
+  g.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
+  g.add_argument("--train_file", help="JSON, JSONL, CSV, parquet or .txt training file")
+  g.add_argument("--validation_file", help="validation file, same formats")
+  g.add_argument(
+    "--validation_split_percentage",
+    type=flags.percent_int,
+    default=5,
+    help="without a validation split: hold out this % of the training rows",
+  )
+  g.add_argument(
+    "--text_column",
+    help="plain-text column (language modelling); default: 'text' when there is no "
+    "conversation column",
+  )
+  g.add_argument(
+    "--messages_column",
+    help="conversation column (lists of role/content turns, formatted with the tokenizer's "
+    "chat template); default: 'messages' if present",
+  )
+  g.add_argument(
+    "--completion_only_loss",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="loss on the assistant replies only (default: on for conversations, off for text)",
+  )
+  g.add_argument("--max_seq_length", type=flags.positive_int, default=512)
+  g.add_argument(
+    "--packing",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="padding-free rows of max_seq_length tokens holding several sequences (segment_ids); "
+    "--no-packing: one sequence per row, padded to a bucketed length",
+  )
+  g.add_argument(
+    "--max_train_samples", type=flags.positive_int, help="keep the first N training rows"
+  )
+  g.add_argument("--max_eval_samples", type=flags.positive_int, help="keep the first N eval rows")
+  g = p.add_argument_group("training")
+  flags.add_training(
+    g, batch=8, eval_batch=8, learning_rate=2e-4, warmup=0.0, epochs=3.0, save_steps=500,
+    output_dir="outputs/clm",
+  )  # fmt: skip
+  g.add_argument("--lr_scheduler_type", choices=flags.LR_SCHEDULERS, default="linear")
+  g.add_argument(
+    "--max_grad_norm", type=flags.nonneg_float, default=1.0, help="0: no gradient clipping"
+  )
+  g = p.add_argument_group("generation")
+  g.add_argument(
+    "--generation_prompts_file",
+    help="prompts to sample at every evaluation and at the end (one per line, or JSONL with a "
+    "'prompt' field); written to OUTPUT_DIR/samples.jsonl",
+  )
+  g.add_argument("--generation_max_new_tokens", type=flags.positive_int, default=64)
+  g = p.add_argument_group("LoRA")
+  flags.add_lora(g, targets=["all-linear"], dropout=0.05)
+  return p
+
+
+def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Namespace:
+  flags.resolve_model(args, parser, None)
+  if not args.dataset_name and not args.train_file:
+    parser.error("argument --train_file: give a training file or --dataset_name (Hub)")
+  return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """Flags from ``--config`` (if any), then from ``argv`` (default ``sys.argv[1:]``)."""
+  return flags.parse(build_parser(), argv, _check)

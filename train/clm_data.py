@@ -1,0 +1,337 @@
+"""Causal-LM data: files or Hub datasets, plain text or conversations, loss masks, packing.
+
+* **Sources**: ``datasets.load_dataset(dataset_name, dataset_config_name)`` (the Hub), or local
+  ``--train_file`` / ``--validation_file`` (JSON, JSONL, CSV, parquet, plain text). Without a
+  validation split, ``validation_split_percentage`` of the training rows are held out.
+* **Columns**: a text column (language modelling: every token is a target) or a conversation
+  column (lists of ``{"role", "content"}`` turns, formatted with the tokenizer's chat template;
+  with ``completion_only`` only the assistant replies, end-of-turn tokens included, are
+  targets). Which one is picked from the columns present when no flag names it.
+* **Sequences** (:class:`Sequences`): token ids and a per-token loss weight (``1``: this token
+  is predicted and counts), truncated to ``max_seq_length`` (counted, never dropped silently).
+* **Batches**: packed (padding-free, as TRL's ``packing``): the sequences are placed once into
+  rows of ``max_seq_length`` tokens by first-fit decreasing length, ``segment_ids`` numbering
+  each row's sequences, and each epoch shuffles the rows; or padded: one sequence per row,
+  each batch padded to a bucketed length. Either way a batch holds ``input_ids``,
+  ``attention_mask``, ``segment_ids`` and ``weights`` (``[rows, length]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from train import packing
+from train.glue_data import bucket_for
+from train.glue_data import bucket_lengths
+from train.glue_data import epoch_order
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+TEXT, MESSAGES = "text", "messages"  # the default column names of the two kinds of data
+ROLES = ("system", "user", "assistant")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _load_file(path: str, split: str):
+  import datasets
+
+  suffix = pathlib.Path(path).suffix.lower()
+  if suffix not in BUILDERS:
+    raise ValueError(f"data file {path!r} has extension {suffix!r}; supported: {sorted(BUILDERS)}")
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"data file {path!r} does not exist")
+  if pathlib.Path(path).stat().st_size == 0:
+    raise ValueError(f"data file {path!r} is empty")
+  kwargs = {"keep_default_na": False} if suffix == ".csv" else {}
+  return datasets.load_dataset(BUILDERS[suffix], data_files={split: path}, **kwargs)[split]
+
+
+def load_raw(
+  *,
+  dataset_name: str | None = None,
+  dataset_config_name: str | None = None,
+  train_file: str | None = None,
+  validation_file: str | None = None,
+  validation_split_percentage: int = 5,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """``{"train": ..., "validation": ...}`` datasets (``validation`` may be held out of train).
+
+  Raises:
+    ValueError: neither a dataset nor a training file, an unsupported or empty file, or an
+      empty split.
+  """
+  import datasets
+
+  if dataset_name and train_file:
+    raise ValueError(
+      f"--dataset_name {dataset_name!r} and --train_file {train_file!r}: give one data source"
+    )
+  if dataset_name:
+    raw = dict(datasets.load_dataset(dataset_name, dataset_config_name))
+  elif train_file:
+    raw = {"train": _load_file(train_file, "train")}
+    if validation_file:
+      raw["validation"] = _load_file(validation_file, "validation")
+  else:
+    raise ValueError("no data: give --dataset_name (a Hub dataset) or --train_file")
+  if "train" not in raw:
+    raise ValueError(f"the dataset has no 'train' split; its splits: {sorted(raw)}")
+  if "validation" not in raw and validation_split_percentage:
+    held = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
+    raw = {"train": held["train"], "validation": held["test"]}
+  for split, ds in raw.items():
+    if len(ds) == 0:
+      raise ValueError(f"the {split} split is empty (0 rows)")
+  return raw
+
+
+def pick_column(
+  columns: Sequence[str], text_column: str | None, messages_column: str | None, source: str
+) -> tuple[str, str]:
+  """``(kind, column)``: ``("messages", name)`` for conversations, ``("text", name)`` for text.
+
+  A flag names the column; without one, ``messages`` is used if present, else ``text``.
+
+  Example:
+    >>> pick_column(["messages", "id"], None, None, "train.jsonl")
+    ('messages', 'messages')
+    >>> pick_column(["body"], "body", None, "train.jsonl")
+    ('text', 'body')
+  """
+  if text_column and messages_column:
+    raise ValueError("--text_column and --messages_column: give one (text or conversations)")
+  for kind, name in ((MESSAGES, messages_column), (TEXT, text_column)):
+    if name:
+      if name not in columns:
+        flag = "--messages_column" if kind == MESSAGES else "--text_column"
+        raise ValueError(f"{flag} {name!r} is not a column of {source}; its columns: {columns}")
+      return kind, name
+  for kind in (MESSAGES, TEXT):
+    if kind in columns:
+      return kind, kind
+  raise ValueError(
+    f"{source} has neither a {MESSAGES!r} nor a {TEXT!r} column (its columns: {list(columns)}); "
+    "name one with --messages_column (conversations) or --text_column (plain text)"
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising.
+
+
+@dataclasses.dataclass
+class Sequences:
+  """Tokenised examples: ``ids[i]`` and ``weights[i]`` (1.0 where token ``t`` is a target)."""
+
+  ids: list[np.ndarray]
+  weights: list[np.ndarray]
+  truncated: int = 0  # examples cut to max_seq_length
+  without_targets: int = 0  # examples left with no target token
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.array([len(x) for x in self.ids])
+
+
+def _finish(ids, weights, max_len: int, source: str) -> Sequences:
+  truncated = sum(len(x) > max_len for x in ids)
+  ids = [np.asarray(x[:max_len], np.int32) for x in ids]
+  weights = [np.asarray(w[:max_len], np.float32) for w in weights]
+  without = sum(not w[1:].any() for w in weights)
+  if truncated:
+    logger.warning(
+      "%s: %d of %d examples are longer than max_seq_length=%d tokens and were truncated",
+      source,
+      truncated,
+      len(ids),
+      max_len,
+    )
+  if without:
+    logger.warning(
+      "%s: %d of %d examples have no target token left (nothing to learn from them)",
+      source,
+      without,
+      len(ids),
+    )
+  return Sequences(ids, weights, truncated, without)
+
+
+def encode_text(texts: Sequence[str], tokenizer, max_len: int, source: str) -> Sequences:
+  """Each text's tokens and the end-of-sequence token; every token a target."""
+  eos = tokenizer.eos_token_id
+  ids = []
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"{source}: row {i} holds {type(text).__name__}, not text")
+    tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids.append(tokens + ([eos] if eos is not None and (not tokens or tokens[-1] != eos) else []))
+  return _finish(ids, [np.ones(len(x), np.float32) for x in ids], max_len, source)
+
+
+def _check_turns(messages, i: int, source: str) -> None:
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(f"{source}: row {i} is not a non-empty list of turns: {messages!r:.120}")
+  for turn in messages:
+    if (
+      not isinstance(turn, Mapping)
+      or turn.get("role") not in ROLES
+      or not isinstance(turn.get("content"), str)
+    ):
+      raise ValueError(
+        f"{source}: row {i} has a turn {turn!r:.120}; each turn needs a role in {list(ROLES)} "
+        "and a text content"
+      )
+
+
+def render(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+  """Token ids of ``messages`` through the tokenizer's chat template."""
+  out = tokenizer.apply_chat_template(
+    list(messages), tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=True
+  )
+  return list(out["input_ids"])
+
+
+def encode_conversations(
+  conversations: Sequence, tokenizer, max_len: int, completion_only: bool, source: str
+) -> Sequences:
+  """Chat-templated conversations; with ``completion_only`` only assistant replies are targets.
+
+  A reply's tokens are found by rendering the conversation up to the reply's turn with the
+  generation prompt (what a model sees before answering) and up to the end of the reply: the
+  tokens between the two, end-of-turn included, are the reply's. This holds for any template
+  whose renderings extend each other, which is checked.
+  """
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError(
+      f"{source} holds conversations, but the tokenizer {tokenizer.name_or_path!r} has no chat "
+      "template; use a tokenizer with one (--tokenizer_name), or a text column (--text_column)"
+    )
+  ids, weights = [], []
+  for i, messages in enumerate(conversations):
+    _check_turns(messages, i, source)
+    full = render(tokenizer, messages, add_generation_prompt=False)
+    weight = np.zeros(len(full), np.float32) if completion_only else np.ones(len(full), np.float32)
+    for t, turn in enumerate(messages):
+      if not completion_only or turn["role"] != "assistant":
+        continue
+      before = render(tokenizer, messages[:t], add_generation_prompt=True)
+      upto = render(tokenizer, messages[: t + 1], add_generation_prompt=False)
+      if full[: len(before)] != before or full[: len(upto)] != upto:
+        raise ValueError(
+          f"{source}: row {i}: the chat template does not render a conversation as an "
+          "extension of its beginning, so the assistant's tokens cannot be told apart; train on "
+          "every token with --no-completion_only_loss"
+        )
+      weight[len(before) : len(upto)] = 1.0
+    ids.append(full)
+    weights.append(weight)
+  return _finish(ids, weights, max_len, source)
+
+
+def encode(dataset, kind: str, column: str, tokenizer, max_len: int, completion_only: bool,
+           source: str) -> Sequences:  # fmt: skip
+  values = dataset[column]
+  if kind == MESSAGES:
+    return encode_conversations(values, tokenizer, max_len, completion_only, source)
+  return encode_text(values, tokenizer, max_len, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches.
+
+
+def pack(seqs: Sequences, row_len: int) -> list[list[int]]:
+  """The sequences placed into rows of ``row_len`` tokens (first-fit decreasing length)."""
+  return packing.first_fit_decreasing(seqs.lengths, row_len)
+
+
+def _rows_batch(seqs: Sequences, rows: Sequence[Sequence[int]], n_rows: int, length: int,
+                pad_id: int) -> dict:  # fmt: skip
+  """``n_rows`` rows of ``length`` tokens holding ``rows`` (lists of sequence indices); rows
+  beyond ``len(rows)`` are empty fillers (weight 0)."""
+  ids = np.full((n_rows, length), pad_id, np.int32)
+  segments = np.zeros((n_rows, length), np.int32)
+  weights = np.zeros((n_rows, length), np.float32)
+  for r, members in enumerate(rows):
+    at = 0
+    for s, i in enumerate(members, start=1):
+      n = len(seqs.ids[i])
+      ids[r, at : at + n], segments[r, at : at + n] = seqs.ids[i], s
+      weights[r, at : at + n] = seqs.weights[i]
+      at += n
+  return {
+    "input_ids": ids,
+    "attention_mask": (segments > 0).astype(np.int32),
+    "segment_ids": segments,
+    "weights": weights,
+  }
+
+
+@dataclasses.dataclass
+class Batcher:
+  """Training and evaluation batches of one split, packed or padded (see the module doc).
+
+  ``rows`` counts what a batch is made of: packed rows, or sequences when padded.
+  """
+
+  seqs: Sequences
+  max_seq_length: int
+  packed: bool
+  pad_id: int
+
+  def __post_init__(self):
+    self.units = pack(self.seqs, self.max_seq_length) if self.packed else None
+    self.buckets = bucket_lengths(self.max_seq_length)
+
+  @property
+  def rows(self) -> int:
+    return len(self.units) if self.packed else len(self.seqs)
+
+  def batch(self, units: np.ndarray, n_rows: int) -> dict:
+    if self.packed:
+      members = [self.units[u] for u in units]
+      return _rows_batch(self.seqs, members, n_rows, self.max_seq_length, self.pad_id)
+    longest = max((len(self.seqs.ids[u]) for u in units), default=1)
+    length = bucket_for(longest, self.buckets)
+    return _rows_batch(self.seqs, [[u] for u in units], n_rows, length, self.pad_id)
+
+  def train_batches(self, n_rows: int, seed: int, start: int = 0) -> Iterator[dict]:
+    """Micro-batches ``start, start + 1, ...`` of the endless, seeded stream (each epoch a
+    permutation of the rows; a partial last batch of an epoch is left out)."""
+    per_epoch = self.rows // n_rows
+    if per_epoch == 0:
+      raise ValueError(
+        f"the training set makes {self.rows} rows, fewer than one global batch of {n_rows} "
+        "(lower --per_device_train_batch_size, or add data)"
+      )
+    m, epoch, order = start, -1, None
+    while True:
+      e, i = divmod(m, per_epoch)
+      if e != epoch:
+        epoch, order = e, epoch_order(self.rows, seed, e)
+      yield self.batch(order[i * n_rows : (i + 1) * n_rows], n_rows)
+      m += 1
+
+  def eval_batches(self, n_rows: int) -> Iterator[dict]:
+    """Every row once, in order; the last batch filled with empty rows."""
+    order = np.arange(self.rows)
+    if not self.packed:  # shortest first: less padding
+      order = np.argsort(self.seqs.lengths, kind="stable")
+    for i in range(0, len(order), n_rows):
+      yield self.batch(order[i : i + n_rows], n_rows)

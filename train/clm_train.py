@@ -1,0 +1,367 @@
+"""A causal-LM LoRA run end to end: :func:`train_and_evaluate` (``train/run_clm.py`` parses flags).
+
+1. Data (:mod:`train.clm_data`): text or conversations, loss masks, packed or padded rows.
+2. Model: ``lora_jax.models.from_pretrained(..., "causal-lm")`` (``--config_name``: random
+   weights, from scratch), scanned layers and remat if asked, adapters from the ``--lora_*``
+   flags (``all-linear`` by default) or ``--adapter_name_or_path``.
+3. Training: :func:`train.loop.run`, the machinery ``run_glue.py`` uses too, with this module's
+   :class:`CausalLM` task (next-token loss over the target tokens, eval loss and perplexity,
+   greedy samples of ``--generation_prompts_file`` at every evaluation).
+4. Outputs: ``metrics.jsonl``, ``eval_results.json``, ``samples.jsonl``, ``curves.png``, the
+   adapter in PEFT's format (``CAUSAL_LM``), Orbax checkpoints, ``--export_merged``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_jax
+from lora_jax import models
+from train import clm_args
+from train import clm_data
+from train import loop
+from train import outputs
+from train import setup
+from train import trainer
+
+logger = logging.getLogger(__name__)
+
+SAMPLES = "samples.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# The task.
+
+
+def loss_terms(logits, input_ids, segment_ids, weights):
+  """``(sum of weighted next-token losses, sum of weights)`` over a batch of rows.
+
+  Token ``t`` is predicted from the logits at ``t - 1`` when both belong to one sequence of the
+  row (``segment_ids``) and its weight is non-zero; packed neighbours never predict each other.
+  """
+  same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+  w = weights[:, 1:] * same
+  nll = optax.softmax_cross_entropy_with_integer_labels(
+    logits[:, :-1].astype(jnp.float32), input_ids[:, 1:]
+  )
+  return jnp.sum(nll * w), jnp.sum(w)
+
+
+def forward(apply_fn, trainable, frozen, batch, **kwargs):
+  variables = lora_jax.combine(trainable, frozen)
+  return apply_fn(
+    variables,
+    batch["input_ids"],
+    batch["attention_mask"],
+    segment_ids=batch["segment_ids"],
+    **kwargs,
+  )
+
+
+def read_prompts(path: str) -> list[str]:
+  """Prompts of ``--generation_prompts_file``: one per line, or JSONL rows with ``"prompt"``."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"--generation_prompts_file {path!r} does not exist")
+  prompts = []
+  for i, line in enumerate(file.read_text().splitlines()):
+    if not line.strip():
+      continue
+    if file.suffix == ".jsonl":
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise ValueError(f"{path}: line {i + 1} has no string 'prompt' field")
+      prompts.append(row["prompt"])
+    else:
+      prompts.append(line)
+  if not prompts:
+    raise ValueError(f"--generation_prompts_file {path!r} holds no prompt")
+  return prompts
+
+
+@dataclasses.dataclass
+class Sampler:
+  """Greedy answers to fixed prompts, from the current adapters (``samples.jsonl``)."""
+
+  module: Any
+  base: Any  # the frozen half, on the host side
+  prompts: list[str]
+  prompt_ids: list[list[int]]
+  tokenizer: Any
+  max_new_tokens: int
+  path: pathlib.Path
+
+  def __call__(self, step: int, trainable_host) -> list[str]:
+    params = lora_jax.combine(trainable_host, self.base)
+    out = models.generate(
+      self.module,
+      params,
+      self.prompt_ids,
+      max_new_tokens=self.max_new_tokens,
+      eos_token_id=self.tokenizer.eos_token_id,
+    )
+    texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out]
+    if jax.process_index() == 0:
+      # rows of this step or later are from an interrupted run that this one replays
+      rows = outputs.read_jsonl(self.path) if self.path.exists() else []
+      rows = [r for r in rows if r["step"] < step]
+      pairs = zip(self.prompts, texts, strict=True)
+      rows += [{"step": step, "prompt": p, "generation": t} for p, t in pairs]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return texts
+
+
+@dataclasses.dataclass
+class CausalLM:
+  """Supervised fine-tuning of a causal LM, for :func:`train.loop.run`."""
+
+  apply_fn: Callable
+  train: clm_data.Batcher
+  eval: clm_data.Batcher | None
+  global_rows: int
+  eval_rows: int
+  seed: int
+  sampler: Sampler | None = None
+
+  def loss(self, trainable, frozen, batch, rngs):
+    logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=False, rngs=rngs)
+    return loss_terms(logits, batch["input_ids"], batch["segment_ids"], batch["weights"])
+
+  def eval_step(self, trainable, frozen, batch):
+    """Per row: its summed target loss and its number of targets."""
+    logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=True)
+    same = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) & (
+      batch["segment_ids"][:, 1:] > 0
+    )
+    w = batch["weights"][:, 1:] * same
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:]
+    )
+    return jnp.stack([jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)], axis=1)
+
+  def batches(self, start: int, data_parallel: int):
+    return self.train.train_batches(self.global_rows, self.seed, start)
+
+  def counts(self, batch: dict) -> tuple[int, int]:
+    starts = (batch["segment_ids"] > 0) & (
+      np.pad(batch["segment_ids"], ((0, 0), (1, 0)))[:, :-1] != batch["segment_ids"]
+    )
+    return int(starts.sum()), int(batch["attention_mask"].sum())
+
+  def evaluate(self, step: int, parallel, trainable, frozen) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    if self.eval is not None:
+      t0, total, weight = time.perf_counter(), 0.0, 0.0
+      for batch in self.eval.eval_batches(self.eval_rows):
+        sums = parallel.eval(trainable, frozen, parallel.put_batch(batch))
+        total, weight = total + float(sums[:, 0].sum()), weight + float(sums[:, 1].sum())
+      loss = total / max(weight, 1.0)
+      results = {
+        "eval_loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "eval_tokens": int(weight),
+        "eval_runtime_s": round(time.perf_counter() - t0, 3),
+      }
+    if self.sampler is not None:
+      self.sampler(step, parallel.host(trainable))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model.
+
+
+@dataclasses.dataclass
+class Data:
+  train: clm_data.Sequences
+  eval: clm_data.Sequences | None
+  kind: str  # clm_data.TEXT or clm_data.MESSAGES
+
+
+def load_data(args: argparse.Namespace, tokenizer) -> Data:
+  raw = clm_data.load_raw(
+    dataset_name=args.dataset_name,
+    dataset_config_name=args.dataset_config_name,
+    train_file=args.train_file,
+    validation_file=args.validation_file,
+    validation_split_percentage=args.validation_split_percentage,
+    seed=args.seed,
+  )
+  source = args.train_file or args.dataset_name
+  kind, column = clm_data.pick_column(
+    raw["train"].column_names, args.text_column, args.messages_column, repr(source)
+  )
+  completion_only = (
+    kind == clm_data.MESSAGES if args.completion_only_loss is None else args.completion_only_loss
+  )
+  if completion_only and kind != clm_data.MESSAGES:
+    raise ValueError(
+      f"--completion_only_loss needs conversations (a messages column); {source!r} has the "
+      f"text column {column!r}"
+    )
+
+  def encode(split: str, limit: int | None) -> clm_data.Sequences:
+    ds = raw[split]
+    if column not in ds.column_names:
+      raise ValueError(
+        f"the {split} split has no {column!r} column (the train split's); its columns: "
+        f"{ds.column_names}"
+      )
+    if limit is not None:
+      ds = ds.select(range(min(limit, len(ds))))
+    return clm_data.encode(
+      ds, kind, column, tokenizer, args.max_seq_length, completion_only, f"the {split} split"
+    )
+
+  train = encode("train", args.max_train_samples)
+  evals = encode("validation", args.max_eval_samples) if "validation" in raw else None
+  return Data(train, evals, kind)
+
+
+def load_model(args: argparse.Namespace):
+  """``(module, params with adapters, transformers config)``."""
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  kw = dict(dtype=dtype, scan_layers=args.scan_layers, remat=args.remat)
+  if args.model_name_or_path:
+    import transformers
+
+    module, variables = models.from_pretrained(args.model_name_or_path, "causal-lm", **kw)
+    config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+  else:
+    config = setup.load_config(args.config_name)
+    logger.info(
+      "Training new model from scratch: %s from %s, random weights from seed %d",
+      config.model_type,
+      args.config_name,
+      args.seed,
+    )
+    module, variables = models.from_config(config, "causal-lm", rng=args.seed, **kw)
+  if args.adapter_name_or_path:
+    params = setup.load_adapter(args.adapter_name_or_path, variables, config)
+  else:
+    layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 1), jnp.int32))
+    params = lora_jax.lora_init(
+      variables, setup.lora_rule(args), rng=jax.random.key(args.seed + 1), layouts=layouts
+    )
+  return module, params, config
+
+
+def signature(args: argparse.Namespace, module, params, global_rows: int) -> dict:
+  """What a checkpoint must agree on to be resumed by this run (shapes are checked too)."""
+  cfg = module.config
+  return {
+    "model_name_or_path": setup.model_source(args),
+    "model": f"{cfg.model_type} vocab={cfg.vocab_size} hidden={cfg.hidden_size} "
+    f"layers={cfg.num_hidden_layers}",
+    "scan_layers": args.scan_layers,
+    "lora": setup.adapter_summary(params),
+    "data": f"max_seq_length={args.max_seq_length} packing={args.packing} rows={global_rows}",
+  }
+
+
+def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> Sampler | None:
+  if not args.generation_prompts_file:
+    return None
+  prompts = read_prompts(args.generation_prompts_file)
+  if kind == clm_data.MESSAGES:  # ask as a user turn, as the model is trained
+    ids = [
+      clm_data.render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+      for p in prompts
+    ]
+  else:
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+  base = lora_jax.partition(params, lora_jax.trainable_mask(params))[1]
+  return Sampler(module, base, prompts, ids, tokenizer, args.generation_max_new_tokens,
+                 out / SAMPLES)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
+  """Trains (or resumes), evaluates and writes every output; returns the final eval results.
+
+  ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
+  """
+  import transformers
+
+  out = pathlib.Path(args.output_dir)
+  if jax.process_index() == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    outputs.write_json(out / "args.json", clm_args.as_dict(args))
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  data = load_data(args, tokenizer)
+  module, params, hf_config = load_model(args)
+  logger.info(lora_jax.param_report(params).splitlines()[0])
+
+  devices = trainer.data_parallel_size(args.parallel)
+  global_rows = args.per_device_train_batch_size * devices
+  k = args.gradient_accumulation_steps
+  train = clm_data.Batcher(data.train, args.max_seq_length, args.packing, pad_id)
+  total = loop.total_steps(train.rows, global_rows, k, args.num_train_epochs, args.max_steps)
+  task = CausalLM(
+    apply_fn=lora_jax.lora_apply(module.apply),
+    train=train,
+    eval=None
+    if data.eval is None
+    else clm_data.Batcher(data.eval, args.max_seq_length, args.packing, pad_id),
+    global_rows=global_rows,
+    eval_rows=args.per_device_eval_batch_size * devices,
+    seed=args.seed,
+  )
+  task.sampler = _sampler(args, module, params, tokenizer, data.kind, out)
+  logger.info(
+    "%d training sequences in %d %s rows; %d steps of %d rows x %d (accumulation), %s parallel "
+    "over %d device(s)",
+    len(data.train),
+    train.rows,
+    "packed" if args.packing else "padded",
+    total,
+    global_rows,
+    k,
+    args.parallel,
+    devices,
+  )
+  trained = loop.run(
+    params,
+    task,
+    loop.Settings(
+      output_dir=args.output_dir,
+      total_steps=total,
+      learning_rate=args.learning_rate,
+      lr_scheduler_type=args.lr_scheduler_type,
+      warmup_ratio=args.warmup_ratio,
+      weight_decay=args.weight_decay,
+      max_grad_norm=args.max_grad_norm or None,
+      gradient_accumulation_steps=k,
+      logging_steps=args.logging_steps,
+      eval_steps=args.eval_steps,
+      save_steps=args.save_steps,
+      save_total_limit=args.save_total_limit,
+      parallel=args.parallel,
+      shard_frozen=args.shard_frozen,
+      seed=args.seed,
+      dtype=args.dtype,
+      progress=args.progress,
+    ),
+    signature=signature(args, module, params, global_rows),
+    on_step=on_step,
+  )
+  setup.export(args, hf_config, tokenizer, trained.params, out, task_type="CAUSAL_LM")
+  return trained.results
