@@ -46,8 +46,8 @@ SAMPLES = "samples.jsonl"
 # The task.
 
 
-def loss_terms(logits, input_ids, segment_ids, weights):
-  """``(sum of weighted next-token losses, sum of weights)`` over a batch of rows.
+def token_losses(logits, input_ids, segment_ids, weights):
+  """``(weighted loss, weight)`` of every next-token prediction, each ``[rows, length - 1]``.
 
   Token ``t`` is predicted from the logits at ``t - 1`` when both belong to one sequence of the
   row (``segment_ids``) and its weight is non-zero; packed neighbours never predict each other.
@@ -57,7 +57,13 @@ def loss_terms(logits, input_ids, segment_ids, weights):
   nll = optax.softmax_cross_entropy_with_integer_labels(
     logits[:, :-1].astype(jnp.float32), input_ids[:, 1:]
   )
-  return jnp.sum(nll * w), jnp.sum(w)
+  return nll * w, w
+
+
+def loss_terms(logits, input_ids, segment_ids, weights):
+  """``(sum of weighted next-token losses, sum of weights)`` over a batch of rows."""
+  loss, w = token_losses(logits, input_ids, segment_ids, weights)
+  return jnp.sum(loss), jnp.sum(w)
 
 
 def forward(apply_fn, trainable, frozen, batch, **kwargs):
@@ -143,14 +149,8 @@ class CausalLM:
   def eval_step(self, trainable, frozen, batch):
     """Per row: its summed target loss and its number of targets."""
     logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=True)
-    same = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) & (
-      batch["segment_ids"][:, 1:] > 0
-    )
-    w = batch["weights"][:, 1:] * same
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:]
-    )
-    return jnp.stack([jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)], axis=1)
+    loss, w = token_losses(logits, batch["input_ids"], batch["segment_ids"], batch["weights"])
+    return jnp.stack([jnp.sum(loss, axis=1), jnp.sum(w, axis=1)], axis=1)
 
   def batches(self, start: int, data_parallel: int):
     return self.train.train_batches(self.global_rows, self.seed, start)
