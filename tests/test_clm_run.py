@@ -1,0 +1,195 @@
+"""train/run_clm.py end to end on the offline quickstart (a from-scratch Llama, synthetic dates):
+outputs, one-line errors for bad input, and (slow, run by .ci/run) the parallel modes and a
+SIGKILL-ed run resumed by rerunning its command."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from conftest import REPO
+
+from train import clm_args
+from train import clm_train
+from train import make_clm_quickstart
+from train import outputs
+from train import run_clm
+
+CONFIG = "configs/clm_quickstart.yaml"
+FOLDER = REPO / "configs" / "clm_quickstart"
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+  monkeypatch.chdir(REPO)  # the quickstart config's paths are relative to the checkout
+
+
+def _args(out, *extra):
+  return clm_args.parse_args(
+    ["--config", CONFIG, "--output_dir", str(out), "--no-progress", *extra]
+  )
+
+
+def test_generator_reproduces_the_committed_files(tmp_path):
+  make_clm_quickstart.write(tmp_path)
+  committed = sorted(p.name for p in FOLDER.iterdir())
+  assert sorted(p.name for p in tmp_path.iterdir()) == committed
+  for name in committed:
+    assert (tmp_path / name).read_bytes() == (FOLDER / name).read_bytes(), name
+  assert sum((FOLDER / n).stat().st_size for n in committed) < 400_000  # commit-sized
+
+
+def test_a_short_quickstart_run_writes_every_output(tmp_path):
+  out = tmp_path / "run"
+  results = clm_train.train_and_evaluate(
+    _args(out, "--max_steps", "60", "--eval_steps", "30", "--logging_steps", "10")
+  )
+  assert results["step"] == 60 and results["perplexity"] == pytest.approx(
+    np.exp(results["eval_loss"])
+  )
+  rows = outputs.read_jsonl(out / "metrics.jsonl")
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
+  assert set(train_rows[0]) >= {"loss", "learning_rate", "grad_norm", "tokens_per_s"}
+  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+  assert len(evals) == 2 and evals[1] < evals[0]  # the eval loss falls
+  samples = outputs.read_jsonl(out / "samples.jsonl")
+  assert [s["step"] for s in samples] == [30] * 4 + [60] * 4
+  prompts = (FOLDER / "prompts.txt").read_text().splitlines()
+  assert [s["prompt"] for s in samples[-4:]] == prompts
+  config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+  assert config["task_type"] == "CAUSAL_LM" and config["r"] == 16
+  assert (out / "base_model" / "model.safetensors").is_file()  # the random base it applies to
+  for name in ("eval_results.json", "curves.png", "args.json"):
+    assert (out / name).is_file(), name
+  assert (out / "checkpoints" / "60").is_dir()
+
+
+def _main(capsys, *argv) -> tuple[int, list[str]]:
+  try:
+    code = run_clm.main(list(argv))
+  except SystemExit as e:  # argparse errors
+    code = e.code
+  return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+  (tmp_path / "empty.jsonl").write_text("")
+  bare = tmp_path / "no_template"
+  shutil.copytree(FOLDER, bare)
+  tokenizer_config = json.loads((bare / "tokenizer_config.json").read_text())
+  del tokenizer_config["chat_template"]
+  (bare / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+  out = ["--output_dir", str(tmp_path / "out"), "--no-progress"]
+  cases = [
+    (["--text_column", "body"], "--text_column 'body' is not a column of"),
+    (["--train_file", str(tmp_path / "empty.jsonl")], "empty.jsonl' is empty"),
+    (["--tokenizer_name", str(bare)], "has no chat template; use a tokenizer with one"),
+    (["--lr_scheduler_type", "warmup_stable"], "invalid choice: 'warmup_stable'"),
+  ]
+  for extra, message in cases:
+    code, err = _main(capsys, "--config", CONFIG, *out, *extra)
+    assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
+    assert err[0].startswith("run_clm.py: error: "), err
+
+
+def test_examples_longer_than_max_seq_length_are_truncated_and_counted(tmp_path, caplog):
+  args = _args(tmp_path / "out", "--max_seq_length", "12", "--max_steps", "1",
+               "--max_train_samples", "64", "--generation_prompts_file", "")  # fmt: skip
+  with caplog.at_level("WARNING"):
+    clm_train.train_and_evaluate(args)
+  assert "the train split: 64 of 64 examples are longer than max_seq_length=12 tokens" in (
+    caplog.text
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow: parallel modes, and a run killed with SIGKILL.
+
+
+def _losses(out: pathlib.Path) -> list[float]:
+  return [r["loss"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.slow
+def test_parallel_modes_give_the_same_losses(tmp_path):
+  """12 logged steps of 8 packed rows, dropout off, on 8 fake devices (1 row each)."""
+  assert jax.device_count() == 8
+  common = ("--max_steps", "12", "--logging_steps", "1", "--eval_steps", "0",
+            "--lora_dropout", "0", "--per_device_eval_batch_size", "8")  # fmt: skip
+  ref_results = clm_train.train_and_evaluate(
+    _args(tmp_path / "none", *common, "--per_device_train_batch_size", "8")
+  )
+  ref = _losses(tmp_path / "none")
+  assert len(ref) == 12
+  for mode, flags in (("pmap", ()), ("mesh", ()), ("mesh", ("--shard_frozen",))):
+    out = tmp_path / f"{mode}{len(flags)}"
+    results = clm_train.train_and_evaluate(
+      _args(
+        out,
+        *common,
+        "--parallel",
+        mode,
+        "--per_device_train_batch_size",
+        "1",
+        "--per_device_eval_batch_size",
+        "1",
+        *flags,
+      )  # fmt: skip
+    )
+    np.testing.assert_allclose(_losses(out), ref, rtol=2e-3, err_msg=f"{mode} {flags}")
+    assert results["eval_loss"] == pytest.approx(ref_results["eval_loss"], rel=2e-3)
+
+
+def _write_base(folder: pathlib.Path) -> pathlib.Path:
+  """A random 'pretrained' checkpoint of the quickstart's shape, with its tokenizer."""
+  from lora_jax import models
+
+  config = transformers.AutoConfig.from_pretrained(FOLDER)
+  _, variables = models.from_config(config, "causal-lm", rng=3)
+  models.export_merged(folder, variables, config=config,
+                       tokenizer=transformers.AutoTokenizer.from_pretrained(FOLDER))  # fmt: skip
+  return folder
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_loss(tmp_path):
+  base = _write_base(tmp_path / "base")
+  argv = [sys.executable, str(REPO / "train" / "run_clm.py"), "--config", CONFIG,
+          "--config_name", "", "--model_name_or_path", str(base), "--max_steps", "16",
+          "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
+          "--lora_dropout", "0.1", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
+          "--no-progress"]  # fmt: skip
+  env = {**os.environ, "XLA_FLAGS": ""}
+  straight = subprocess.run([*argv, "--output_dir", str(tmp_path / "straight")], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  resumed = [*argv, "--output_dir", str(tmp_path / "resumed")]
+  proc = subprocess.Popen(resumed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = tmp_path / "resumed" / "checkpoints" / "4"
+  deadline = time.time() + 300
+  while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert first.is_dir(), "the run never wrote its first checkpoint"
+  steps = [r["step"] for r in outputs.read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+  assert max(steps) < 16, "the run was not killed before the end"
+  again = subprocess.run(resumed, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resuming from" in again.stderr
+  np.testing.assert_allclose(_losses(tmp_path / "resumed"), _losses(tmp_path / "straight"),
+                             rtol=1e-5)  # fmt: skip
+  # nothing of the frozen base is written: checkpoints and adapter are a fraction of it
+  written = sum(f.stat().st_size for f in (tmp_path / "resumed").rglob("*") if f.is_file())
+  assert written < (base / "model.safetensors").stat().st_size / 4
