@@ -49,30 +49,51 @@ def test_generator_reproduces_the_committed_files(tmp_path):
   assert sum((FOLDER / n).stat().st_size for n in committed) < 400_000  # commit-sized
 
 
-def test_a_short_quickstart_run_writes_every_output(tmp_path):
+ANSWERS = ["1997 - 06 - 08", "1991 - 05 - 27", "2009 - 04 - 25", "2015 - 11 - 14"]  # prompts.txt's
+
+
+def test_the_quickstart_writes_every_output_and_its_samples_come_out_right(tmp_path):
+  prompts = (FOLDER / "prompts.txt").read_text().splitlines()
+  file = tmp_path / "prompts.jsonl"  # prompts.txt with the answers: samples get scored
+  rows = [{"prompt": p, "completion": a} for p, a in zip(prompts, ANSWERS, strict=True)]
+  file.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "run"
   results = clm_train.train_and_evaluate(
-    _args(out, "--max_steps", "60", "--eval_steps", "30", "--logging_steps", "10")
+    _args(out, "--eval_steps", "200", "--eval_on_start", "--generation_prompts_file", str(file))
   )
-  assert results["step"] == 60 and results["perplexity"] == pytest.approx(
+  assert results["step"] == 400 and results["perplexity"] == pytest.approx(
     np.exp(results["eval_loss"])
   )
   rows = outputs.read_jsonl(out / "metrics.jsonl")
   train_rows = [r for r in rows if "loss" in r]
-  assert [r["step"] for r in train_rows] == [10, 20, 30, 40, 50, 60]
+  assert [r["step"] for r in train_rows] == list(range(25, 401, 25))
   assert set(train_rows[0]) >= {"loss", "learning_rate", "grad_norm", "tokens_per_s"}
-  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-  assert len(evals) == 2 and evals[1] < evals[0]  # the eval loss falls
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [0, 200, 400]
+  assert evals[0]["eval_loss"] > evals[1]["eval_loss"] > evals[2]["eval_loss"]  # it falls
   samples = outputs.read_jsonl(out / "samples.jsonl")
-  assert [s["step"] for s in samples] == [30] * 4 + [60] * 4
-  prompts = (FOLDER / "prompts.txt").read_text().splitlines()
+  assert [s["step"] for s in samples] == [0] * 4 + [200] * 4 + [400] * 4
   assert [s["prompt"] for s in samples[-4:]] == prompts
+  for s, answer in zip(samples, ANSWERS * 3, strict=True):
+    assert s["completion"] == answer and s["exact_match"] == (s["generation"] == answer)
+  for r in evals:  # the score is the mean of the rows' own matches
+    matches = [s["exact_match"] for s in samples if s["step"] == r["step"]]
+    assert r["samples_exact_match"] == np.mean(matches)
+  # the untrained model gets none right; the trained one all four
+  assert evals[0]["samples_exact_match"] == 0.0 and results["samples_exact_match"] == 1.0
   config = json.loads((out / "adapter" / "adapter_config.json").read_text())
   assert config["task_type"] == "CAUSAL_LM" and config["r"] == 16
   assert (out / "base_model" / "model.safetensors").is_file()  # the random base it applies to
   for name in ("eval_results.json", "curves.png", "args.json"):
     assert (out / name).is_file(), name
-  assert (out / "checkpoints" / "60").is_dir()
+  assert (out / "checkpoints" / "400").is_dir()
+
+
+def test_a_prompts_file_with_completions_on_some_rows_is_refused(tmp_path):
+  file = tmp_path / "p.jsonl"
+  file.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+  with pytest.raises(ValueError, match="some rows have a 'completion' and some do not"):
+    clm_train.read_prompts(str(file))
 
 
 def _main(capsys, *argv) -> tuple[int, list[str]]:

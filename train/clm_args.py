@@ -82,13 +82,20 @@ def build_parser() -> flags.OneLineParser:
   )  # fmt: skip
   g.add_argument("--lr_scheduler_type", choices=flags.LR_SCHEDULERS, default="linear")
   g.add_argument(
+    "--eval_on_start",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="also evaluate (and sample) before the first step: the untuned model's scores",
+  )
+  g.add_argument(
     "--max_grad_norm", type=flags.nonneg_float, default=1.0, help="0: no gradient clipping"
   )
   g = p.add_argument_group("generation")
   g.add_argument(
     "--generation_prompts_file",
     help="prompts to sample at every evaluation and at the end (one per line, or JSONL with a "
-    "'prompt' field); written to OUTPUT_DIR/samples.jsonl",
+    "'prompt' field and optionally the expected 'completion', scored as samples_exact_match); "
+    "written to OUTPUT_DIR/samples.jsonl",
   )
   g.add_argument("--generation_max_new_tokens", type=flags.positive_int, default=64)
   g = p.add_argument_group("LoRA")

@@ -77,25 +77,33 @@ def forward(apply_fn, trainable, frozen, batch, **kwargs):
   )
 
 
-def read_prompts(path: str) -> list[str]:
-  """Prompts of ``--generation_prompts_file``: one per line, or JSONL rows with ``"prompt"``."""
+def read_prompts(path: str) -> tuple[list[str], list[str] | None]:
+  """Prompts of ``--generation_prompts_file`` and their reference answers, if it gives them.
+
+  One prompt per line; or JSONL rows with ``"prompt"`` and, on every row or none,
+  ``"completion"`` (the expected answer: samples then get an exact-match score).
+  """
   file = pathlib.Path(path)
   if not file.is_file():
     raise FileNotFoundError(f"--generation_prompts_file {path!r} does not exist")
-  prompts = []
+  prompts, references = [], []
   for i, line in enumerate(file.read_text().splitlines()):
     if not line.strip():
       continue
-    if file.suffix == ".jsonl":
-      row = json.loads(line)
-      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{path}: line {i + 1} has no string 'prompt' field")
-      prompts.append(row["prompt"])
-    else:
+    if file.suffix != ".jsonl":
       prompts.append(line)
+      continue
+    row = json.loads(line)
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+      raise ValueError(f"{path}: line {i + 1} has no string 'prompt' field")
+    prompts.append(row["prompt"])
+    if "completion" in row:
+      references.append(str(row["completion"]))
   if not prompts:
     raise ValueError(f"--generation_prompts_file {path!r} holds no prompt")
-  return prompts
+  if references and len(references) != len(prompts):
+    raise ValueError(f"{path}: some rows have a 'completion' and some do not")
+  return prompts, references or None
 
 
 @dataclasses.dataclass
@@ -105,12 +113,14 @@ class Sampler:
   module: Any
   base: Any  # the frozen half, on the host side
   prompts: list[str]
+  references: list[str] | None
   prompt_ids: list[list[int]]
   tokenizer: Any
   max_new_tokens: int
   path: pathlib.Path
 
-  def __call__(self, step: int, trainable_host) -> list[str]:
+  def __call__(self, step: int, trainable_host) -> dict[str, float]:
+    """Writes this step's samples; returns ``samples_exact_match`` when references exist."""
     params = lora_jax.combine(trainable_host, self.base)
     out = models.generate(
       self.module,
@@ -119,15 +129,20 @@ class Sampler:
       max_new_tokens=self.max_new_tokens,
       eos_token_id=self.tokenizer.eos_token_id,
     )
-    texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out]
+    texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
+    pairs = zip(self.prompts, texts, strict=True)
+    new = [{"step": step, "prompt": p, "generation": t} for p, t in pairs]
+    metrics = {}
+    if self.references is not None:
+      for row, ref in zip(new, self.references, strict=True):
+        row["completion"], row["exact_match"] = ref, row["generation"] == ref.strip()
+      metrics["samples_exact_match"] = float(np.mean([r["exact_match"] for r in new]))
     if jax.process_index() == 0:
       # rows of this step or later are from an interrupted run that this one replays
       rows = outputs.read_jsonl(self.path) if self.path.exists() else []
-      rows = [r for r in rows if r["step"] < step]
-      pairs = zip(self.prompts, texts, strict=True)
-      rows += [{"step": step, "prompt": p, "generation": t} for p, t in pairs]
+      rows = [r for r in rows if r["step"] < step] + new
       self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return texts
+    return metrics
 
 
 @dataclasses.dataclass
@@ -176,7 +191,7 @@ class CausalLM:
         "eval_runtime_s": round(time.perf_counter() - t0, 3),
       }
     if self.sampler is not None:
-      self.sampler(step, parallel.host(trainable))
+      results.update(self.sampler(step, parallel.host(trainable)))
     return results
 
 
@@ -275,7 +290,7 @@ def signature(args: argparse.Namespace, module, params, global_rows: int) -> dic
 def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> Sampler | None:
   if not args.generation_prompts_file:
     return None
-  prompts = read_prompts(args.generation_prompts_file)
+  prompts, references = read_prompts(args.generation_prompts_file)
   if kind == clm_data.MESSAGES:  # ask as a user turn, as the model is trained
     ids = [
       clm_data.render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
@@ -284,8 +299,8 @@ def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> S
   else:
     ids = [tokenizer(p)["input_ids"] for p in prompts]
   base = lora_jax.partition(params, lora_jax.trainable_mask(params))[1]
-  return Sampler(module, base, prompts, ids, tokenizer, args.generation_max_new_tokens,
-                 out / SAMPLES)  # fmt: skip
+  return Sampler(module, base, prompts, references, ids, tokenizer,
+                 args.generation_max_new_tokens, out / SAMPLES)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +374,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       seed=args.seed,
       dtype=args.dtype,
       progress=args.progress,
+      eval_on_start=args.eval_on_start,
     ),
     signature=signature(args, module, params, global_rows),
     on_step=on_step,

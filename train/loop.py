@@ -167,6 +167,7 @@ class Settings:
   seed: int = 0
   dtype: str = "float32"
   progress: bool = True
+  eval_on_start: bool = False  # a fresh run also evaluates before its first step
 
 
 @dataclasses.dataclass
@@ -286,7 +287,11 @@ def run(
     ckpt.save(step, host, {"optimizer_step": step, "data_position": int(host.step)})
 
   batches = task.batches(int(host_state.step), parallel.data_parallel)
-  first_step, t0 = int(host_state.step) // k, time.perf_counter()
+  first_step = int(host_state.step) // k
+  if settings.eval_on_start and first_step == 0:
+    do_eval(0, state)
+    eval_seconds.clear()  # before the loop's clock starts
+  t0 = time.perf_counter()
   try:
     state = fit(
       parallel,
