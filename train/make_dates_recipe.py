@@ -1,0 +1,72 @@
+"""Writes the SmolLM2 recipe's instruction data (``configs/smollm2_dates/``).
+
+Usage:
+  python train/make_dates_recipe.py [OUT_DIR]   # default: configs/smollm2_dates
+
+A small skill with a fixed answer format, which SmolLM2-135M-Instruct does not have untuned
+(it answers "March 5, 2021" with times, words or the wrong order) and a short LoRA run teaches:
+the user asks, in one of several phrasings, for a date in ISO 8601 form; the assistant answers
+with the date alone, ``2021-03-05``. Files (committed; rerunning writes identical bytes):
+
+* ``train.jsonl`` / ``validation.jsonl``: conversations (``messages``), run_clm's format;
+* ``test.jsonl``: held-out ``prompt`` / ``completion`` pairs, run_clm's
+  ``--generation_prompts_file``: greedy answers to them give ``samples_exact_match``.
+
+No date is in two files.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `train` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from train.make_clm_quickstart import MONTHS  # noqa: E402
+from train.make_clm_quickstart import all_dates  # noqa: E402
+
+SEED = 1
+SPLITS = {"train": 1200, "validation": 100, "test": 100}
+ORDINAL = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd", 31: "st"}
+PHRASINGS = (
+  "Write {Month} {day}, {year} as a date in YYYY-MM-DD format.",
+  "Convert {day} {Month} {year} to ISO 8601 (YYYY-MM-DD).",
+  "What is {Month} {day}{th}, {year} in the format YYYY-MM-DD?",
+  "Reformat the date {m}/{day}/{year} (month/day/year) as YYYY-MM-DD.",
+  "Give the ISO date for the {day}{th} of {Month} {year}.",
+)
+
+
+def request(date, rng: random.Random) -> str:
+  return rng.choice(PHRASINGS).format(
+    Month=MONTHS[date.month - 1].capitalize(),
+    day=date.day,
+    th=ORDINAL.get(date.day, "th"),
+    year=date.year,
+    m=date.month,
+  )
+
+
+def write(out: pathlib.Path) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  rng = random.Random(SEED)
+  dates = rng.sample(all_dates(), sum(SPLITS.values()))
+  at = 0
+  for name, n in SPLITS.items():
+    chosen, at = dates[at : at + n], at + n
+    rows = []
+    for d in chosen:
+      prompt, answer = request(d, rng), d.isoformat()
+      if name == "test":
+        rows.append({"prompt": prompt, "completion": answer})
+      else:
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": turns})
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+  write(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "configs/smollm2_dates"))
