@@ -42,8 +42,9 @@ def setup():
   return module, params, batch
 
 
-def _sgd_update(setup, mode: str, shard_frozen: bool = False):
-  module, params, batch = setup
+def _parallel(setup, mode: str, shard_frozen: bool = False):
+  """``(Parallel, trainable, frozen, tx)`` for an SGD(1.0) step in ``mode``."""
+  module, params, _ = setup
   apply_fn = lora_jax.lora_apply(module.apply)
   tx = lora_jax.lora_optimizer(optax.sgd(1.0), params, EXTRA)
   trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, EXTRA))
@@ -59,6 +60,12 @@ def _sgd_update(setup, mode: str, shard_frozen: bool = False):
   par = trainer.Parallel(
     mode, trainer.make_train_step(loss, tx, axis), eval_step, shard_frozen=shard_frozen
   )
+  return par, trainable, frozen, tx
+
+
+def _sgd_update(setup, mode: str, shard_frozen: bool = False):
+  par, trainable, frozen, tx = _parallel(setup, mode, shard_frozen)
+  batch = setup[2]
   before = jax.tree.map(np.array, trainable)  # the step donates (deletes) the state it gets
   state = par.put_state(trainer.init_state(jax.tree.map(jnp.array, trainable), tx, seed=0))
   state, metrics = par.train(state, par.put_frozen(frozen), par.put_batch(batch))
@@ -75,3 +82,29 @@ def test_one_sgd_step_updates_the_same_in_every_mode(setup):
     assert other_loss == pytest.approx(loss, rel=1e-5), mode
     for u, r in zip(jax.tree.leaves(update), jax.tree.leaves(ref), strict=True):
       np.testing.assert_allclose(u, r, rtol=1e-4, atol=1e-6, err_msg=f"{mode} {shard}")
+
+
+@pytest.mark.parametrize("mode", ["none", "pmap", "mesh"])
+def test_the_step_compiles_once(setup, mode):
+  """State from the host (as train.loop puts it), frozen weights already on a device (as
+  ``from_pretrained`` loads them): later steps, fed the step's own outputs, reuse the first
+  compilation."""
+  par, trainable, frozen, tx = _parallel(setup, mode)
+  frozen = par.put_frozen(jax.device_put(frozen, jax.devices()[0]))
+  host = jax.tree.map(np.asarray, trainer.init_state(trainable, tx, seed=0))
+  state = par.put_state(host)
+  state, _ = par.train(state, frozen, par.put_batch(setup[2]))  # compiles
+  compiled = []
+
+  def listen(event, seconds, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":  # cached or not
+      compiled.append(seconds)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for _ in range(2):
+      state, _ = par.train(state, frozen, par.put_batch(setup[2]))
+    jax.block_until_ready(state)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert not compiled, f"{len(compiled)} more lowerings"

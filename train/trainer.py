@@ -268,7 +268,8 @@ class Parallel:
       )
     if self.mode == "mesh":
       return jax.device_put(state, self.replicated)
-    return jax.device_put(state)
+    # committed to the device, as the step's outputs are: its second call must not compile again
+    return jax.device_put(state, jax.local_devices()[0])
 
   def put_frozen(self, frozen):
     if self.mode == "mesh" and self.shard_frozen:
