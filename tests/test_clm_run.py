@@ -22,6 +22,7 @@ from conftest import REPO
 from train import clm_args
 from train import clm_train
 from train import make_clm_quickstart
+from train import make_dates_recipe
 from train import outputs
 from train import run_clm
 
@@ -40,13 +41,34 @@ def _args(out, *extra):
   )
 
 
-def test_generator_reproduces_the_committed_files(tmp_path):
-  make_clm_quickstart.write(tmp_path)
-  committed = sorted(p.name for p in FOLDER.iterdir())
+@pytest.mark.parametrize(
+  ("write", "folder"),
+  [
+    (make_clm_quickstart.write, FOLDER),
+    (make_dates_recipe.write, REPO / "configs" / "smollm2_dates"),
+  ],
+  ids=["quickstart", "smollm2_dates"],
+)
+def test_generators_reproduce_the_committed_files(tmp_path, write, folder):
+  write(tmp_path)
+  committed = sorted(p.name for p in folder.iterdir())
   assert sorted(p.name for p in tmp_path.iterdir()) == committed
   for name in committed:
-    assert (tmp_path / name).read_bytes() == (FOLDER / name).read_bytes(), name
-  assert sum((FOLDER / n).stat().st_size for n in committed) < 400_000  # commit-sized
+    assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+  assert sum((folder / n).stat().st_size for n in committed) < 400_000  # commit-sized
+
+
+def test_the_recipe_splits_share_no_date():
+  folder = REPO / "configs" / "smollm2_dates"
+  answers = {}
+  for split in ("train", "validation", "test"):
+    rows = outputs.read_jsonl(folder / f"{split}.jsonl")
+    answers[split] = {
+      r["completion"] if split == "test" else r["messages"][1]["content"] for r in rows
+    }
+    assert len(answers[split]) == len(rows), split  # and no date twice within a split
+  assert not answers["train"] & answers["validation"]
+  assert not (answers["train"] | answers["validation"]) & answers["test"]
 
 
 ANSWERS = ["1997 - 06 - 08", "1991 - 05 - 27", "2009 - 04 - 25", "2015 - 11 - 14"]  # prompts.txt's
