@@ -8,6 +8,7 @@ import logging
 
 import jax
 import numpy as np
+import optax
 import pytest
 import transformers
 
@@ -109,10 +110,9 @@ def test_packed_batches_hold_every_sequence_once(tokenizer):
 # The loss: packed rows give the padded rows' loss.
 
 
-@pytest.mark.parametrize("completion_only", [False, True])
-def test_packed_and_padded_batches_give_the_same_loss(tokenizer, completion_only):
-  """Every token a target (False): a packed row's next sequence must not be predicted from the
-  one before it."""
+@pytest.fixture(scope="module")
+def model():
+  """``(apply_fn, trainable, frozen)``: the quickstart's Llama with non-zero adapters."""
   config = transformers.AutoConfig.from_pretrained(QUICKSTART)
   module, variables = models.from_config(config, "causal-lm", rng=0)
   params = lora_jax.lora_init(variables, lora_jax.LoraRule("all-linear", rank=4),
@@ -120,11 +120,22 @@ def test_packed_and_padded_batches_give_the_same_loss(tokenizer, completion_only
   params = jax.tree_util.tree_map_with_path(
     lambda kp, x: x + 0.05 if "lora_b" in str(kp) else x, params
   )
-  rows = [json.loads(line) for line in open(f"{QUICKSTART}/validation.jsonl")][:24]
-  conversations = [r["messages"] for r in rows]
-  seqs = clm_data.encode_conversations(conversations, tokenizer, 64, completion_only, "v")
-  apply_fn = lora_jax.lora_apply(module.apply)
   trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params))
+  return lora_jax.lora_apply(module.apply), trainable, frozen
+
+
+def _sequences(tokenizer, completion_only: bool, n: int = 24) -> clm_data.Sequences:
+  rows = [json.loads(line) for line in open(f"{QUICKSTART}/validation.jsonl")][:n]
+  conversations = [r["messages"] for r in rows]
+  return clm_data.encode_conversations(conversations, tokenizer, 64, completion_only, "v")
+
+
+@pytest.mark.parametrize("completion_only", [False, True])
+def test_packed_and_padded_batches_give_the_same_loss(tokenizer, model, completion_only):
+  """Every token a target (False): a packed row's next sequence must not be predicted from the
+  one before it."""
+  apply_fn, trainable, frozen = model
+  seqs = _sequences(tokenizer, completion_only)
   sums = {}
   for packed in (True, False):
     batcher = clm_data.Batcher(seqs, 64, packed=packed, pad_id=0)
@@ -135,3 +146,27 @@ def test_packed_and_padded_batches_give_the_same_loss(tokenizer, completion_only
   assert sums[True][1] == sums[False][1] == sum(w[1:].sum() for w in seqs.weights)
   np.testing.assert_allclose(sums[True][0] / sums[True][1], sums[False][0] / sums[False][1],
                              rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("completion_only", [False, True])
+def test_the_loss_over_listed_targets_is_the_whole_next_token_loss(tokenizer, model, packed,
+                                                                    completion_only):  # fmt: skip
+  """Logits at the target positions only give the loss of all logits, masked (the reference:
+  every position's next-token loss, weighted by the next token's weight within its sequence)."""
+  apply_fn, trainable, frozen = model
+  batch = next(
+    clm_data.Batcher(_sequences(tokenizer, completion_only), 64, packed, 0).eval_batches(8)
+  )
+  ids, seg = batch["input_ids"], batch["segment_ids"]
+  logits = apply_fn(
+    lora_jax.combine(trainable, frozen), ids, batch["attention_mask"], segment_ids=seg
+  )
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
+  w = batch["weights"][:, 1:] * ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0))
+  total, weight = clm_train.loss_terms(clm_train.forward(apply_fn, trainable, frozen, batch), batch)
+  assert float(weight) == w.sum() > 0
+  np.testing.assert_allclose(float(total), float((nll * w).sum()), rtol=1e-5)
+  k = batch["target_positions"].shape[1]
+  if completion_only:  # the answers only: a fraction of the positions get logits
+    assert k < ids.shape[1] / 2, (k, ids.shape)

@@ -13,7 +13,8 @@
   rows of ``max_seq_length`` tokens by first-fit decreasing length, ``segment_ids`` numbering
   each row's sequences, and each epoch shuffles the rows; or padded: one sequence per row,
   each batch padded to a bucketed length. Either way a batch holds ``input_ids``,
-  ``attention_mask``, ``segment_ids`` and ``weights`` (``[rows, length]``).
+  ``attention_mask``, ``segment_ids`` and ``weights`` (``[rows, length]``), and the targets
+  listed per row (:func:`targets`).
 """
 
 from __future__ import annotations
@@ -275,12 +276,44 @@ def _rows_batch(seqs: Sequences, rows: Sequence[Sequence[int]], n_rows: int, len
       ids[r, at : at + n], segments[r, at : at + n] = seqs.ids[i], s
       weights[r, at : at + n] = seqs.weights[i]
       at += n
-  return {
+  batch = {
     "input_ids": ids,
     "attention_mask": (segments > 0).astype(np.int32),
     "segment_ids": segments,
     "weights": weights,
   }
+  return batch | targets(ids, segments, weights)
+
+
+def targets(ids: np.ndarray, segments: np.ndarray, weights: np.ndarray) -> dict:
+  """The batch's next-token targets, listed per row so the model computes logits there only.
+
+  Position ``p`` of a row predicts token ``p + 1`` when both belong to one sequence and that
+  token's weight is non-zero (packed neighbours never predict each other). Each row lists its
+  ``target_positions``, ``target_ids`` (the tokens at ``p + 1``) and ``target_weights``
+  (``[rows, k]``, padded with weight 0 to ``k``, a bucket of the longest row's count: few
+  shapes). With completion-only loss most tokens are not targets: the output projection and the
+  softmax over the vocabulary then run on a fraction of the tokens.
+
+  Example:
+    >>> t = targets(np.array([[5, 6, 7, 8]]), np.array([[1, 1, 2, 2]]),
+    ...             np.array([[0, 1, 1, 1]], np.float32))
+    >>> [a.tolist() for a in t.values()]  # positions, ids, weights; 1 precedes another sequence
+    [[[0, 2, 0]], [[6, 8, 0]], [[1.0, 1.0, 0.0]]]
+  """
+  same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+  w = weights[:, 1:] * same
+  counts = (w > 0).sum(axis=1)
+  length = ids.shape[1]
+  k = bucket_for(max(int(counts.max(initial=0)), 1), bucket_lengths(max(length - 1, 1), 8))
+  positions = np.zeros((len(ids), k), np.int32)
+  labels = np.zeros((len(ids), k), np.int32)
+  target_weights = np.zeros((len(ids), k), np.float32)
+  for r in range(len(ids)):
+    p = np.flatnonzero(w[r])
+    positions[r, : len(p)], labels[r, : len(p)] = p, ids[r, p + 1]
+    target_weights[r, : len(p)] = w[r, p]
+  return {"target_positions": positions, "target_ids": labels, "target_weights": target_weights}
 
 
 @dataclasses.dataclass

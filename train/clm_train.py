@@ -30,6 +30,7 @@ import optax
 
 import lora_jax
 from lora_jax import models
+from lora_jax.models.generate import prompt_bucket
 from train import clm_args
 from train import clm_data
 from train import loop
@@ -46,33 +47,34 @@ SAMPLES = "samples.jsonl"
 # The task.
 
 
-def token_losses(logits, input_ids, segment_ids, weights):
-  """``(weighted loss, weight)`` of every next-token prediction, each ``[rows, length - 1]``.
+def token_losses(logits, batch):
+  """``(weighted loss, weight)`` of each listed target, ``[rows, k]``.
 
-  Token ``t`` is predicted from the logits at ``t - 1`` when both belong to one sequence of the
-  row (``segment_ids``) and its weight is non-zero; packed neighbours never predict each other.
+  ``logits`` ``[rows, k, vocab]`` are the model's outputs at the batch's ``target_positions``
+  only (:func:`train.clm_data.targets`): the next-token losses that count, none other computed.
   """
-  same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-  w = weights[:, 1:] * same
   nll = optax.softmax_cross_entropy_with_integer_labels(
-    logits[:, :-1].astype(jnp.float32), input_ids[:, 1:]
+    logits.astype(jnp.float32), batch["target_ids"]
   )
+  w = batch["target_weights"]
   return nll * w, w
 
 
-def loss_terms(logits, input_ids, segment_ids, weights):
+def loss_terms(logits, batch):
   """``(sum of weighted next-token losses, sum of weights)`` over a batch of rows."""
-  loss, w = token_losses(logits, input_ids, segment_ids, weights)
+  loss, w = token_losses(logits, batch)
   return jnp.sum(loss), jnp.sum(w)
 
 
 def forward(apply_fn, trainable, frozen, batch, **kwargs):
+  """The logits at the batch's target positions, ``[rows, k, vocab]``."""
   variables = lora_jax.combine(trainable, frozen)
   return apply_fn(
     variables,
     batch["input_ids"],
     batch["attention_mask"],
     segment_ids=batch["segment_ids"],
+    logits_index=batch["target_positions"],
     **kwargs,
   )
 
@@ -122,13 +124,21 @@ class Sampler:
   def __call__(self, step: int, trainable_host) -> dict[str, float]:
     """Writes this step's samples; returns ``samples_exact_match`` when references exist."""
     params = lora_jax.combine(trainable_host, self.base)
-    out = models.generate(
-      self.module,
-      params,
-      self.prompt_ids,
-      max_new_tokens=self.max_new_tokens,
-      eos_token_id=self.tokenizer.eos_token_id,
-    )
+    # one call per length bucket: a short prompt is not padded to the longest one's bucket
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(self.prompt_ids):
+      groups.setdefault(prompt_bucket(len(ids)), []).append(i)
+    out: list[list[int]] = [[] for _ in self.prompt_ids]
+    for members in groups.values():
+      new_tokens = models.generate(
+        self.module,
+        params,
+        [self.prompt_ids[i] for i in members],
+        max_new_tokens=self.max_new_tokens,
+        eos_token_id=self.tokenizer.eos_token_id,
+      )
+      for i, tokens in zip(members, new_tokens, strict=True):
+        out[i] = tokens
     texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     pairs = zip(self.prompts, texts, strict=True)
     new = [{"step": step, "prompt": p, "generation": t} for p, t in pairs]
@@ -159,12 +169,12 @@ class CausalLM:
 
   def loss(self, trainable, frozen, batch, rngs):
     logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=False, rngs=rngs)
-    return loss_terms(logits, batch["input_ids"], batch["segment_ids"], batch["weights"])
+    return loss_terms(logits, batch)
 
   def eval_step(self, trainable, frozen, batch):
     """Per row: its summed target loss and its number of targets."""
     logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=True)
-    loss, w = token_losses(logits, batch["input_ids"], batch["segment_ids"], batch["weights"])
+    loss, w = token_losses(logits, batch)
     return jnp.stack([jnp.sum(loss, axis=1), jnp.sum(w, axis=1)], axis=1)
 
   def batches(self, start: int, data_parallel: int):

@@ -395,7 +395,8 @@ class Decoder(_Base):
     tokens are written at slots ``cache_index ...`` and attend to every slot up to their own
     that ``attention_mask`` ``[batch, slots]`` marks real. Returns ``(output, new_cache)``.
   * ``logits_index`` ``[batch]``: compute the output at one position per row only
-    (``[batch, vocab]``), e.g. the last prompt token when generating.
+    (``[batch, vocab]``), e.g. the last prompt token when generating; ``[batch, k]``: at ``k``
+    positions per row (``[batch, k, vocab]``), e.g. a loss's target positions.
   * ``deterministic`` is accepted for symmetry with the encoders (these models have no dropout
     of their own; LoRA dropout follows :func:`lora_jax.lora_apply`'s rules).
 
@@ -475,7 +476,10 @@ class Decoder(_Base):
         position_ids = jnp.broadcast_to(q_slot, (batch, seq))
     x, cache = self.model(input_ids, position_ids, mask, distance, cache, cache_index)
     if logits_index is not None:
-      x = jnp.take_along_axis(x, jnp.asarray(logits_index)[:, None, None], axis=1)[:, 0]
+      index = jnp.asarray(logits_index)
+      picked = index[:, None] if index.ndim == 1 else index
+      x = jnp.take_along_axis(x, picked[:, :, None], axis=1)
+      x = x[:, 0] if index.ndim == 1 else x
     if self.task == "causal-lm":
       x = (self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)).astype(
         jnp.float32
