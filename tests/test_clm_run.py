@@ -25,6 +25,7 @@ from train import make_clm_quickstart
 from train import make_dates_recipe
 from train import outputs
 from train import run_clm
+from train import run_glue
 
 CONFIG = "configs/clm_quickstart.yaml"
 FOLDER = REPO / "configs" / "clm_quickstart"
@@ -55,7 +56,7 @@ def test_generators_reproduce_the_committed_files(tmp_path, write, folder):
   assert sorted(p.name for p in tmp_path.iterdir()) == committed
   for name in committed:
     assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
-  assert sum((folder / n).stat().st_size for n in committed) < 400_000  # commit-sized
+  assert sum((folder / n).stat().st_size for n in committed) < 500_000  # commit-sized
 
 
 def test_the_recipe_splits_share_no_date():
@@ -124,6 +125,15 @@ def _main(capsys, *argv) -> tuple[int, list[str]]:
   except SystemExit as e:  # argparse errors
     code = e.code
   return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("script", [run_clm, run_glue], ids=["run_clm", "run_glue"])
+def test_help_lists_the_flags(capsys, script):
+  with pytest.raises(SystemExit) as exit_:
+    script.main(["--help"])
+  out = capsys.readouterr().out
+  assert exit_.value.code == 0 and out.startswith("usage: "), out[-300:]
+  assert "--lora_target_modules" in out and "--max_seq_length" in out
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):

@@ -45,7 +45,7 @@ def build_parser() -> flags.OneLineParser:
     "--validation_split_percentage",
     type=flags.percent_int,
     default=5,
-    help="without a validation split: hold out this % of the training rows",
+    help="without a validation split: hold out this %% of the training rows",
   )
   g.add_argument(
     "--text_column",

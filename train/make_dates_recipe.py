@@ -5,8 +5,9 @@ Usage:
 
 A small skill with a fixed answer format, which SmolLM2-135M-Instruct does not have untuned
 (it answers "March 5, 2021" with times, words or the wrong order) and a short LoRA run teaches:
-the user asks, in one of several phrasings, for a date in ISO 8601 form; the assistant answers
-with the date alone, ``2021-03-05``. Files (committed; rerunning writes identical bytes):
+the user asks, in one of several phrasings and after up to seven sentences of context, for a
+date in ISO 8601 form; the assistant answers with the date alone, ``2021-03-05``. Files
+(committed; rerunning writes identical bytes):
 
 * ``train.jsonl`` / ``validation.jsonl``: conversations (``messages``), run_clm's format;
 * ``test.jsonl``: held-out ``prompt`` / ``completion`` pairs, run_clm's
@@ -40,7 +41,30 @@ PHRASINGS = (
 )
 
 
+# Context before some requests, so the conversations vary in length as real instruction data
+# does (59 to 163 tokens with SmolLM2's template): padding wastes what packing saves.
+CONTEXT = (
+  "I am sorting out the paperwork for our office move.",
+  "My grandmother kept a diary and I am typing it up.",
+  "The form only accepts one format and keeps rejecting what I enter.",
+  "We are building a spreadsheet of every event the club has held.",
+  "This is for a database import, so the format matters.",
+  "A colleague wrote the date by hand on the back of an envelope.",
+  "The old system stored dates as text and we are cleaning them up.",
+  "I need it for the file name of a scanned letter.",
+  "Please keep the answer short, I will paste it straight into a form.",
+  "Our archive software sorts entries by their dates.",
+  "The invoice came from a supplier abroad.",
+  "I found this written on a photograph in the attic.",
+)
+
+
 def request(date, rng: random.Random) -> str:
+  context = rng.sample(CONTEXT, rng.choice((0, 0, 1, 2, 3, 5, 7)))
+  return " ".join([*context, _ask(date, rng)])
+
+
+def _ask(date, rng: random.Random) -> str:
   return rng.choice(PHRASINGS).format(
     Month=MONTHS[date.month - 1].capitalize(),
     day=date.day,
