@@ -1,0 +1,226 @@
+"""The SmolLM2 recipe: lora_jax's ``train/run_clm.py`` beside PyTorch + PEFT at equal padded shapes.
+
+Real model and data: SmolLM2-135M-Instruct (``.ci/fetch_smollm2.sh``) and the ISO-date task of
+``configs/smollm2_dates.yaml`` (LoRA r=8 alpha=16 on q_proj and v_proj). One initial adapter,
+lora_jax's initialisation of that config written in PEFT's format, starts three runs:
+
+* ``peft``: ``bench/peft_clm_recipe.py``, a PyTorch loop on run_clm.py's padded batches
+  (``--no-packing``: batches of ``PADDED_ROWS`` conversations, each padded to its length bucket);
+* ``lora_jax padded``: ``run_clm.py --no-packing`` on the same batches, same steps;
+* ``lora_jax packed``: ``run_clm.py`` as configured (packed rows of 256 tokens, about as many
+  conversations per step), with the held-out exact match before the first step and after.
+
+Runs alternate (``--rounds``; the order reverses every other round), so the machine's load
+drifts over every side alike. Reported per run: the median seconds per optimizer step (steady
+state: lora_jax's first step of each batch shape compiles), seconds per step over the whole
+loop (compilation included), the median examples per second, the final eval loss. Then the
+ratio lora_jax padded / PEFT of the median s/step, and whether transformers + PEFT, loading the
+packed run's exported adapter, answers the test prompts greedily exactly as lora_jax did.
+
+Usage (repository root):
+  python bench/clm_recipe.py --out bench/results/clm_recipe_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):  # run as a script: make `train` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIG = "configs/smollm2_dates.yaml"
+PADDED_ROWS = 4  # conversations per padded batch; a packed step of 2 x 256 holds about 5
+NO_SAMPLES = ["--generation_prompts_file", "", "--no-eval_on_start"]
+
+
+def write_initial_adapter(config: str, folder: pathlib.Path) -> None:
+  """lora_jax's initial adapter for ``config`` (``run_clm.py``'s own ``load_model``), as PEFT."""
+  import lora_jax
+  from train import clm_args
+  from train import clm_train
+
+  args = clm_args.parse_args(["--config", config])
+  _, params, hf_config = clm_train.load_model(args)
+  lora_jax.export_peft(
+    folder,
+    params,
+    base_model_name_or_path=args.model_name_or_path,
+    config=hf_config,
+    task_type="CAUSAL_LM",
+  )
+
+
+def lora_jax_run(config: str, adapter: str, out: str, extra: list[str]) -> dict:
+  """``train/run_clm.py --config CONFIG`` from ``adapter``; figures from its outputs."""
+  script = str(REPO / "train" / "run_clm.py")
+  cmd = [sys.executable, script, "--config", config, "--adapter_name_or_path", adapter,
+         "--output_dir", out, "--no-progress", *extra]  # fmt: skip
+  _, wall = _run(cmd)
+  rows = [json.loads(x) for x in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+  steps = [r for r in rows if "loss" in r]
+  res = json.loads((pathlib.Path(out) / "eval_results.json").read_text())
+  row = {
+    "steps": res["train_steps"],
+    "median_s_per_step": statistics.median(r["s_per_step"] for r in steps),
+    "s_per_step": res["train_runtime_s"] / res["train_steps"],
+    "examples_per_s": statistics.median(r["examples_per_s"] for r in steps),
+    "losses": [r["loss"] for r in steps],
+    "eval_loss": res["eval_loss"],
+    "wall_s": round(wall, 1),
+  }
+  start = next((r for r in rows if r["step"] == 0 and "eval_loss" in r), None)
+  if start is not None:
+    row["eval_loss_before"] = start["eval_loss"]
+  if "samples_exact_match" in res:
+    row["exact_match_before"] = start["samples_exact_match"] if start else None
+    row["exact_match"] = res["samples_exact_match"]
+  return row
+
+
+def peft_run(config: str, adapter: str, extra: list[str]) -> dict:
+  """``bench/peft_clm_recipe.py``: its JSON line."""
+  script = REPO / "bench" / "peft_clm_recipe.py"
+  stdout, wall = _run([sys.executable, str(script), "--adapter", adapter, "--",
+                       "--config", config, *extra])  # fmt: skip
+  row = json.loads(stdout.strip().splitlines()[-1])
+  row.pop("side")
+  row["wall_s"] = round(wall, 1)
+  return row
+
+
+def _run(cmd: list[str]) -> tuple[str, float]:
+  """``(stdout, wall seconds)`` of a command that must succeed (run in the repository root)."""
+  t0 = time.perf_counter()
+  env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  wall = time.perf_counter() - t0
+  if proc.returncode != 0:
+    name = pathlib.Path(cmd[1]).name
+    raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc.stdout, wall
+
+
+def transformers_answers(model_path: str, adapter: str, prompts: list[str], max_new_tokens: int):
+  """Greedy answers of transformers' model with the PEFT adapter loaded by
+  ``PeftModel.from_pretrained``, to ``prompts`` asked as user turns (as ``run_clm.py`` asks)."""
+  import peft
+  import torch
+  import transformers
+
+  from train import clm_data
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+  base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+  model = peft.PeftModel.from_pretrained(base, adapter).eval()
+  answers = []
+  with torch.no_grad():
+    for p in prompts:  # one by one: no padding to differ from lora_jax's left-padded batches
+      ids = clm_data.render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+      out = model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+      )
+      answers.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip())
+  return answers
+
+
+def check_export(config: str, out: str) -> dict:
+  """The packed run's ``adapter/`` in transformers + PEFT: greedy answers equal to lora_jax's
+  final samples?"""
+  from train import clm_args
+
+  args = clm_args.parse_args(["--config", config])
+  rows = [json.loads(x) for x in (pathlib.Path(out) / "samples.jsonl").read_text().splitlines()]
+  last = max(r["step"] for r in rows)
+  ours = [r for r in rows if r["step"] == last]
+  theirs = transformers_answers(
+    args.model_name_or_path,
+    str(pathlib.Path(out) / "adapter"),
+    [r["prompt"] for r in ours],
+    args.generation_max_new_tokens,
+  )
+  differ = [
+    {"prompt": r["prompt"], "lora_jax": r["generation"], "transformers": t}
+    for r, t in zip(ours, theirs, strict=True)
+    if r["generation"] != t
+  ]
+  return {"prompts": len(ours), "equal": len(ours) - len(differ), "differ": differ}
+
+
+def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int = 1,
+            check: bool = True, log=print) -> dict:  # fmt: skip
+  """Alternating runs of the three sides; the summary the module doc describes."""
+  padded = ["--no-packing", "--per_device_train_batch_size", str(PADDED_ROWS), *NO_SAMPLES]
+  if padded_steps is not None:
+    padded += ["--max_steps", str(padded_steps)]
+  runs, result = [], {}
+  with tempfile.TemporaryDirectory() as tmp:
+    adapter = pathlib.Path(tmp) / "initial_adapter"
+    write_initial_adapter(config, adapter)
+    sides = ("lora_jax padded", "peft", "lora_jax packed")
+    for r in range(rounds):
+      for side in sides if r % 2 == 0 else sides[::-1]:
+        out = f"{tmp}/{side.replace(' ', '_')}{r}"
+        if side == "peft":
+          row = peft_run(config, str(adapter), padded)
+        elif side == "lora_jax padded":
+          row = lora_jax_run(config, str(adapter), out, padded)
+        else:
+          row = lora_jax_run(config, str(adapter), out, [])
+          if check and r == 0:
+            result["export_check"] = check_export(config, out)
+        row = {"side": side, "round": r, **row}
+        log(json.dumps({k: v for k, v in row.items() if k != "losses"}))
+        runs.append(row)
+
+  def mean(side, key):
+    return statistics.mean(x[key] for x in runs if x["side"] == side)
+
+  result.update(
+    runs=runs,
+    median_s_per_step={s: mean(s, "median_s_per_step") for s in sides},
+    examples_per_s={s: mean(s, "examples_per_s") for s in sides},
+    eval_loss={s: mean(s, "eval_loss") for s in sides},
+  )
+  result["ratio"] = (
+    result["median_s_per_step"]["lora_jax padded"] / (result["median_s_per_step"]["peft"])
+  )
+  return result
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default=CONFIG)
+  p.add_argument("--padded_steps", type=int, help="steps of the padded runs (default: config's)")
+  p.add_argument("--rounds", type=int, default=1)
+  p.add_argument("--out", help="write the JSON result here")
+  args = p.parse_args(argv)
+  if not (REPO / ".cache" / "SmolLM2-135M-Instruct").is_dir():
+    p.error("SmolLM2-135M-Instruct is missing: bash .ci/fetch_smollm2.sh")
+  result = compare(args.config, args.padded_steps, args.rounds)
+  med, ex = result["median_s_per_step"], result["examples_per_s"]
+  print(
+    f"median s/step: lora_jax padded {med['lora_jax padded']:.3f}, PEFT {med['peft']:.3f} "
+    f"(ratio {result['ratio']:.3f}), lora_jax packed {med['lora_jax packed']:.3f}; examples/s "
+    + ", ".join(f"{k} {v:.2f}" for k, v in ex.items())
+  )
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
