@@ -19,6 +19,7 @@ from test_glue_run import run
 import lora_jax
 from lora_jax import models
 from train import glue_args
+from train import run_glue
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FOLDER = REPO / "configs" / "quickstart"
@@ -151,3 +152,11 @@ def test_quickstart_end_to_end(tmp_path):
   labels = np.array([int(y) for _, y in validation])
   accuracy = float(np.mean(np.argmax(logits, -1) == labels))
   assert abs(accuracy - results["eval_accuracy"]) <= 0.004, (accuracy, results)
+
+
+def test_bad_input_found_while_running_exits_2_with_one_line(capsys, tmp_path):
+  code = run_glue.main(["--config", str(REPO / CONFIG), "--train_file", str(tmp_path / "no.tsv"),
+                        "--output_dir", str(tmp_path / "out"), "--no-progress"])  # fmt: skip
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and err[0].startswith("run_glue.py: error: "), err
+  assert "no.tsv" in err[0]

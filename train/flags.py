@@ -221,3 +221,31 @@ def resolve_model(
 def as_dict(args: argparse.Namespace) -> dict[str, Any]:
   """The flags as a JSON-friendly dict (written beside the outputs)."""
   return {k: v for k, v in sorted(vars(args).items())}
+
+
+def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> int:
+  """A training script's ``main``: flags first (checked before jax is imported), then logging,
+  ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
+
+  Bad input found while running (a missing column, a file that does not exist, ...) ends it
+  with one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final
+  results are printed as ``key=value`` pairs.
+  """
+  import importlib
+  import logging
+
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  from train import trainer
+
+  trainer.maybe_initialize_distributed()
+  try:
+    results = importlib.import_module(task_module).train_and_evaluate(args)
+  except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    print(f"{name}: error: {e}", file=sys.stderr)
+    return 2
+  print(
+    " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
+  )
+  return 0

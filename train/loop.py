@@ -170,6 +170,21 @@ class Settings:
   eval_on_start: bool = False  # a fresh run also evaluates before its first step
 
 
+# The flags of train.flags.add_training that Settings takes under the same names.
+SHARED_FLAGS = (
+  "output_dir", "learning_rate", "warmup_ratio", "weight_decay", "gradient_accumulation_steps",
+  "logging_steps", "eval_steps", "save_steps", "save_total_limit", "parallel", "shard_frozen",
+  "seed", "dtype", "progress",
+)  # fmt: skip
+
+
+def settings_from_flags(args, total_steps: int, **fields) -> Settings:
+  """:class:`Settings` from a script's parsed flags (:data:`SHARED_FLAGS`), plus ``fields``
+  (the script's own: its schedule, clipping, ...)."""
+  shared = {name: getattr(args, name) for name in SHARED_FLAGS}
+  return Settings(total_steps=total_steps, **shared, **fields)
+
+
 @dataclasses.dataclass
 class Trained:
   """What :func:`run` leaves: final metrics, and the state to predict with or export.

@@ -12,7 +12,6 @@ The work happens in :func:`train.clm_train.train_and_evaluate`; this file parses
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import sys
 
@@ -20,26 +19,11 @@ if __package__ in (None, ""):  # `python train/run_clm.py`: make `train` and `lo
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from train import clm_args  # noqa: E402  (light: flags are checked before jax is imported)
+from train import flags  # noqa: E402
 
 
 def main(argv=None) -> int:
-  args = clm_args.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  from train import clm_train
-  from train import trainer
-
-  trainer.maybe_initialize_distributed()
-
-  try:
-    results = clm_train.train_and_evaluate(args)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"run_clm.py: error: {e}", file=sys.stderr)
-    return 2
-  print(
-    " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
-  )
-  return 0
+  return flags.run_script("run_clm.py", clm_args.parse_args, "train.clm_train", argv)
 
 
 if __name__ == "__main__":

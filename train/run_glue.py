@@ -20,34 +20,18 @@ See ``python train/run_glue.py --help`` for every flag.
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import sys
 
 if __package__ in (None, ""):  # `python train/run_glue.py`: make `train` and `lora_jax` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from train import flags  # noqa: E402
 from train import glue_args  # noqa: E402  (light: flags are checked before jax is imported)
 
 
 def main(argv=None) -> int:
-  args = glue_args.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  from train import glue_train
-  from train import trainer
-
-  trainer.maybe_initialize_distributed()
-
-  try:
-    results = glue_train.train_and_evaluate(args)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"run_glue.py: error: {e}", file=sys.stderr)
-    return 1
-  print(
-    " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
-  )
-  return 0
+  return flags.run_script("run_glue.py", glue_args.parse_args, "train.glue_train", argv)
 
 
 if __name__ == "__main__":
