@@ -259,21 +259,9 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
 def load_model(args: argparse.Namespace):
   """``(module, params with adapters, transformers config)``."""
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  kw = dict(dtype=dtype, scan_layers=args.scan_layers, remat=args.remat)
-  if args.model_name_or_path:
-    import transformers
-
-    module, variables = models.from_pretrained(args.model_name_or_path, "causal-lm", **kw)
-    config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
-  else:
-    config = setup.load_config(args.config_name)
-    logger.info(
-      "Training new model from scratch: %s from %s, random weights from seed %d",
-      config.model_type,
-      args.config_name,
-      args.seed,
-    )
-    module, variables = models.from_config(config, "causal-lm", rng=args.seed, **kw)
+  module, variables, config = setup.base_model(
+    args, "causal-lm", dtype=dtype, scan_layers=args.scan_layers, remat=args.remat
+  )
   if args.adapter_name_or_path:
     params = setup.load_adapter(args.adapter_name_or_path, variables, config)
   else:

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax
-from lora_jax import models
 from train import glue_args
 from train import glue_data
 from train import glue_metrics
@@ -102,29 +101,10 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
   Adapters come from the ``--lora_*`` flags, or, with ``--adapter_name_or_path``, from that
   adapter (its own rank, alpha and targets; its classifier head too, if it saved one).
   """
-  import transformers
-
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  if args.model_name_or_path:
-    module, variables = models.from_pretrained(
-      args.model_name_or_path,
-      "sequence-classification",
-      num_labels=task.num_labels,
-      dtype=dtype,
-      rng=args.seed,
-    )
-    config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
-  else:
-    config = setup.load_config(args.config_name)
-    logger.info(
-      "Training new model from scratch: %s from %s, random weights from seed %d",
-      config.model_type,
-      args.config_name,
-      args.seed,
-    )
-    module, variables = models.from_config(
-      config, "sequence-classification", num_labels=task.num_labels, dtype=dtype, rng=args.seed
-    )
+  module, variables, config = setup.base_model(
+    args, "sequence-classification", num_labels=task.num_labels, dtype=dtype
+  )
   config.num_labels = task.num_labels
   if args.adapter_name_or_path:
     params = setup.load_adapter(

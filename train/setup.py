@@ -76,6 +76,29 @@ def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> No
   )
 
 
+def base_model(args: argparse.Namespace, task: str, **kwargs):
+  """``(module, variables, transformers config)``: the checkpoint ``--model_name_or_path``, or,
+  with ``--config_name``, a new model with random weights from ``--seed`` ("from scratch";
+  :func:`export` writes them). ``kwargs`` go to ``models.from_pretrained`` / ``from_config``.
+  """
+  import transformers
+
+  if args.model_name_or_path:
+    module, variables = models.from_pretrained(
+      args.model_name_or_path, task, rng=args.seed, **kwargs
+    )
+    return module, variables, transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+  config = load_config(args.config_name)
+  logger.info(
+    "Training new model from scratch: %s from %s, random weights from seed %d",
+    config.model_type,
+    args.config_name,
+    args.seed,
+  )
+  module, variables = models.from_config(config, task, rng=args.seed, **kwargs)
+  return module, variables, config
+
+
 def model_source(args: argparse.Namespace) -> str:
   """Where the base weights come from: a checkpoint, or a config and a seed (from scratch)."""
   if args.model_name_or_path:
