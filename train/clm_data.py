@@ -9,6 +9,10 @@
   targets). Which one is picked from the columns present when no flag names it.
 * **Sequences** (:class:`Sequences`): token ids and a per-token loss weight (``1``: this token
   is predicted and counts), truncated to ``max_seq_length`` (counted, never dropped silently).
+* **Bad input** is refused in one line before training: an empty, blank, header-only or
+  unparsable file (:func:`train.glue_data.check_has_rows`), rows that are not text or not
+  conversations, a split whose texts are all empty or whose examples keep no target token, a
+  ``max_seq_length`` below 2 (:func:`check_max_seq_length`).
 * **Batches**: packed (padding-free, as TRL's ``packing``): the sequences are placed once into
   rows of ``max_seq_length`` tokens by first-fit decreasing length, ``segment_ids`` numbering
   each row's sequences, and each epoch shuffles the rows; or padded: one sequence per row,
@@ -32,7 +36,9 @@ import numpy as np
 from train import packing
 from train.glue_data import bucket_for
 from train.glue_data import bucket_lengths
+from train.glue_data import check_has_rows
 from train.glue_data import epoch_order
+from train.glue_data import load_dataset_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +52,14 @@ ROLES = ("system", "user", "assistant")
 
 
 def _load_file(path: str, split: str):
-  import datasets
-
   suffix = pathlib.Path(path).suffix.lower()
   if suffix not in BUILDERS:
     raise ValueError(f"data file {path!r} has extension {suffix!r}; supported: {sorted(BUILDERS)}")
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"data file {path!r} does not exist")
-  if pathlib.Path(path).stat().st_size == 0:
-    raise ValueError(f"data file {path!r} is empty")
+  check_has_rows(path)  # empty, blank, or a CSV header only
   kwargs = {"keep_default_na": False} if suffix == ".csv" else {}
-  return datasets.load_dataset(BUILDERS[suffix], data_files={split: path}, **kwargs)[split]
+  return load_dataset_file(BUILDERS[suffix], path, split, **kwargs)
 
 
 def load_raw(
@@ -150,11 +153,31 @@ class Sequences:
     return np.array([len(x) for x in self.ids])
 
 
+MIN_SEQ_LENGTH = 2  # one token to read, one to predict
+
+
+def check_max_seq_length(max_len: int) -> None:
+  """A causal LM learns from a token and the next one: ``max_seq_length`` must be at least 2."""
+  if max_len < MIN_SEQ_LENGTH:
+    raise ValueError(
+      f"--max_seq_length {max_len} is too small: a causal LM needs at least {MIN_SEQ_LENGTH} "
+      "tokens (one to read, one to predict)"
+    )
+
+
 def _finish(ids, weights, max_len: int, source: str) -> Sequences:
+  """Truncated to ``max_len``, counting what was cut; refused when no example is left with a
+  target token (the loss would be 0/0: nothing learnt, a meaningless eval loss)."""
   truncated = sum(len(x) > max_len for x in ids)
   ids = [np.asarray(x[:max_len], np.int32) for x in ids]
   weights = [np.asarray(w[:max_len], np.float32) for w in weights]
   without = sum(not w[1:].any() for w in weights)
+  if ids and without == len(ids):
+    raise ValueError(
+      f"{source}: none of its {len(ids)} examples has a target token within "
+      f"max_seq_length={max_len} tokens ({truncated} truncated): raise --max_seq_length, or "
+      "check the data (with completion-only loss, the assistant replies are the targets)"
+    )
   if truncated:
     logger.warning(
       "%s: %d of %d examples are longer than max_seq_length=%d tokens and were truncated",
@@ -173,13 +196,24 @@ def _finish(ids, weights, max_len: int, source: str) -> Sequences:
   return Sequences(ids, weights, truncated, without)
 
 
-def encode_text(texts: Sequence[str], tokenizer, max_len: int, source: str) -> Sequences:
-  """Each text's tokens and the end-of-sequence token; every token a target."""
-  eos = tokenizer.eos_token_id
-  ids = []
+def _check_texts(texts: Sequence, source: str) -> None:
+  """Every row a string; not every one empty (a few empty ones are counted in a warning)."""
   for i, text in enumerate(texts):
     if not isinstance(text, str):
       raise ValueError(f"{source}: row {i} holds {type(text).__name__}, not text")
+  blank = sum(not text.strip() for text in texts)
+  if blank and blank == len(texts):
+    raise ValueError(f"{source}: all of its {blank} rows have an empty text")
+  if blank:
+    logger.warning("%s: %d of %d rows have an empty text", source, blank, len(texts))
+
+
+def encode_text(texts: Sequence[str], tokenizer, max_len: int, source: str) -> Sequences:
+  """Each text's tokens and the end-of-sequence token; every token a target."""
+  _check_texts(texts, source)
+  eos = tokenizer.eos_token_id
+  ids = []
+  for text in texts:
     tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
     ids.append(tokens + ([eos] if eos is not None and (not tokens or tokens[-1] != eos) else []))
   return _finish(ids, [np.ones(len(x), np.float32) for x in ids], max_len, source)
@@ -247,6 +281,12 @@ def encode_conversations(
 
 def encode(dataset, kind: str, column: str, tokenizer, max_len: int, completion_only: bool,
            source: str) -> Sequences:  # fmt: skip
+  """``dataset[column]`` tokenised (:func:`encode_conversations` or :func:`encode_text`).
+
+  Raises:
+    ValueError: ``max_len`` below :data:`MIN_SEQ_LENGTH`, rows of the wrong kind, no target.
+  """
+  check_max_seq_length(max_len)
   values = dataset[column]
   if kind == MESSAGES:
     return encode_conversations(values, tokenizer, max_len, completion_only, source)

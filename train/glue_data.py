@@ -2,6 +2,10 @@
 
 * :func:`load_raw` reads ``datasets.load_dataset("nyu-mll/glue", task)`` by default, or local
   TSV / CSV / JSON files (TSV is read with quoting disabled, as GLUE's files need).
+* Bad input is refused before any training, in one line naming the split, its file and what
+  is valid: an empty file, a file of a header only (:func:`check_has_rows`), a missing text or
+  label column, labels outside ``0..num_labels-1`` (:func:`check_splits`; test splits need no
+  labels), a ``max_seq_length`` too small for the tokenizer (:func:`check_max_seq_length`).
 * :func:`tokenize` runs the checkpoint's tokenizer through ``Dataset.map(batched=True)`` with
   truncation and no padding; :func:`to_examples` turns the result into numpy arrays.
 * Batches are padding-free (:mod:`train.packing`: sequences share rows of ``max_seq_length``)
@@ -81,20 +85,56 @@ _BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 # Loading.
 
 
-def _load_file(path: str, split: str):
+LINE_FORMATS = {".tsv": True, ".csv": True, ".jsonl": False}  # suffix: has a header line
+
+
+def check_has_rows(path: str) -> None:
+  """A 0-byte or blank file is refused as ``empty``; a CSV / TSV with a header line and no row
+  after it as ``has a header but no rows`` (line formats are read up to their second row only).
+  """
+  file = pathlib.Path(path)
+  if file.stat().st_size == 0:
+    raise ValueError(f"data file {path!r} is empty")
+  suffix = file.suffix.lower()
+  if suffix not in LINE_FORMATS:
+    return
+  with open(file, encoding="utf-8", errors="replace") as f:
+    lines = (line for line in f if line.strip())  # pandas and JSON lines skip blank lines
+    if next(lines, None) is None:
+      raise ValueError(f"data file {path!r} is empty (blank lines only)")
+    if LINE_FORMATS[suffix] and next(lines, None) is None:
+      raise ValueError(f"data file {path!r} has a header but no rows")
+
+
+def load_dataset_file(builder: str, path: str, split: str, **kwargs):
+  """``datasets.load_dataset(builder, data_files={split: path})[split]``; a file that cannot be
+  parsed, or that holds no row, is a one-line ``ValueError`` naming it."""
   import datasets
 
+  try:
+    return datasets.load_dataset(builder, data_files={split: path}, **kwargs)[split]
+  except ValueError as e:  # datasets: 'Instruction "train" corresponds to no data!'
+    if "corresponds to no data" not in str(e):
+      raise
+    raise ValueError(f"data file {path!r} holds no rows") from e
+  except datasets.exceptions.DatasetGenerationError as e:
+    cause = " ".join(str(e.__cause__ or e).split())
+    raise ValueError(f"data file {path!r} could not be read as {builder}: {cause}") from e
+
+
+def _load_file(path: str, split: str):
   suffix = pathlib.Path(path).suffix.lower()
   if suffix not in _BUILDERS:
     raise ValueError(f"data file {path!r} has extension {suffix!r}; supported: {sorted(_BUILDERS)}")
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"data file {path!r} does not exist")
+  check_has_rows(path)
   kwargs: dict[str, Any] = {}
   if suffix == ".tsv":  # GLUE's TSVs hold bare quote characters: no CSV quoting.
     kwargs = dict(delimiter="\t", quoting=3, keep_default_na=False)
   elif suffix == ".csv":
     kwargs = dict(keep_default_na=False)
-  return datasets.load_dataset(_BUILDERS[suffix], data_files={split: path}, **kwargs)[split]
+  return load_dataset_file(_BUILDERS[suffix], path, split, **kwargs)
 
 
 def load_raw(
@@ -108,15 +148,114 @@ def load_raw(
 
   With no file given, the Hub's ``nyu-mll/glue`` config ``task.name``. With files, exactly the
   splits given, named ``train`` / ``validation`` / ``test``.
+
+  Raises:
+    ValueError: an unsupported, empty or unreadable file, or a split that fails
+      :func:`check_splits` (columns, labels), in one line naming the split and its file.
+    FileNotFoundError: a file that does not exist.
   """
   import datasets
 
   files = {"train": train_file, "validation": validation_file, "test": test_file}
   if not any(files.values()):
-    return datasets.load_dataset(HUB_DATASET, task.name)
-  return datasets.DatasetDict(
+    raw = datasets.load_dataset(HUB_DATASET, task.name)
+    check_splits(raw, task, {s: f"{HUB_DATASET} {task.name}" for s in raw})
+    return raw
+  raw = datasets.DatasetDict(
     {split: _load_file(path, split) for split, path in files.items() if path}
   )
+  check_splits(raw, task, files)
+  return raw
+
+
+def is_test_split(split: str, task: GlueTask) -> bool:
+  """Test splits need no labels (GLUE's have none, or ``-1``): they are only predicted."""
+  return split == "test" or split in task.test_splits
+
+
+def check_splits(raw: Mapping, task: GlueTask, sources: Mapping[str, str | None]) -> None:
+  """Every split has the text column(s) of the first (``train``) split, and every split but a
+  test split a ``label`` column of valid labels (:func:`check_split_labels`); the error names the
+  split, its source (``sources[split]``: its file), what is missing and the columns it has.
+  """
+  if not raw:
+    return
+  first = "train" if "train" in raw else next(iter(raw))
+
+  def where(split: str) -> str:
+    return f"the {split} split ({sources.get(split)!r})"
+
+  try:
+    keys = text_keys(raw[first], task)
+  except ValueError as e:
+    raise ValueError(f"{where(first)}: {e}") from None
+  for split, ds in raw.items():
+    columns = list(ds.column_names)
+    wanted = [k for k in keys if k] + ([] if is_test_split(split, task) else ["label"])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+      raise ValueError(
+        f"{where(split)} has no {'column' if len(missing) == 1 else 'columns'} "
+        f"{', '.join(map(repr, missing))}; its columns: {columns} "
+        f"(task {task.name} reads {wanted}{'' if split == first else f', as the {first} split'})"
+      )
+  names = label_names(raw[first], task)
+  for split, ds in raw.items():
+    if not is_test_split(split, task):
+      check_split_labels(ds, task, where(split), names, first)
+
+
+def check_split_labels(
+  dataset, task: GlueTask, where: str, names: list[str] | None, first: str = "train"
+) -> None:
+  """The ``label`` column before tokenising: numbers for regression; class indices
+  ``0..num_labels-1`` or names for classification (names: those of the ``first`` split, at most
+  ``num_labels`` of them). ``where`` names the split and its file in the error.
+
+  Example:
+    >>> import datasets
+    >>> check_split_labels(datasets.Dataset.from_dict({"label": [0, 1, 7]}), TASKS["sst2"],
+    ...                    "the validation split ('dev.tsv')", None)
+    Traceback (most recent call last):
+    ValueError: the validation split ('dev.tsv') has label 7; valid: 0..1 (task sst2 has 2 classes)
+  """
+  feature = dataset.features["label"]
+  dtype = getattr(feature, "dtype", "?")
+  values = dataset.unique("label")
+  if None in values:
+    raise ValueError(f"{where} has rows without a label (null)")
+  named = dtype in ("string", "large_string")
+  if task.is_regression:
+    if named or dtype == "bool":
+      raise ValueError(f"{where} has labels {sorted(values)[:5]}; task {task.name} wants numbers")
+    return
+  valid = f"valid: 0..{task.num_labels - 1} (task {task.name} has {task.num_labels} classes)"
+  if named:
+    if any(not v.strip() for v in values):
+      raise ValueError(f"{where} has rows with an empty label ('': a row short of a field?)")
+    if names is None:
+      raise ValueError(
+        f"{where} has label names {sorted(values)[:5]} but the {first} split numeric labels; "
+        "use one kind"
+      )
+    if len(names) > task.num_labels:
+      raise ValueError(
+        f"{where} has {len(names)} label names {names[:5]}; task {task.name} has "
+        f"{task.num_labels} classes"
+      )
+    bad = sorted(set(values) - set(names))
+    if bad:
+      raise ValueError(f"{where} has labels {bad[:5]}, not among the {first} split's {names}")
+    return
+  if names is not None and not hasattr(feature, "names"):
+    raise ValueError(
+      f"{where} has numeric labels {sorted(values)[:5]} but the {first} split label names "
+      f"{names[:5]}; use one kind"
+    )
+  bad = sorted(v for v in values if v not in range(task.num_labels))
+  if bad:
+    label = "label" if len(bad) == 1 else "labels"
+    raise ValueError(f"{where} has {label} {', '.join(map(str, bad[:5]))}; {valid}")
 
 
 def split_names(raw: Mapping, task: GlueTask, kind: str) -> list[str]:
@@ -154,8 +293,32 @@ def label_names(dataset, task: GlueTask) -> list[str] | None:
 # Tokenising and numpy examples.
 
 
+def min_seq_length(tokenizer, pair: bool) -> int:
+  """The shortest ``max_seq_length`` that keeps a token of each text besides the tokenizer's
+  special tokens (``[CLS] a [SEP]``: 3; ``[CLS] a [SEP] b [SEP]``: 5)."""
+  return tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+
+
+def check_max_seq_length(tokenizer, keys: tuple[str, str | None], max_seq_length: int) -> None:
+  """A ``max_seq_length`` below :func:`min_seq_length` is refused, naming the minimum (the
+  tokenizer cannot truncate below its special tokens, or would leave a text out)."""
+  pair = keys[1] is not None
+  least = min_seq_length(tokenizer, pair)
+  if max_seq_length < least:
+    n = tokenizer.num_special_tokens_to_add(pair=pair)
+    raise ValueError(
+      f"--max_seq_length {max_seq_length} is too small: the tokenizer adds {n} special tokens "
+      f"to each {'pair of texts' if pair else 'text'}, so the minimum is {least}"
+    )
+
+
 def tokenize(dataset, tokenizer, keys: tuple[str, str | None], max_seq_length: int):
-  """``Dataset.map(batched=True)``: truncated token ids, no padding (that is per batch)."""
+  """``Dataset.map(batched=True)``: truncated token ids, no padding (that is per batch).
+
+  Raises:
+    ValueError: ``max_seq_length`` is below :func:`min_seq_length`.
+  """
+  check_max_seq_length(tokenizer, keys, max_seq_length)
 
   def encode(batch):
     texts = (batch[keys[0]],) if keys[1] is None else (batch[keys[0]], batch[keys[1]])
