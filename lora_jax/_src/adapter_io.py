@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from lora_jax._src import paths
+from lora_jax._src.finite import check_finite
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
 from lora_jax._src.partition import trainable_mask
@@ -257,6 +258,7 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
   Raises:
     ValueError: ``params`` carry no adapter, an ``extra_trainable`` pattern matches nothing, or
       ``directory`` holds something other than lora_jax adapters.
+    FloatingPointError: an adapter or saved leaf holds NaN or inf (nothing is written).
     TypeError: ``metadata`` is not JSON-serialisable.
 
   Example:
@@ -296,6 +298,10 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
       "params carry no LoRA adapters, nothing to save; call lora_init(params, rules, rng=...) "
       "first (or merge and export the whole model instead)"
     )
+  check_finite(
+    {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in (LORA_A, LORA_B) or p in leaves},
+    f"save the adapter to {directory}",
+  )
 
   info = {
     "format": FORMAT,

@@ -53,6 +53,7 @@ from lora_jax._src.adapter_io import flatten
 from lora_jax._src.adapter_io import insert
 from lora_jax._src.adapter_io import module_of
 from lora_jax._src.adapter_io import nest
+from lora_jax._src.finite import check_finite
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
 from lora_jax._src.partition import trainable_mask
@@ -371,6 +372,7 @@ def export_peft(
   Raises:
     ValueError: no adapters; an adapter PEFT cannot express (more than two weight axes, mixed
       rsLoRA); an extra leaf inside an adapted module; an unknown ``task_type``.
+    FloatingPointError: an adapter or extra leaf holds NaN or inf (nothing is written).
 
   Example:
     >>> import json, tempfile, flax.linen as nn, jax, jax.numpy as jnp
@@ -421,6 +423,10 @@ def export_peft(
         "extra_trainable or merge the adapter first"
       )
 
+  check_finite(
+    {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in (LORA_A, LORA_B) or p in extra},
+    f"export the adapter to {directory}",
+  )
   tensors: dict[str, np.ndarray] = {}
   ranks, alphas, dropouts, rslora = {}, {}, {}, set()
   for module, spec in specs.items():
