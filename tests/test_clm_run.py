@@ -27,13 +27,13 @@ from train import outputs
 from train import run_clm
 from train import run_glue
 
-CONFIG = "configs/clm_quickstart.yaml"
+CONFIG = str(REPO / "configs" / "clm_quickstart.yaml")
 FOLDER = REPO / "configs" / "clm_quickstart"
 
 
 @pytest.fixture(autouse=True)
-def _in_repo(monkeypatch):
-  monkeypatch.chdir(REPO)  # the quickstart config's paths are relative to the checkout
+def _elsewhere(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)  # the config's paths are relative to its folder, not to the cwd
 
 
 def _args(out, *extra):

@@ -19,7 +19,7 @@ def run(*argv, timeout=300) -> subprocess.CompletedProcess:
   env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
   return subprocess.run(
     [sys.executable, str(SCRIPT), *argv],
-    cwd=REPO,  # the config's paths are relative to the checkout
+    cwd=REPO,
     env=env,
     capture_output=True,
     text=True,

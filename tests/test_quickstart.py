@@ -108,11 +108,11 @@ def test_model_source_defaults():
     None,
     glue_args.DEFAULT_MODEL,
   )
-  args = glue_args.parse_args(["--config", str(REPO / CONFIG)])
+  args = glue_args.parse_args(["--config", str(REPO / CONFIG)])  # paths beside the YAML file
   assert (args.model_name_or_path, args.config_name, args.tokenizer_name) == (
     None,
-    "configs/quickstart",
-    "configs/quickstart",
+    str(FOLDER),
+    str(FOLDER),
   )
 
 

@@ -15,6 +15,14 @@ from lora_jax import LoraRule
     ({"rank": 4, "dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
     ({"rank": 4, "init": "pissa"}, r"init='pissa' is not one of \['gaussian', 'kaiming_uniform'\]"),
     ({"rank": 4, "alpha": 0}, r"alpha=0 must be positive"),
+    ({"rank": 4, "alpha": -2.0}, r"alpha=-2.0 must be positive and finite"),
+    ({"rank": 4, "alpha": float("inf")}, r"alpha=inf must be positive and finite"),
+    ({"rank": 4, "alpha": float("-inf")}, r"alpha=-inf must be positive and finite"),
+    ({"rank": 4, "alpha": float("nan")}, r"alpha=nan must be positive and finite"),
+    ({"rank": 4, "alpha": "16"}, r"alpha='16' must be positive and finite"),
+    ({"rank": 4, "dropout": float("nan")}, r"dropout=nan must be in \[0, 1\)"),
+    ({"rank": 4, "dropout": float("inf")}, r"dropout=inf must be in \[0, 1\)"),
+    ({"rank": 4, "dropout": True}, r"dropout=True must be in \[0, 1\)"),
   ],
 )
 def test_invalid_values_raise_at_construction(kwargs, message):

@@ -37,10 +37,17 @@ def build_parser() -> flags.OneLineParser:
     help="rematerialise each layer in the backward pass (less memory, more compute)",
   )
   g = p.add_argument_group("data")
-  g.add_argument("--dataset_name", help="a Hub dataset (datasets.load_dataset)")
+  flags.mark_path(
+    g.add_argument(
+      "--dataset_name", help="a Hub dataset or a local folder (datasets.load_dataset)"
+    ),
+    flags.HUB_OR_PATH,
+  )
   g.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
-  g.add_argument("--train_file", help="JSON, JSONL, CSV, parquet or .txt training file")
-  g.add_argument("--validation_file", help="validation file, same formats")
+  flags.mark_path(
+    g.add_argument("--train_file", help="JSON, JSONL, CSV, parquet or .txt training file")
+  )
+  flags.mark_path(g.add_argument("--validation_file", help="validation file, same formats"))
   g.add_argument(
     "--validation_split_percentage",
     type=flags.percent_int,
@@ -63,7 +70,12 @@ def build_parser() -> flags.OneLineParser:
     default=None,
     help="loss on the assistant replies only (default: on for conversations, off for text)",
   )
-  g.add_argument("--max_seq_length", type=flags.positive_int, default=512)
+  g.add_argument(
+    "--max_seq_length",
+    type=flags.positive_int,
+    default=512,
+    help="tokens per row; longer sequences are truncated",
+  )
   g.add_argument(
     "--packing",
     action=argparse.BooleanOptionalAction,
@@ -80,7 +92,12 @@ def build_parser() -> flags.OneLineParser:
     g, batch=8, eval_batch=8, learning_rate=2e-4, warmup=0.0, epochs=3.0, save_steps=500,
     output_dir="outputs/clm",
   )  # fmt: skip
-  g.add_argument("--lr_scheduler_type", choices=flags.LR_SCHEDULERS, default="linear")
+  g.add_argument(
+    "--lr_scheduler_type",
+    choices=flags.LR_SCHEDULERS,
+    default="linear",
+    help="the learning rate's decay after warmup",
+  )
   g.add_argument(
     "--eval_on_start",
     action=argparse.BooleanOptionalAction,
@@ -91,13 +108,19 @@ def build_parser() -> flags.OneLineParser:
     "--max_grad_norm", type=flags.nonneg_float, default=1.0, help="0: no gradient clipping"
   )
   g = p.add_argument_group("generation")
-  g.add_argument(
+  generation_prompts_file = g.add_argument(
     "--generation_prompts_file",
     help="prompts to sample at every evaluation and at the end (one per line, or JSONL with a "
     "'prompt' field and optionally the expected 'completion', scored as samples_exact_match); "
     "written to OUTPUT_DIR/samples.jsonl",
   )
-  g.add_argument("--generation_max_new_tokens", type=flags.positive_int, default=64)
+  flags.mark_path(generation_prompts_file)
+  g.add_argument(
+    "--generation_max_new_tokens",
+    type=flags.positive_int,
+    default=64,
+    help="most tokens generated per sample (greedy decoding)",
+  )
   g = p.add_argument_group("LoRA")
   flags.add_lora(g, targets=["all-linear"], dropout=0.05)
   return p

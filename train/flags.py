@@ -6,6 +6,13 @@ value goes through the same parsing and checks (``choices``, positive numbers, .
 from the file or the command line, ends the program with one line naming the flag, the value and
 the valid choices, and exit status 2.
 
+A relative path in the YAML file is relative to the file's folder, so a config runs from any
+working directory: path flags (:data:`PATH`; marked with :func:`mark_path`) take
+``yaml_folder/value``, and flags naming a model, tokenizer, adapter or dataset (:data:`HUB_OR_PATH`)
+do so when the value starts with ``./`` or ``../`` or ``yaml_folder/value`` exists, and otherwise
+stay Hugging Face Hub ids (``roberta-base``). Absolute paths, and paths on the command line, are
+left as they are.
+
 Scripts build their parser from :func:`new_parser` and the groups here (:func:`add_model`,
 :func:`add_training`, :func:`add_lora`), each with the script's own defaults.
 """
@@ -13,6 +20,8 @@ Scripts build their parser from :func:`new_parser` and the groups here (:func:`a
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import pathlib
 import sys
 from collections.abc import Callable
@@ -34,15 +43,29 @@ class OneLineParser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+PATH = "path"  # a file or folder
+HUB_OR_PATH = "Hub id or path"  # a folder, or a Hugging Face Hub id ("org/name")
+
+
 def _number(kind, name: str, ok):
-  """An argparse ``type``: parses ``kind``; ``ok(value)`` False -> "invalid NAME value: 'x'"."""
+  """An argparse ``type``: parses ``kind``; ``ok(value)`` False, or a float that is not finite
+  (inf, nan) -> "invalid NAME value: 'x'".
+
+  Example:
+    >>> positive_float("2e-4"), unit_float("1")
+    (0.0002, 1.0)
+    >>> positive_float("inf")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: invalid positive float value: 'inf'
+  """
 
   def parse(text: str):
     try:
       value = kind(text)
     except ValueError:
       value = None
-    if value is None or not ok(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
       raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}")
     return value
 
@@ -59,58 +82,114 @@ dropout_float = _number(float, "float in [0, 1)", lambda v: 0 <= v < 1)
 percent_int = _number(int, "int in [0, 100)", lambda v: 0 <= v < 100)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """``--help`` shows each flag's default, once; no "(default: None)" for flags without one."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    if action.default is None:
+      return action.help or ""
+    return super()._get_help_string(action)
+
+
+def mark_path(action: argparse.Action, kind: str = PATH) -> argparse.Action:
+  """Marks the flag ``action`` (what ``add_argument`` returns) as naming a path (``kind``
+  :data:`PATH`) or a Hub id or path (:data:`HUB_OR_PATH`): a relative value in a ``--config``
+  YAML file is then relative to the YAML file's folder (see :func:`_config_argv`)."""
+  action.path_kind = kind
+  return action
+
+
+def path_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+  """The parser's path flags: ``dest -> kind`` (:func:`mark_path`)."""
+  return {a.dest: a.path_kind for a in parser._actions if hasattr(a, "path_kind")}
+
+
 def new_parser(prog: str, description: str) -> OneLineParser:
-  p = OneLineParser(
-    prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  p = OneLineParser(prog=prog, description=description, formatter_class=_DefaultsHelpFormatter)
+  p.add_argument(
+    "--config",
+    help="YAML file of flag values (keys = flag names); relative paths in it are relative to "
+    "its folder",
   )
-  p.add_argument("--config", help="YAML file of flag values (keys = flag names)")
   return p
 
 
 def add_model(g, default_model: str | None) -> None:
   """``--model_name_or_path``, ``--config_name``, ``--tokenizer_name``, ``--dtype``."""
   fallback = f"{default_model}, or " if default_model else ""
-  g.add_argument(
-    "--model_name_or_path",
-    help=f"checkpoint folder or Hub id; if not given: {fallback}with --config_name a new model "
-    "trained from scratch",
-  )
-  g.add_argument(
-    "--config_name",
-    help="config.json, or a folder or Hub id holding one: train a new model with random "
-    "weights from scratch (instead of --model_name_or_path)",
-  )
-  g.add_argument(
-    "--tokenizer_name",
-    help="tokenizer folder or Hub id; if not given: --model_name_or_path, else --config_name",
-  )
+  for action in (
+    g.add_argument(
+      "--model_name_or_path",
+      help=f"checkpoint folder or Hub id; if not given: {fallback}with --config_name a new "
+      "model trained from scratch",
+    ),
+    g.add_argument(
+      "--config_name",
+      help="config.json, or a folder or Hub id holding one: train a new model with random "
+      "weights from scratch (instead of --model_name_or_path)",
+    ),
+    g.add_argument(
+      "--tokenizer_name",
+      help="tokenizer folder or Hub id; if not given: --model_name_or_path, else --config_name",
+    ),
+  ):
+    mark_path(action, HUB_OR_PATH)
   g.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
 
 
 def add_training(g, *, batch: int, eval_batch: int, learning_rate: float, warmup: float,
                  epochs: float, save_steps: int, output_dir: str) -> None:  # fmt: skip
   """Batch sizes, optimizer, schedule, lengths of the run, logging/eval/save, parallel mode."""
-  g.add_argument("--per_device_train_batch_size", type=positive_int, default=batch)
-  g.add_argument("--per_device_eval_batch_size", type=positive_int, default=eval_batch)
-  g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-  g.add_argument("--learning_rate", type=positive_float, default=learning_rate)
-  g.add_argument("--weight_decay", type=nonneg_float, default=0.01)
-  g.add_argument("--warmup_ratio", type=unit_float, default=warmup)
-  g.add_argument("--num_train_epochs", type=positive_float, default=epochs)
+  g.add_argument(
+    "--per_device_train_batch_size", type=positive_int, default=batch, help="training rows per step"
+  )
+  g.add_argument(
+    "--per_device_eval_batch_size",
+    type=positive_int,
+    default=eval_batch,
+    help="eval rows per batch",
+  )
+  g.add_argument(
+    "--gradient_accumulation_steps",
+    type=positive_int,
+    default=1,
+    help="batches summed into each optimizer step",
+  )
+  g.add_argument(
+    "--learning_rate", type=positive_float, default=learning_rate, help="AdamW's peak rate"
+  )
+  g.add_argument("--weight_decay", type=nonneg_float, default=0.01, help="AdamW's weight decay")
+  g.add_argument(
+    "--warmup_ratio", type=unit_float, default=warmup, help="share of the steps spent warming up"
+  )
+  g.add_argument(
+    "--num_train_epochs", type=positive_float, default=epochs, help="passes over the training data"
+  )
   g.add_argument("--max_steps", type=nonneg_int, default=0, help="if > 0: overrides epochs")
-  g.add_argument("--logging_steps", type=positive_int, default=10)
+  g.add_argument("--logging_steps", type=positive_int, default=10, help="log the loss every N")
   g.add_argument("--eval_steps", type=nonneg_int, default=0, help="0: evaluate at the end only")
   g.add_argument("--save_steps", type=nonneg_int, default=save_steps, help="0: at the end only")
   g.add_argument("--save_total_limit", type=nonneg_int, default=2, help="0: keep all")
-  g.add_argument("--seed", type=int, default=42)
-  g.add_argument("--output_dir", default=output_dir)
+  g.add_argument("--seed", type=int, default=42, help="weights, dropout and data order")
+  mark_path(
+    g.add_argument(
+      "--output_dir",
+      default=output_dir,
+      help="metrics, checkpoints, adapter; rerunning with checkpoints here resumes",
+    )
+  )
   g.add_argument(
     "--export_merged",
     action=argparse.BooleanOptionalAction,
     default=False,
     help="also write a merged Hugging Face checkpoint to OUTPUT_DIR/merged",
   )
-  g.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
+  g.add_argument(
+    "--parallel",
+    choices=PARALLEL_MODES,
+    default="none",
+    help="one device, data parallel (pmap), or a device mesh",
+  )
   g.add_argument(
     "--shard_frozen",
     action=argparse.BooleanOptionalAction,
@@ -123,21 +202,55 @@ def add_training(g, *, batch: int, eval_batch: int, learning_rate: float, warmup
 
 def add_lora(g, *, targets: list[str], dropout: float) -> None:
   """``--lora_r``, ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``, ... ."""
-  g.add_argument("--lora_r", type=positive_int, default=8)
-  g.add_argument("--lora_alpha", type=positive_float, default=16.0)
-  g.add_argument("--lora_dropout", type=dropout_float, default=dropout)
+  g.add_argument("--lora_r", type=positive_int, default=8, help="adapter rank")
+  g.add_argument(
+    "--lora_alpha", type=positive_float, default=16.0, help="scale: alpha / r (rsLoRA: / sqrt r)"
+  )
+  g.add_argument(
+    "--lora_dropout", type=dropout_float, default=dropout, help="dropout on the adapter's input"
+  )
   g.add_argument(
     "--lora_target_modules",
     nargs="+",
     default=targets,
     help="PEFT-style module names, 'all-linear', or one regex over 'params/a/b/c' module paths",
   )
-  g.add_argument("--lora_rslora", action=argparse.BooleanOptionalAction, default=False)
-  g.add_argument("--adapter_name_or_path", help="start from this adapter (ours or PEFT's)")
+  g.add_argument(
+    "--lora_rslora",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="rank-stabilised LoRA: scale by alpha / sqrt(r)",
+  )
+  mark_path(
+    g.add_argument(
+      "--adapter_name_or_path", help="start from this adapter (ours or PEFT's): folder or Hub id"
+    ),
+    HUB_OR_PATH,
+  )
+
+
+def _resolve(value: str, kind: str, folder: str) -> str:
+  """A path flag's ``value`` from a YAML file in ``folder``, made relative to that folder.
+
+  Example:
+    >>> _resolve("data/train.tsv", PATH, "cfg"), _resolve("../out", PATH, "cfg")
+    ('cfg/data/train.tsv', 'out')
+    >>> _resolve("roberta-base", HUB_OR_PATH, "cfg"), _resolve("./m", HUB_OR_PATH, "cfg")
+    ('roberta-base', 'cfg/m')
+    >>> _resolve("/data/t.tsv", PATH, "cfg"), _resolve("", PATH, "cfg")
+    ('/data/t.tsv', '')
+  """
+  if not value or os.path.isabs(value):
+    return value
+  joined = os.path.normpath(os.path.join(folder, value))
+  if kind == PATH or value.startswith(("./", "../")) or os.path.exists(joined):
+    return joined
+  return value  # a Hub id
 
 
 def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-  """YAML as flags: ``{lora_r: 8, do_predict: true}`` -> ``--lora_r 8 --do_predict``."""
+  """YAML as flags: ``{lora_r: 8, do_predict: true}`` -> ``--lora_r 8 --do_predict``; path
+  flags relative to the YAML file's folder (:func:`_resolve`)."""
   try:
     data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
   except OSError as e:
@@ -152,9 +265,13 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     parser.error(
       f"argument --config: {path!r} has unknown keys {unknown}; valid keys: {sorted(actions)}"
     )
+  paths = path_flags(parser)
+  folder = os.path.dirname(path)
   argv: list[str] = []
   for key, value in data.items():
     flag = f"--{key}"
+    if key in paths and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+      value = _resolve(str(value), paths[key], folder)
     if isinstance(actions[key], argparse.BooleanOptionalAction):
       if not isinstance(value, bool):
         parser.error(f"argument --config: {key}={value!r} in {path!r} must be true or false")
@@ -164,7 +281,7 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     elif isinstance(value, list):
       argv += [flag, *map(str, value)]
     else:
-      argv += [flag, str(value)]
+      argv.append(f"{flag}={value}")  # "--x=-inf": a value, not a flag
   return argv
 
 
@@ -223,6 +340,40 @@ def as_dict(args: argparse.Namespace) -> dict[str, Any]:
   return {k: v for k, v in sorted(vars(args).items())}
 
 
+PROJECT_LOGGERS = ("train", "lora_jax")
+
+
+def configure_logging() -> None:
+  """The project's loggers (:data:`PROJECT_LOGGERS`) at INFO, everyone else's at WARNING.
+
+  transformers is imported here without its import-time advice ("PyTorch was not found...":
+  this project needs no torch), and kept at WARNING unless ``TRANSFORMERS_VERBOSITY`` says
+  otherwise; jax's backend probing (``Unable to initialize backend 'tpu'``) is INFO, so hidden.
+  """
+  import logging
+
+  logging.basicConfig(
+    level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+  )
+  for name in PROJECT_LOGGERS:
+    logging.getLogger(name).setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  if "transformers" not in sys.modules:
+    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+      import transformers  # noqa: F401
+    finally:
+      if previous is None:
+        del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+      else:
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+  if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_warning()
+
+
 def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> int:
   """A training script's ``main``: flags first (checked before jax is imported), then logging,
   ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
@@ -232,11 +383,9 @@ def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> 
   results are printed as ``key=value`` pairs.
   """
   import importlib
-  import logging
 
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  configure_logging()
   from train import trainer
 
   trainer.maybe_initialize_distributed()

@@ -26,11 +26,21 @@ def build_parser() -> flags.OneLineParser:
   )
   g = p.add_argument_group("model and data")
   flags.add_model(g, DEFAULT_MODEL)
-  g.add_argument("--task_name", choices=GLUE_TASKS, default="sst2")
-  g.add_argument("--train_file", help="TSV/CSV/JSON training file (default: the Hub's GLUE)")
-  g.add_argument("--validation_file", help="TSV/CSV/JSON validation file")
-  g.add_argument("--test_file", help="TSV/CSV/JSON test file (for --do_predict)")
-  g.add_argument("--max_seq_length", type=flags.positive_int, default=128)
+  g.add_argument("--task_name", choices=GLUE_TASKS, default="sst2", help="the GLUE task")
+  for action in (
+    g.add_argument(
+      "--train_file", help="TSV/CSV/JSON training file; if not given: the Hub's GLUE dataset"
+    ),
+    g.add_argument("--validation_file", help="TSV/CSV/JSON validation file"),
+    g.add_argument("--test_file", help="TSV/CSV/JSON test file (for --do_predict)"),
+  ):
+    flags.mark_path(action)
+  g.add_argument(
+    "--max_seq_length",
+    type=flags.positive_int,
+    default=128,
+    help="tokens per example; longer ones are truncated",
+  )
   g.add_argument(
     "--max_train_samples", type=flags.positive_int, help="keep the first N training rows"
   )
@@ -43,7 +53,12 @@ def build_parser() -> flags.OneLineParser:
     g, batch=32, eval_batch=64, learning_rate=5e-4, warmup=0.06, epochs=3.0, save_steps=500,
     output_dir="outputs/glue",
   )  # fmt: skip
-  g.add_argument("--do_predict", action=argparse.BooleanOptionalAction, default=False)
+  g.add_argument(
+    "--do_predict",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="write predictions for the test split (--test_file, or the Hub's) to OUTPUT_DIR",
+  )
   g.add_argument(
     "--pack_sequences",
     action=argparse.BooleanOptionalAction,
@@ -64,6 +79,19 @@ def build_parser() -> flags.OneLineParser:
   return p
 
 
+def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Namespace:
+  """The model source (:func:`flags.resolve_model`); ``--do_predict`` needs a test split."""
+  flags.resolve_model(args, parser, DEFAULT_MODEL)
+  local = [f for f in ("train_file", "validation_file") if getattr(args, f)]
+  if args.do_predict and not args.test_file and local:
+    parser.error(
+      f"argument --do_predict: no test split to predict: the data are local files "
+      f"(--{local[0]} {getattr(args, local[0])!r}) and --test_file is not given; give "
+      "--test_file, or --no-do_predict"
+    )
+  return args
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Flags from ``--config`` (if any), then from ``argv`` (default ``sys.argv[1:]``).
 
@@ -75,4 +103,4 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     >>> args.model_name_or_path, args.tokenizer_name
     (None, 'configs/quickstart')
   """
-  return flags.parse(build_parser(), argv, lambda a, p: flags.resolve_model(a, p, DEFAULT_MODEL))
+  return flags.parse(build_parser(), argv, _check)

@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import re
 from collections.abc import Sequence
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head",)  # never matched by "all-linear", as in PEFT
 INITS = ("gaussian", "kaiming_uniform")
+
+
+def _finite(value) -> bool:
+  """A real number (not a bool), neither inf nor NaN."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _names_regex(names: Sequence[str]) -> str:
@@ -57,7 +64,7 @@ class LoraRule:
   Args:
     pattern: regex over module paths, a list of PEFT-style module names, or ``"all-linear"``.
     rank: adapter rank ``r`` (> 0).
-    alpha: LoRA alpha; ``None`` means ``alpha = rank`` (scale 1).
+    alpha: LoRA alpha (finite, > 0); ``None`` means ``alpha = rank`` (scale 1).
     dropout: LoRA dropout on the adapter input, in ``[0, 1)``.
     rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
     init: ``"gaussian"`` (A ~ N(0, 1/rank^2), as PEFT's ``init_lora_weights="gaussian"``) or
@@ -97,9 +104,11 @@ class LoraRule:
       object.__setattr__(self, "_exclude", None)
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
       raise ValueError(f"LoraRule rank={self.rank!r} must be a positive integer")
-    if self.alpha is not None and not self.alpha > 0:
-      raise ValueError(f"LoraRule alpha={self.alpha!r} must be positive (or None for alpha=rank)")
-    if not 0.0 <= self.dropout < 1.0:
+    if self.alpha is not None and not (_finite(self.alpha) and self.alpha > 0):
+      raise ValueError(
+        f"LoraRule alpha={self.alpha!r} must be positive and finite (or None for alpha=rank)"
+      )
+    if not (_finite(self.dropout) and 0.0 <= self.dropout < 1.0):
       raise ValueError(f"LoraRule dropout={self.dropout!r} must be in [0, 1)")
     if self.init not in INITS:
       raise ValueError(f"LoraRule init={self.init!r} is not one of {list(INITS)}")

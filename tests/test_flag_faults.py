@@ -1,0 +1,306 @@
+"""Bad flags and configs end in one line and exit 2, before any long work (issue 14): floats
+that are not finite, ``--do_predict`` without a test split; ``--help`` shows every default; a
+``--config`` file's relative paths are relative to its folder; a run's log is the project's."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+from train import clm_args
+from train import flags
+from train import glue_args
+
+CONFIGS = REPO / "configs"
+QUICKSTART = CONFIGS / "quickstart.yaml"
+# each script's parse_args, with the flags it needs to get past its own checks
+SCRIPTS = {
+  "run_glue.py": (glue_args, []),
+  "run_clm.py": (clm_args, ["--model_name_or_path", "m", "--train_file", "t.jsonl"]),
+}
+FLOAT_TYPES = (flags.positive_float, flags.nonneg_float, flags.unit_float, flags.dropout_float)
+
+
+def parse_error(capsys, module, argv) -> str:
+  """The one line that ``module.parse_args(argv)`` ends with (exit 2)."""
+  with pytest.raises(SystemExit) as e:
+    module.parse_args(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, f"expected one line, got {err!r}"
+  return err
+
+
+def options(module) -> list[argparse.Action]:
+  return [a for a in module.build_parser()._actions if a.option_strings]
+
+
+# ---------------------------------------------------------------------------------------------
+# Floats: inf and nan are refused by every float flag.
+
+
+def float_flags() -> list[tuple[str, str]]:
+  found = []
+  for script, (module, _) in SCRIPTS.items():
+    for action in options(module):
+      assert action.type is not float, f"{script} {action.option_strings[0]}: use a checked type"
+      if action.type in FLOAT_TYPES:
+        found.append((script, action.option_strings[0]))
+  return found
+
+
+def test_the_float_flags_are_found():
+  found = {flag for _, flag in float_flags()}
+  assert {"--learning_rate", "--num_train_epochs", "--lora_alpha", "--lora_dropout"} <= found
+  assert ("run_clm.py", "--max_grad_norm") in float_flags()
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "NaN"])
+@pytest.mark.parametrize(("script", "flag"), float_flags())
+def test_every_float_flag_refuses_non_finite_values(capsys, script, flag, value):
+  module, needed = SCRIPTS[script]
+  err = parse_error(capsys, module, [*needed, f"{flag}={value}"])  # "-inf" would be a flag
+  assert err.startswith(f"{script}: error: argument {flag}: invalid ") and f"'{value}'" in err
+
+
+def test_infinite_epochs_are_refused_before_the_run(capsys):
+  err = parse_error(capsys, glue_args, ["--max_steps", "0", "--num_train_epochs", "inf"])
+  assert "argument --num_train_epochs: invalid positive float value: 'inf'" in err
+
+
+@pytest.mark.parametrize(("text", "shown"), [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan")])
+def test_a_config_file_cannot_sneak_in_non_finite_values(capsys, tmp_path, text, shown):
+  config = tmp_path / "c.yaml"
+  config.write_text(f"max_steps: 0\nnum_train_epochs: {text}\n")
+  assert not math.isfinite(yaml.safe_load(config.read_text())["num_train_epochs"])
+  err = parse_error(capsys, glue_args, ["--config", str(config)])
+  assert f"argument --num_train_epochs: invalid positive float value: '{shown}'" in err
+
+
+def test_finite_floats_still_parse():
+  args = glue_args.parse_args(
+    ["--learning_rate", "1e-3", "--lora_dropout", "0", "--warmup_ratio", "1"]
+  )
+  assert (args.learning_rate, args.lora_dropout, args.warmup_ratio) == (1e-3, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# --do_predict needs a test split: --test_file, or the Hub's GLUE (which has one).
+
+
+@pytest.mark.parametrize("given", ["--train_file", "--validation_file"])
+def test_do_predict_on_local_files_without_a_test_file_is_refused(capsys, given):
+  err = parse_error(capsys, glue_args, [given, "data.tsv", "--do_predict"])
+  assert err.startswith("run_glue.py: error: argument --do_predict: ")
+  assert "--test_file" in err and "'data.tsv'" in err
+
+
+def test_do_predict_from_a_config_without_a_test_file_is_refused(capsys):
+  argv = ["--config", str(QUICKSTART), "--test_file", ""]
+  assert "argument --do_predict: " in parse_error(capsys, glue_args, argv)
+
+
+def test_do_predict_with_a_test_split_is_accepted():
+  assert glue_args.parse_args(["--do_predict"]).do_predict  # the Hub's GLUE has test splits
+  args = glue_args.parse_args(["--train_file", "t.tsv", "--test_file", "u.tsv", "--do_predict"])
+  assert args.do_predict and args.test_file == "u.tsv"
+  assert not glue_args.parse_args(["--train_file", "t.tsv"]).do_predict
+
+
+# ---------------------------------------------------------------------------------------------
+# --help shows every default, once.
+
+
+def help_entries(parser: argparse.ArgumentParser) -> dict[str, str]:
+  """``--help``'s text per option (first option string -> its lines, whitespace collapsed)."""
+  entries: dict[str, list[str]] = {}
+  current = None
+  for line in parser.format_help().splitlines():
+    if line.startswith("  -"):
+      current = line.split()[0].rstrip(",")
+      entries[current] = []
+    elif not line.startswith("  "):
+      current = None  # a group title, or a blank line
+    if current:
+      entries[current].append(line)
+  return {k: " ".join(" ".join(v).split()) for k, v in entries.items()}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default_once(monkeypatch, script):
+  monkeypatch.setenv("COLUMNS", "100")
+  module, _ = SCRIPTS[script]
+  parser = module.build_parser()
+  entries = help_entries(parser)
+  shown = 0
+  for action in options(module):
+    text = entries[action.option_strings[0]]
+    assert text.count("(default:") <= 1, text
+    if action.default not in (None, argparse.SUPPRESS):
+      assert text.count(f"(default: {action.default})") == 1, text
+      shown += 1
+  assert shown >= 25  # batch sizes, learning rate, LoRA r/alpha/dropout, lengths, ...
+  assert "(default: None)" not in parser.format_help()
+
+
+def test_train_file_help_names_its_default_once(monkeypatch):
+  monkeypatch.setenv("COLUMNS", "100")
+  text = help_entries(glue_args.build_parser())["--train_file"]
+  assert "the Hub's GLUE" in text and text.count("default") == 0, text
+
+
+# ---------------------------------------------------------------------------------------------
+# --config FILE: relative paths in the file are relative to the file's folder.
+
+
+def test_quickstart_config_runs_from_any_folder(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)
+  args = glue_args.parse_args(["--config", str(QUICKSTART)])
+  assert args.train_file == str(CONFIGS / "quickstart" / "train.tsv")
+  assert args.validation_file == str(CONFIGS / "quickstart" / "validation.tsv")
+  assert args.test_file == str(CONFIGS / "quickstart" / "test.tsv")
+  assert args.config_name == args.tokenizer_name == str(CONFIGS / "quickstart")
+  assert args.output_dir == str(REPO / "outputs" / "quickstart")
+  assert pathlib.Path(args.train_file).is_file()
+
+
+def test_a_relative_config_path_gives_paths_relative_to_the_working_folder(monkeypatch):
+  monkeypatch.chdir(REPO)
+  args = glue_args.parse_args(["--config", "configs/quickstart.yaml"])
+  assert (args.train_file, args.config_name, args.output_dir) == (
+    "configs/quickstart/train.tsv",
+    "configs/quickstart",
+    "outputs/quickstart",
+  )
+  monkeypatch.chdir(CONFIGS)
+  args = glue_args.parse_args(["--config", "quickstart.yaml"])
+  assert (args.train_file, args.output_dir) == ("quickstart/train.tsv", "../outputs/quickstart")
+
+
+def test_hub_ids_absolute_paths_and_the_command_line_are_left_alone(monkeypatch, tmp_path):
+  folder = tmp_path / "cfg"
+  (folder / "local_tokenizer").mkdir(parents=True)
+  config = folder / "c.yaml"
+  config.write_text(
+    "model_name_or_path: roberta-base\n"
+    "tokenizer_name: local_tokenizer\n"  # exists beside the file: a folder
+    "adapter_name_or_path: org/adapter\n"  # does not: a Hub id
+    "train_file: data/train.tsv\n"  # a file: beside the YAML, existing or not
+    f"validation_file: {tmp_path / 'v.tsv'}\n"
+    "test_file: ''\n"
+    "output_dir: ../out\n"
+  )
+  monkeypatch.chdir(tmp_path)
+  args = glue_args.parse_args(["--config", str(config)])
+  assert (args.model_name_or_path, args.adapter_name_or_path) == ("roberta-base", "org/adapter")
+  assert args.tokenizer_name == str(folder / "local_tokenizer")
+  assert args.train_file == str(folder / "data" / "train.tsv")
+  assert args.validation_file == str(tmp_path / "v.tsv")
+  assert args.test_file == ""
+  assert args.output_dir == str(tmp_path / "out")
+  argv = ["--config", str(config), "--train_file", "mine.tsv", "--model_name_or_path", "./m"]
+  args = glue_args.parse_args(argv)
+  assert (args.train_file, args.model_name_or_path) == ("mine.tsv", "./m")
+
+
+def test_dotted_model_values_are_paths_even_when_missing(tmp_path):
+  config = tmp_path / "c.yaml"
+  config.write_text(
+    "model_name_or_path: ../models/m\ntrain_file: t.jsonl\n"
+    "generation_prompts_file: p.txt\ndataset_name: org/data\n"
+  )
+  args = clm_args.parse_args(["--config", str(config)])
+  assert args.model_name_or_path == str(tmp_path.parent / "models" / "m")
+  assert args.generation_prompts_file == str(tmp_path / "p.txt")
+  assert args.dataset_name == "org/data"
+
+
+def test_every_path_flag_is_marked():
+  for module, kinds in ((glue_args, {}), (clm_args, {"dataset_name": flags.HUB_OR_PATH})):
+    marked = flags.path_flags(module.build_parser())
+    expected = {
+      **dict.fromkeys(["output_dir", "train_file", "validation_file"], flags.PATH),
+      **dict.fromkeys(
+        ["model_name_or_path", "config_name", "tokenizer_name", "adapter_name_or_path"],
+        flags.HUB_OR_PATH,
+      ),
+      **kinds,
+    }
+    assert expected.items() <= marked.items(), (module.__name__, marked)
+  assert flags.path_flags(glue_args.build_parser())["test_file"] == flags.PATH
+  assert flags.path_flags(clm_args.build_parser())["generation_prompts_file"] == flags.PATH
+
+
+@pytest.mark.parametrize(
+  "path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS))
+)
+def test_every_config_in_the_checkout_names_paths_beside_the_checkout(monkeypatch, tmp_path, path):
+  monkeypatch.chdir(tmp_path)
+  module = glue_args if "task_name" in yaml.safe_load(path.read_text()) else clm_args
+  args = module.parse_args(["--config", str(path)])
+  assert pathlib.Path(args.output_dir).parent == REPO / "outputs" / path.parent.relative_to(CONFIGS)
+  for dest, kind in flags.path_flags(module.build_parser()).items():
+    value = getattr(args, dest)
+    if not value or (kind == flags.HUB_OR_PATH and value in ("roberta-base", "roberta-large")):
+      continue
+    assert os.path.isabs(value) and value.startswith(str(REPO.parent)), (dest, value)
+    if str(REPO / "configs") in value:  # files of the checkout: they exist
+      assert pathlib.Path(value).exists(), (dest, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The quickstart as a user runs it from another folder: it works, and its log is ours.
+
+
+# run_glue.py as a user without torch runs it (torch comes with the optional [torch] extra):
+# the import system finds no torch, so transformers and datasets see none.
+WITHOUT_TORCH = """
+import runpy, sys
+from importlib.machinery import PathFinder
+
+class NoTorch(PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    return None if name.split(".")[0] == "torch" else super().find_spec(name, path, target)
+
+sys.meta_path = [NoTorch if f is PathFinder else f for f in sys.meta_path]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def quickstart_elsewhere(tmp_path_factory) -> tuple[subprocess.CompletedProcess, pathlib.Path]:
+  cwd = tmp_path_factory.mktemp("elsewhere")
+  out = cwd / "out"
+  script = str(REPO / "train" / "run_glue.py")
+  cmd = [sys.executable, "-c", WITHOUT_TORCH, script, "--config", str(QUICKSTART),
+         "--max_steps", "2", "--eval_steps", "0", "--logging_steps", "1", "--no-do_predict",
+         "--no-progress", "--output_dir", str(out)]  # fmt: skip
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+  proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+  return proc, out
+
+
+def test_the_quickstart_config_runs_from_another_folder(quickstart_elsewhere):
+  proc, out = quickstart_elsewhere
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "eval_accuracy=" in proc.stdout
+  assert (out / "eval_results.json").is_file() and (out / "adapter").is_dir()
+
+
+def test_the_log_is_the_projects_not_its_libraries(quickstart_elsewhere):
+  proc, _ = quickstart_elsewhere
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert " INFO train." in proc.stderr, proc.stderr[:3000]
+  assert "Training new model from scratch" in proc.stderr
+  assert "PyTorch was not found" not in proc.stderr
+  assert "backend 'tpu'" not in proc.stderr.lower() and "jax._src" not in proc.stderr
