@@ -339,7 +339,8 @@ def test_checkpoint_of_another_model_or_lora_shape_is_refused(
   message = str(e.value)
   assert (
     "refusing to resume" in message
-    and "lora: checkpoint '4 x r=4 alpha=16.0 rslora=False', this run '4 x r=2" in message
+    and "lora: checkpoint '4 x r=4 alpha=16.0 rslora=False dropout=0.0', this run '4 x r=2"
+    in message
   )
   assert (
     "layer/1/attention/self/value/lora_b: checkpoint float32[4, 32], this run float32[2, 32]"
@@ -404,7 +405,7 @@ def test_our_adapter_format_is_read_with_load_adapter(tiny_bert_no_dropout, sst2
   base = models.from_pretrained(tiny_bert_no_dropout, "sequence-classification", num_labels=2)[1]
   loaded = setup.load_adapter(str(folder), base, config)
   assert setup.adapter_summary(loaded) == setup.adapter_summary(params)
-  assert setup.adapter_summary(params) == "4 x r=4 alpha=16.0 rslora=False"
+  assert setup.adapter_summary(params) == "4 x r=4 alpha=16.0 rslora=False dropout=0.1"
 
 
 def test_loss_fn_weights_and_regression():

@@ -2,13 +2,23 @@
 
 Each checkpoint holds two items: ``state`` (trainable leaves, optimizer state, step = data
 position, rng; never the frozen base) and ``meta`` (JSON: the run's ``signature``, e.g. model
-and LoRA settings, and every leaf's shape). Restoring compares both with the current run and
-refuses, listing every difference, when they disagree.
+and LoRA settings, every leaf's shape, and a CRC-32 of every array). Restoring compares both
+with the current run and refuses, listing every difference, when they disagree.
+
+A checkpoint is checked before it is used: one that cannot be read, whose arrays do not match
+their CRC-32, or that holds NaN or inf is damaged. :meth:`Checkpointer.restore_latest` names
+each damaged one in a warning, moves it aside (``checkpoints/damaged/STEP``) and resumes from the
+newest intact one; if none is intact it raises :class:`NoIntactCheckpoint`, naming the folder to
+delete.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import shutil
+import sys
+import zlib
 from typing import Any
 
 import jax
@@ -16,9 +26,20 @@ import numpy as np
 
 from train.trainer import TrainState
 
+logger = logging.getLogger(__name__)
+DAMAGED = "damaged"
+
 
 class CheckpointMismatch(ValueError):
   """A checkpoint written for another model, task or LoRA shape."""
+
+
+class NoIntactCheckpoint(ValueError):
+  """Checkpoints exist but every one is damaged."""
+
+
+class DamagedCheckpoint(Exception):
+  """A checkpoint whose arrays are not what was saved."""
 
 
 def _leaf_paths(tree) -> dict[str, Any]:
@@ -42,6 +63,15 @@ def _encode(state: TrainState) -> dict:
     "opt_state": {
       f"{i:05d}": np.asarray(v) for i, v in enumerate(jax.tree.leaves(state.opt_state))
     },
+  }
+
+
+def _checksums(encoded: dict) -> dict[str, int]:
+  """CRC-32 of every array of an :func:`_encode`d state, by ``"group/key"``."""
+  flat = jax.tree_util.tree_flatten_with_path(encoded)[0]
+  return {
+    jax.tree_util.keystr(kp, simple=True, separator="/"): zlib.crc32(np.ascontiguousarray(v))
+    for kp, v in flat
   }
 
 
@@ -73,12 +103,16 @@ class Checkpointer:
   def save(self, step: int, state: TrainState, extra: dict | None = None) -> None:
     """Saves host ``state`` (numpy) as checkpoint ``step`` (the optimizer step)."""
     ocp = self._ocp
-    meta = {"signature": self.signature, "layout": _layout(state), **(extra or {})}
+    encoded = _encode(state)
+    meta = {
+      "signature": self.signature,
+      "layout": _layout(state),
+      "crc32": _checksums(encoded),
+      **(extra or {}),
+    }
     self.manager.save(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_encode(state)), meta=ocp.args.JsonSave(meta)
-      ),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(encoded), meta=ocp.args.JsonSave(meta)),
     )
 
   def wait(self) -> None:
@@ -105,9 +139,8 @@ class Checkpointer:
     if problems:
       raise CheckpointMismatch(
         f"checkpoint {self.directory / str(step)} was written by a different setup; refusing "
-        f"to resume from it ({len(problems)} difference(s)):\n  "
-        + "\n  ".join(problems)
-        + "\nUse another --output_dir, or delete its checkpoints/ to start over."
+        f"to resume from it ({len(problems)} difference(s): " + "; ".join(problems) + "); use "
+        "another --output_dir, or delete its checkpoints/ to start over"
       )
     return meta
 
@@ -119,6 +152,7 @@ class Checkpointer:
     got = self.manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )["state"]
+    _verify(got, meta, self.directory / str(step))
     by_path = {p.replace(".", "/"): v for p, v in got["trainable"].items()}
     flat, treedef = jax.tree_util.tree_flatten_with_path(template.trainable)
     trainable = jax.tree_util.tree_unflatten(
@@ -130,3 +164,81 @@ class Checkpointer:
       step=np.asarray(got["step"]), trainable=trainable, opt_state=opt_state, rng=got["rng"]
     )
     return state, meta
+
+  def restore_latest(self, template: TrainState) -> tuple[int, TrainState, dict] | None:
+    """``(step, state, meta)`` of the newest intact checkpoint, or None if there is none.
+
+    Damaged ones (see the module) are named in a warning and moved to ``damaged/``; a
+    checkpoint of another setup is refused (:class:`CheckpointMismatch`), never skipped.
+
+    Raises:
+      NoIntactCheckpoint: checkpoints exist, and all are damaged.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      path = self.directory / str(step)
+      try:
+        state, meta = self.restore(step, template)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # unreadable files, bad JSON, wrong bytes: all mean damaged
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [")[0][:300]
+        logger.warning("checkpoint %s is damaged (%s); trying an older one", path, why)
+        damaged.append(self._set_aside(step))
+        continue
+      if damaged:
+        logger.warning("resuming from %s; damaged checkpoints moved to %s", path, damaged)
+      return step, state, meta
+    if damaged:
+      raise NoIntactCheckpoint(
+        f"no intact checkpoint in {self.directory} (damaged ones moved to "
+        f"{self.directory / DAMAGED}): delete {self.directory} to start the run over"
+      )
+    return None
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint ``step`` to ``damaged/STEP`` (out of the manager's sight)."""
+    target = self.directory / DAMAGED / str(step)
+    if target.exists():
+      shutil.rmtree(target)
+    target.parent.mkdir(exist_ok=True)
+    (self.directory / str(step)).rename(target)
+    self.manager.reload()
+    return target
+
+
+def _verify(got: dict, meta: dict, path: pathlib.Path) -> None:
+  """Raises :class:`DamagedCheckpoint` if restored arrays differ from their saved CRC-32 or
+  are not finite (checkpoints written before CRCs were kept are checked for finiteness only)."""
+  expected = meta.get("crc32")
+  if expected is not None and _checksums(got) != expected:
+    bad = sorted(k for k, v in _checksums(got).items() if expected.get(k) != v)
+    raise DamagedCheckpoint(f"{path}: {len(bad)} array(s) fail their CRC-32 check: {bad[:3]}")
+  for key, value in jax.tree_util.tree_flatten_with_path(got)[0]:
+    if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all():
+      name = jax.tree_util.keystr(key, simple=True, separator="/")
+      raise DamagedCheckpoint(f"{path}: {name} holds NaN or inf")
+
+
+def quiet_closed_event_loops() -> None:
+  """Keeps Orbax's "Event loop is closed" from stderr (a process-wide ``sys.unraisablehook``).
+
+  When Orbax fails to read a damaged checkpoint or adapter, its pending asyncio callbacks later
+  find their event loop closed; Python prints each as "Exception ignored in: ..." with a
+  traceback, beside the one-line error or warning that already says what happened. Every other
+  unraisable exception still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loops", False):
+    return
+
+  def hook(unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+      "Event loop is closed"
+    ):
+      logger.debug("dropped an unraisable 'Event loop is closed' (Orbax after a failed read)")
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loops = True
+  sys.unraisablehook = hook

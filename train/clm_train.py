@@ -150,8 +150,7 @@ class Sampler:
     if jax.process_index() == 0:
       # rows of this step or later are from an interrupted run that this one replays
       rows = outputs.read_jsonl(self.path) if self.path.exists() else []
-      rows = [r for r in rows if r["step"] < step] + new
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+      outputs.write_jsonl(self.path, [r for r in rows if r["step"] < step] + new)
     return metrics
 
 
@@ -310,14 +309,9 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
   """
-  import transformers
 
   out = pathlib.Path(args.output_dir)
-  if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(out / "args.json", clm_args.as_dict(args))
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name)
+  tokenizer = setup.load_tokenizer(args)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   data = load_data(args, tokenizer)
   module, params, hf_config = load_model(args)
@@ -362,7 +356,8 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       eval_on_start=args.eval_on_start,
     ),
     signature=signature(args, module, params, global_rows),
+    record=clm_args.as_dict(args),
     on_step=on_step,
+    finish=lambda t: setup.export(args, hf_config, tokenizer, t.params, out, task_type="CAUSAL_LM"),
   )
-  setup.export(args, hf_config, tokenizer, trained.params, out, task_type="CAUSAL_LM")
   return trained.results

@@ -378,20 +378,33 @@ def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> 
   """A training script's ``main``: flags first (checked before jax is imported), then logging,
   ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
 
-  Bad input found while running (a missing column, a file that does not exist, ...) ends it
-  with one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final
-  results are printed as ``key=value`` pairs.
+  The run holds ``--output_dir`` while it works (:func:`train.rundir.claim`: a second run on
+  it fails at once). Bad input found while running (a missing column, a file that does not
+  exist, ...), a directory in use and a diverged training (``train.loop.Diverged``) end it with
+  one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final results are
+  printed as ``key=value`` pairs.
   """
+  import contextlib
   import importlib
 
   args = parse_args(argv)
   configure_logging()
+  if not getattr(args, "progress", True):  # --no-progress: no bars from datasets' map either
+    import datasets
+
+    datasets.disable_progress_bars()
+  import jax
+
+  from train import checkpoints
+  from train import rundir
   from train import trainer
 
   trainer.maybe_initialize_distributed()
+  checkpoints.quiet_closed_event_loops()
   try:
-    results = importlib.import_module(task_module).train_and_evaluate(args)
-  except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    with rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+      results = importlib.import_module(task_module).train_and_evaluate(args)
+  except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
     print(f"{name}: error: {e}", file=sys.stderr)
     return 2
   print(

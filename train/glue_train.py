@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,24 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
   return module, params, config
 
 
-def signature(args: argparse.Namespace, module, params) -> dict:
+def check_not_the_head(rule: lora_jax.LoraRule) -> None:
+  """Refuses ``--lora_target_modules`` naming the task head: it is trained whole, not adapted.
+
+  Example:
+    >>> check_not_the_head(lora_jax.LoraRule(["query", "classifier"], rank=8))
+    Traceback (most recent call last):
+    ...
+    ValueError: --lora_target_modules 'classifier' names the classification head, which is ...
+  """
+  for target in rule.targets():
+    if re.fullmatch(HEAD_MODULES, target.replace(".", "/")):
+      raise ValueError(
+        f"--lora_target_modules {target!r} names the classification head, which is trained "
+        f"whole (every weight, as PEFT's modules_to_save) and never adapted: leave it out"
+      )
+
+
+def signature(args: argparse.Namespace, module, params, global_batch: int) -> dict:
   """What a checkpoint must agree on to be resumed by this run (shapes are checked too)."""
   cfg = module.config
   return {
@@ -127,6 +145,8 @@ def signature(args: argparse.Namespace, module, params) -> dict:
     "task_name": args.task_name,
     "num_labels": cfg.num_labels,
     "lora": setup.adapter_summary(params),
+    "data": f"max_seq_length={args.max_seq_length} pack_sequences={args.pack_sequences} "
+    f"rows={global_batch}",
   }
 
 
@@ -139,15 +159,12 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
   """
-  import transformers
 
   task = glue_data.TASKS[args.task_name]
   out = pathlib.Path(args.output_dir)
-  if jax.process_index() == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    outputs.write_json(out / "args.json", glue_args.as_dict(args))
-
-  tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name)
+  if not args.adapter_name_or_path:
+    check_not_the_head(setup.lora_rule(args, HEAD_MODULES))
+  tokenizer = setup.load_tokenizer(args)
   data = load_data(args, task, tokenizer)
   if data.train is None:
     raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
@@ -178,23 +195,28 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     args.parallel,
     devices,
   )
+
+  def finish(trained: loop.Trained) -> None:
+    predict(classification, trained, data, out)
+    setup.export(
+      args,
+      hf_config,
+      tokenizer,
+      trained.params,
+      out,
+      task_type="SEQ_CLS",
+      extra_trainable=EXTRA_TRAINABLE,
+    )
+
   trained = loop.run(
     params,
     classification,
     loop.settings_from_flags(args, total, lr_scheduler_type="linear"),
-    signature=signature(args, module, params),
+    signature=signature(args, module, params, global_batch),
+    record=glue_args.as_dict(args),
     extra_trainable=EXTRA_TRAINABLE,
     on_step=on_step,
-  )
-  predict(classification, trained, data, out)
-  setup.export(
-    args,
-    hf_config,
-    tokenizer,
-    trained.params,
-    out,
-    task_type="SEQ_CLS",
-    extra_trainable=EXTRA_TRAINABLE,
+    finish=finish,
   )
   return trained.results
 

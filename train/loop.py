@@ -10,6 +10,7 @@ final evaluation. ``train/run_glue.py`` and ``train/run_clm.py`` differ only in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -29,6 +30,33 @@ from train import outputs
 from train import trainer
 
 logger = logging.getLogger(__name__)
+
+
+class Diverged(ValueError):
+  """The training loss or gradient norm went NaN or inf."""
+
+
+def check_finite_step(step: int, metrics: list[dict], schedule: Callable[[int], Any]) -> None:
+  """Raises :class:`Diverged` if a micro-batch of optimizer step ``step`` has a non-finite
+  ``loss`` or ``grad_norm`` (waits for the step to finish).
+
+  Example:
+    >>> check_finite_step(3, [{"loss": 0.5, "grad_norm": 1.0}], lambda i: 1e-3)
+    >>> check_finite_step(4, [{"loss": float("nan"), "grad_norm": 1.0}], lambda i: 1e-3)
+    Traceback (most recent call last):
+    ...
+    train.loop.Diverged: the training loss is nan at step 4 (learning rate 0.001): ...
+  """
+  for m in metrics:
+    for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+      value = float(m[key])
+      if not math.isfinite(value):
+        raise Diverged(
+          f"the {what} is {value} at step {step} (learning rate {float(schedule(step - 1)):.3g}):"
+          " the training diverged; lower --learning_rate or set --max_grad_norm and start "
+          "again in a new --output_dir. Nothing from this step on was saved; the checkpoints "
+          "before it are kept"
+        )
 
 
 @dataclasses.dataclass
@@ -75,6 +103,11 @@ def fit(
 
   Returns:
     The final state.
+
+  Raises:
+    Diverged: a step's loss or gradient norm is not finite. Each step is checked once the next
+      one is queued (so the device never waits for the host), and before anything is logged,
+      evaluated or saved: nothing from the diverged step on reaches a file.
   """
   from tqdm.auto import tqdm
 
@@ -88,16 +121,27 @@ def fit(
     dynamic_ncols=True,
   )
   window, examples, tokens, t0 = [], 0, 0, time.perf_counter()
+  previous = None  # the last step's (step, metrics), checked once this step is queued
   for step in range(start + 1, config.total_steps + 1):
+    micro = []
     for _ in range(k):
       batch = next(batches)
       n_examples, n_tokens = counts(batch)
       examples, tokens = examples + n_examples, tokens + n_tokens
       state, metrics = parallel.train(state, frozen, parallel.put_batch(batch))
-      window.append(metrics)
+      micro.append(metrics)
+    window += micro
+    if previous is not None:
+      check_finite_step(*previous, schedule)
+    previous = (step, micro)
     bar.update(1)
     last = step == config.total_steps
-    if step % config.logging_steps == 0 or last:
+    logs = step % config.logging_steps == 0 or last
+    evaluates = evaluate is not None and config.eval_steps and step % config.eval_steps == 0
+    saves = save is not None and ((config.save_steps and step % config.save_steps == 0) or last)
+    if logs or evaluates or saves:
+      check_finite_step(step, micro, schedule)
+    if logs:
       means = {key: float(np.mean([float(m[key]) for m in window])) for key in window[0]}
       dt = time.perf_counter() - t0  # the float() above waited for the steps to finish
       row = {
@@ -112,10 +156,10 @@ def fit(
       log(row)
       bar.set_postfix(loss=f"{row['loss']:.4f}", ex_s=f"{row['examples_per_s']:.1f}")
       window, examples, tokens, t0 = [], 0, 0, time.perf_counter()
-    if evaluate is not None and config.eval_steps and step % config.eval_steps == 0:
+    if evaluates:
       evaluate(step, state)
       t0 = time.perf_counter()  # evaluation time is not training throughput
-    if save is not None and ((config.save_steps and step % config.save_steps == 0) or last):
+    if saves:
       save(step, state)
     if on_step is not None:
       on_step(step)
@@ -191,6 +235,8 @@ class Trained:
 
   Attributes:
     results: ``step``, ``train_steps``, ``train_runtime_s`` and the final ``eval_*``.
+    finished_before: ``OUTPUT_DIR`` held this run finished (its final checkpoint and
+      ``eval_results.json``); ``results`` are that file's, the other fields None.
     parallel: the mode's placement and compiled steps.
     trainable: the placed trained partition.
     frozen: the placed frozen partition (in the compute dtype).
@@ -199,10 +245,11 @@ class Trained:
   """
 
   results: dict
-  parallel: trainer.Parallel
+  parallel: trainer.Parallel | None
   trainable: Any
   frozen: Any
   params: Any
+  finished_before: bool = False  # the run had already finished: nothing was trained or written
 
 
 def total_steps(rows: int, global_batch: int, accumulation: int, epochs: float, max_steps: int):
@@ -229,20 +276,60 @@ def _compute_dtype(frozen, dtype: str):
   )
 
 
+def training_signature(settings: Settings) -> str:
+  """The settings a resumed run must share with the checkpoint (with the task's signature)."""
+  fields = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
+            "max_grad_norm", "gradient_accumulation_steps", "seed", "dtype")  # fmt: skip
+  return " ".join(f"{f}={getattr(settings, f)}" for f in fields)
+
+
+def _finished_results(out: pathlib.Path, latest: int | None, total: int) -> dict | None:
+  """The final results of a run in ``out`` that already reached step ``total``, else None."""
+  path = out / outputs.EVAL_RESULTS
+  if latest != total or not path.exists():
+    return None
+  try:
+    results = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None  # never finished writing: finish again
+  return results if isinstance(results, dict) and results.get("step") == total else None
+
+
+def _check_results(results: dict, step: int) -> None:
+  bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
+  if bad:
+    raise Diverged(
+      f"the evaluation at step {step} gave non-finite {bad}: the trained adapter is not "
+      "usable; nothing was exported and eval_results.json was not written"
+    )
+
+
 def run(
   params,
   task: Task,
   settings: Settings,
   *,
   signature: dict,
+  record: dict | None = None,
   extra_trainable=(),
   on_step: Callable[[int], None] | None = None,
+  finish: Callable[[Trained], None] | None = None,
 ) -> Trained:
   """Trains ``params``' adapters (and ``extra_trainable`` leaves) on ``task``, or resumes.
 
-  Writes ``metrics.jsonl``, ``eval_results.json``, ``curves.png`` and ``checkpoints/`` under
-  ``settings.output_dir``. A checkpoint there from another ``signature`` or another trainable
-  layout is refused (:class:`checkpoints.CheckpointMismatch`).
+  Writes ``args.json`` (``record``: the flags), ``metrics.jsonl``, ``checkpoints/``, then
+  calls ``finish(trained)`` (the script's predictions and exports), and last
+  ``eval_results.json`` and ``curves.png``, under ``settings.output_dir``. So a run is finished
+  once ``eval_results.json`` is there: rerunning it trains nothing and writes nothing
+  (``Trained.finished_before``).
+
+  Resuming: the newest intact checkpoint is used (damaged ones are set aside, see
+  :mod:`train.checkpoints`). One from another ``signature``, other training settings
+  (:func:`training_signature`) or another trainable layout is refused
+  (:class:`checkpoints.CheckpointMismatch`) before anything is written.
+
+  Raises:
+    Diverged: a non-finite training loss, gradient norm or final evaluation.
   """
   out = pathlib.Path(settings.output_dir)
   main_process = jax.process_index() == 0
@@ -273,17 +360,31 @@ def run(
   )
 
   host_state = jax.tree.map(np.asarray, trainer.init_state(trainable, tx, settings.seed))
+  signature = {**signature, "training": training_signature(settings)}
   ckpt = checkpoints.Checkpointer(
     out / "checkpoints", signature, max_to_keep=settings.save_total_limit
   )
   log = outputs.MetricsLog(out, enabled=main_process)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    host_state, _ = ckpt.restore(latest, host_state)
-    log.truncate_after(latest)
-    logger.info("resuming from %s (step %d of %d)", ckpt.directory / str(latest), latest, total)
+  restored = ckpt.restore_latest(host_state)
+  latest = None if restored is None else restored[0]  # an optimizer step
+  done = _finished_results(out, latest, total)
+  if done is not None:
+    logger.info(
+      "the run in %s already finished (step %d of %d; eval_results.json): its results are left "
+      "as they are; to train again, choose another --output_dir",
+      out, total, total,
+    )  # fmt: skip
+    return Trained(done, None, None, None, None, finished_before=True)
+  if restored is not None:
+    host_state = restored[1]
+    log.truncate_after(restored[0])
+    logger.info(
+      "resuming from %s (step %d of %d)", ckpt.directory / str(restored[0]), latest, total
+    )
   else:
     log.truncate_after(0)
+  if record is not None and main_process:
+    outputs.write_json(out / "args.json", record)
   state = parallel.put_state(host_state)
   frozen = parallel.put_frozen(frozen)
 
@@ -341,8 +442,17 @@ def run(
   if final_step not in evaluated:
     do_eval(final_step, state)
   results.update(evaluated[final_step])
-  if main_process:
-    outputs.write_json(out / outputs.EVAL_RESULTS, results)
+  _check_results(results, final_step)
+  trained = Trained(
+    results,
+    parallel,
+    state.trainable,
+    frozen,
+    lora_jax.combine(parallel.host(state.trainable), base),
+  )
+  if finish is not None:
+    finish(trained)
+  if main_process:  # last: eval_results.json marks the run finished
     outputs.plot_curves(out / outputs.METRICS, out / outputs.CURVES)
-  trained = lora_jax.combine(parallel.host(state.trainable), base)
-  return Trained(results, parallel, state.trainable, frozen, trained)
+    outputs.write_json(out / outputs.EVAL_RESULTS, results)
+  return trained

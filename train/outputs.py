@@ -7,11 +7,18 @@
 * ``eval_results.json``: the final evaluation.
 * ``curves.png``: training loss and evaluation metrics against the step (matplotlib, Agg).
 * ``predict_results.tsv``: ``index<TAB>prediction`` for ``--do_predict``.
+
+Whole files are written to a temporary sibling and renamed into place, so a crash leaves the old
+file or the new one, never half of one. ``metrics.jsonl`` is appended to; a crash in the middle
+of a row leaves a torn last line, which :func:`read_jsonl` drops (with a warning) and a resumed
+run's :meth:`MetricsLog.truncate_after` removes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -20,6 +27,8 @@ import numpy as np
 METRICS = "metrics.jsonl"
 EVAL_RESULTS = "eval_results.json"
 CURVES = "curves.png"
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -33,8 +42,7 @@ class MetricsLog:
     """Drops rows with ``step`` greater than ``step`` (the tail of an interrupted run)."""
     if not (self.enabled and self.path.exists()):
       return
-    rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(self.path, [r for r in read_jsonl(self.path) if r.get("step", 0) <= step])
 
   def write(self, row: dict) -> None:
     if not self.enabled:
@@ -45,11 +53,47 @@ class MetricsLog:
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+  """The rows of a JSON-lines file; a torn last line (a write cut short by a crash) is dropped.
+
+  Raises:
+    ValueError: a line other than the last is not JSON (the file is damaged, not torn).
+  """
+  text = pathlib.Path(path).read_text()
+  lines = text.split("\n")
+  rows = []
+  for i, line in enumerate(lines):
+    if not line:
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:  # no newline after it: the write was cut short
+        logger.warning("%s: dropping its torn last line (a run stopped while writing it)", path)
+        break
+      raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg}); delete the file") from None
+  return rows
+
+
+def write_text(path: str | pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` whole or not at all (a temporary sibling, then a rename)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    with tmp.open("w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: str | pathlib.Path, rows: Sequence[dict]) -> None:
+  write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_json(path: str | pathlib.Path, data: dict) -> None:
-  pathlib.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+  write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _is_metric(key: str) -> bool:
@@ -99,4 +143,4 @@ def write_predictions(
     else:
       value = names[p] if names else str(p)
     lines.append(f"{i}\t{value}")
-  pathlib.Path(path).write_text("\n".join(lines) + "\n")
+  write_text(path, "\n".join(lines) + "\n")

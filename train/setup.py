@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import pathlib
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 
@@ -16,6 +19,7 @@ from lora_jax import models
 
 logger = logging.getLogger(__name__)
 _REGEX_CHARS = set("*+?[](){}|^$\\")
+T = TypeVar("T")
 
 
 def lora_targets(values: list[str]) -> str | tuple[str, ...]:
@@ -42,6 +46,50 @@ def lora_rule(args: argparse.Namespace, exclude: str | None = None) -> lora_jax.
   )
 
 
+def from_source(flag: str, name: str, load: Callable[[str], T]) -> T:
+  """``load(name)`` for a local path or a Hub id, with one-line errors naming ``flag``.
+
+  A name that looks like a path (``/``, ``.``, ``~``, or it exists) and does not exist is
+  refused at once; a Hub id that cannot be fetched (no network, no such repo) says so, and how
+  to run offline.
+
+  Example:
+    >>> from_source("--model_name_or_path", "./no/such/dir", print)
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: --model_name_or_path './no/such/dir' does not exist (no such folder)
+  """
+  path = pathlib.Path(name).expanduser()
+  local = name.startswith(("/", ".", "~")) or path.exists()
+  if local and not path.exists():
+    raise FileNotFoundError(f"{flag} {name!r} does not exist (no such folder)")
+  try:
+    return load(name)
+  except OSError as e:  # transformers and huggingface_hub raise OSError subclasses
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if local:
+      raise FileNotFoundError(f"{flag} {name!r}: {why}") from None
+    hint = (
+      "it is not in the local Hub cache (HF_HUB_OFFLINE is set)"
+      if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+      else "set HF_HUB_OFFLINE=1 to use models already in the Hub cache"
+    )
+    raise FileNotFoundError(
+      f"{flag} {name!r} is not a local folder, and the Hugging Face Hub could not provide it "
+      f"({why}); name a local checkpoint folder, or {hint}"
+    ) from None
+
+
+def load_tokenizer(args: argparse.Namespace):
+  """The tokenizer of ``--tokenizer_name`` (by default the model's folder or Hub id)."""
+  import transformers
+
+  flag = "--tokenizer_name"
+  if args.tokenizer_name in (args.model_name_or_path, getattr(args, "config_name", None)):
+    flag = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+  return from_source(flag, args.tokenizer_name, transformers.AutoTokenizer.from_pretrained)
+
+
 def load_config(name: str):
   """``--config_name``: a transformers config from a ``config.json``, a folder or a Hub id."""
   import transformers
@@ -49,12 +97,9 @@ def load_config(name: str):
   path = pathlib.Path(name)
   if path.is_dir() and not (path / "config.json").is_file():
     raise FileNotFoundError(f"--config_name {name!r} is a folder without config.json")
-  if not path.exists() and (name.startswith(("/", ".", "~")) or name.endswith(".json")):
+  if not path.exists() and name.endswith(".json"):
     raise FileNotFoundError(f"--config_name {name!r} does not exist")
-  try:
-    return transformers.AutoConfig.from_pretrained(name)
-  except OSError as e:  # a Hub id that cannot be fetched: transformers' first line says why
-    raise FileNotFoundError(f"--config_name {name!r}: {str(e).splitlines()[0]}") from e
+  return from_source("--config_name", name, transformers.AutoConfig.from_pretrained)
 
 
 def base_model_path(args: argparse.Namespace) -> str:
@@ -84,10 +129,12 @@ def base_model(args: argparse.Namespace, task: str, **kwargs):
   import transformers
 
   if args.model_name_or_path:
-    module, variables = models.from_pretrained(
-      args.model_name_or_path, task, rng=args.seed, **kwargs
+    flag, name = "--model_name_or_path", args.model_name_or_path
+    config = from_source(flag, name, transformers.AutoConfig.from_pretrained)
+    module, variables = from_source(
+      flag, name, lambda n: models.from_pretrained(n, task, rng=args.seed, **kwargs)
     )
-    return module, variables, transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+    return module, variables, config
   config = load_config(args.config_name)
   logger.info(
     "Training new model from scratch: %s from %s, random weights from seed %d",
@@ -128,13 +175,16 @@ def load_adapter(path: str, variables, config, ignore_mismatched_sizes: bool = F
 
 
 def adapter_summary(params) -> str:
-  """``"2 x r=8 alpha=16.0 rslora=False"``: the adapters' settings, for checkpoint signatures."""
+  """``"2 x r=8 alpha=16.0 rslora=False dropout=0.1"``: the adapters' settings, for checkpoint
+  signatures."""
   specs = [
     leaf
     for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, lora_jax.LoraSpec))
     if isinstance(leaf, lora_jax.LoraSpec)
   ]
-  counts = collections.Counter(f"r={s.rank} alpha={s.alpha} rslora={s.rslora}" for s in specs)
+  counts = collections.Counter(
+    f"r={s.rank} alpha={s.alpha} rslora={s.rslora} dropout={s.dropout}" for s in specs
+  )
   return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
 
 

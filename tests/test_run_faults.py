@@ -1,0 +1,469 @@
+"""Faults around a training run (issue 14): what the scripts guarantee.
+
+* a non-finite loss stops the run at that step with one line, and nothing from that step on is
+  saved, exported or reported;
+* a damaged checkpoint is named and skipped for the newest intact one; none intact is one line;
+* a SIGKILL in the middle of a metrics write resumes cleanly;
+* one writer per output directory; a stale lock does not block;
+* a finished run is left alone; a resume with other training settings is refused before any
+  file is written; adapters with NaN are never written.
+
+On the tiny random BERT of ``test_glue_train.py`` (in process: a few seconds a run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+from conftest import REPO
+from test_glue_train import run_args
+from test_glue_train import write_tiny_bert
+
+import lora_jax
+from train import checkpoints
+from train import glue_train
+from train import loop
+from train import outputs
+from train import rundir
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, sst2_dir):
+  return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), sst2_dir, dropout=0.0)
+
+
+def steps_logged(out: pathlib.Path) -> list[int]:
+  return [r["step"] for r in outputs.read_jsonl(out / outputs.METRICS) if "loss" in r]
+
+
+def checkpoint_steps(out: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ---------------------------------------------------------------------------------------------
+# Principle 1: never a non-finite result.
+
+
+class FakeParallel:
+  """``fit``'s view of a parallel mode: a step whose loss is NaN from ``bad_step`` on."""
+
+  def __init__(self, bad_step: int):
+    self.bad_step = bad_step
+
+  def host(self, x):
+    return x
+
+  def put_batch(self, batch):
+    return batch
+
+  def train(self, state, frozen, batch):
+    step = state.step + 1
+    loss = float("nan") if step >= self.bad_step else 1.0 / step
+    return types.SimpleNamespace(step=step), {"loss": np.float32(loss), "grad_norm": 1.0}
+
+
+@pytest.mark.parametrize("logging_steps", [1, 5])
+def test_fit_stops_at_the_first_non_finite_step_and_saves_nothing_from_it(logging_steps):
+  logged, saved = [], []
+  config = loop.LoopConfig(10, 1, logging_steps, 0, 2, progress=False)
+  with pytest.raises(loop.Diverged, match=r"^the training loss is nan at step 5 \(learning rate"):
+    loop.fit(
+      FakeParallel(bad_step=5),
+      types.SimpleNamespace(step=0),
+      None,
+      iter(lambda: {}, None),
+      config,
+      schedule=lambda i: 0.1,
+      log=logged.append,
+      counts=lambda b: (1, 1),
+      save=lambda step, state: saved.append(step),
+    )
+  assert saved == [2, 4]
+  assert [r["step"] for r in logged] == ([1, 2, 3, 4] if logging_steps == 1 else [])
+
+
+def test_a_diverging_run_ends_with_one_line_and_keeps_the_checkpoints_before(
+  tiny_bert, sst2_dir, tmp_path, capsys
+):
+  from train import run_glue
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out, "--learning_rate", "1e30"))
+  argv += ["--max_steps", "8", "--save_steps", "1", "--save_total_limit", "0", "--export_merged"]
+  code = run_glue.main(argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert "the training loss is nan at step" in err[0] and "lower --learning_rate" in err[0]
+  bad = int(err[0].split(" at step ")[1].split()[0])
+  assert 1 < bad <= 8 and checkpoint_steps(out) == [str(s) for s in range(1, bad)]
+  for name in ("eval_results.json", "adapter", "merged"):
+    assert not (out / name).exists(), name
+
+
+def test_adapters_with_nan_are_never_written(tmp_path):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  base = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 8)))
+  params = lora_jax.lora_init(base, lora_jax.LoraRule(".*", rank=2), rng=jax.random.key(1))
+  bad = jax.tree.map(lambda x: x, params)
+  bad["params"]["lora_b"] = bad["params"]["lora_b"].at[0, 1].set(jnp.inf)
+  with pytest.raises(FloatingPointError, match="params/lora_b holds 1 non-finite"):
+    lora_jax.save_adapter(tmp_path / "ours", bad)
+  with pytest.raises(FloatingPointError, match="params/lora_b holds 1 non-finite"):
+    lora_jax.export_peft(tmp_path / "peft", bad, base_model_name_or_path="x", task_type=None)
+  assert not (tmp_path / "ours").exists() and not (tmp_path / "peft").exists()
+  lora_jax.save_adapter(tmp_path / "ours", params)  # finite: written
+
+
+# ---------------------------------------------------------------------------------------------
+# Principles 2 and 3: checked checkpoints; a crash at any moment resumes.
+
+
+def vars_argv(args) -> list[str]:
+  """``run_glue.py`` flags that reproduce ``args`` (the parts ``run_args`` sets)."""
+  keep = ("model_name_or_path", "train_file", "validation_file", "max_train_samples",
+          "max_eval_samples", "max_seq_length", "per_device_train_batch_size",
+          "per_device_eval_batch_size", "lora_r", "logging_steps", "output_dir",
+          "learning_rate")  # fmt: skip
+  argv = ["--no-progress"]
+  for key in keep:
+    argv += [f"--{key}", str(getattr(args, key))]
+  return argv
+
+
+def corrupt_arrays(step_dir: pathlib.Path) -> None:
+  """Flips a byte range in the middle of every array data file of a checkpoint."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
+  files = [p for p in files if "d" in p.parts or p.parent.name == "d"] or files
+  assert files, list((step_dir / "state").rglob("*"))
+  for p in files:
+    data = bytearray(p.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 16] = bytes(255 - b for b in data[mid : mid + 16])
+    p.write_bytes(bytes(data))
+
+
+SIX_STEPS = ("--max_steps", "6", "--save_steps", "2")
+
+
+@pytest.fixture(scope="module")
+def crashed_at_5(tiny_bert, sst2_dir, tmp_path_factory):
+  """``(whole run's eval results, a run's folder after a crash at step 5)``: checkpoints 2, 4."""
+  tmp = tmp_path_factory.mktemp("crashed")
+  whole = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, tmp / "whole", *SIX_STEPS))
+
+  def crash(step):
+    if step == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    glue_train.train_and_evaluate(
+      run_args(tiny_bert, sst2_dir, tmp / "parts", *SIX_STEPS), on_step=crash
+    )
+  assert checkpoint_steps(tmp / "parts") == ["2", "4"]
+  return whole, tmp / "parts"
+
+
+@pytest.mark.parametrize("damage", ["array bytes", "meta json", "arrays of another step"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(
+  tiny_bert, sst2_dir, tmp_path, caplog, damage, crashed_at_5
+):
+  caplog.set_level(logging.INFO)
+  whole, crashed = crashed_at_5
+  parts_out = tmp_path / "parts"
+  shutil.copytree(crashed, parts_out)
+  if damage == "array bytes":  # caught by tensorstore's own checksums
+    corrupt_arrays(parts_out / "checkpoints" / "4")
+  elif damage == "arrays of another step":  # readable, but not what step 4 saved: our CRC-32s
+    shutil.rmtree(parts_out / "checkpoints" / "4" / "state")
+    shutil.copytree(
+      parts_out / "checkpoints" / "2" / "state", parts_out / "checkpoints" / "4" / "state"
+    )
+  else:
+    (parts_out / "checkpoints" / "4" / "meta" / "metadata").write_text("{'not': json")
+  caplog.clear()
+  resumed = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, parts_out, *SIX_STEPS))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any(f"{parts_out / 'checkpoints' / '4'} is damaged" in w for w in warnings), warnings
+  assert any("resuming from" in r.getMessage() and "step 2 of 6" in r.getMessage()
+             for r in caplog.records)  # fmt: skip
+  assert (parts_out / "checkpoints" / checkpoints.DAMAGED / "4").is_dir()
+  assert checkpoint_steps(parts_out) == ["4", "6"]  # rewritten from the intact step 2
+  assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-5)
+  assert steps_logged(parts_out) == list(range(1, 7))
+
+
+def test_no_intact_checkpoint_is_one_line_naming_the_folder(tiny_bert, sst2_dir, tmp_path, capsys):
+  from train import run_glue
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out, "--learning_rate", "1e-3"))
+  assert run_glue.main([*argv, "--max_steps", "2", "--save_steps", "1"]) == 0
+  for step in ("1", "2"):
+    (out / "checkpoints" / step / "meta" / "metadata").write_text("")
+  (out / "eval_results.json").unlink()
+  capsys.readouterr()
+  assert run_glue.main([*argv, "--max_steps", "2", "--save_steps", "1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"delete {out / 'checkpoints'} to start the run over" in err[0], err
+
+
+KILL_IN_METRICS_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from train import outputs, run_glue
+
+write = outputs.MetricsLog.write
+
+def torn(self, row):
+  if row.get("step") == {step} and "loss" in row:  # half a line, then SIGKILL
+    with self.path.open("a") as f:
+      f.write(outputs.json.dumps(row)[:12])
+    os.kill(os.getpid(), signal.SIGKILL)
+  write(self, row)
+
+outputs.MetricsLog.write = torn
+sys.exit(run_glue.main({argv!r}))
+"""
+
+
+def test_sigkill_in_the_middle_of_a_metrics_write_resumes(tiny_bert, sst2_dir, tmp_path):
+  from train import run_glue
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out, "--learning_rate", "1e-3"))
+  argv += ["--max_steps", "5", "--save_steps", "2"]
+  script = KILL_IN_METRICS_WRITE.format(repo=str(REPO), step=4, argv=argv)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert not (out / outputs.METRICS).read_text().endswith("\n")  # torn
+  assert (out / rundir.LOCK).exists()  # the killed run's lock is left behind
+  assert run_glue.main(argv) == 0  # stale lock taken over; resumes from step 2
+  assert steps_logged(out) == [1, 2, 3, 4, 5]
+  assert not (out / rundir.LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Principle 4: one writer per output directory.
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from train import rundir
+with rundir.claim({out!r}):
+  print("held", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_directory_in_use_fails_at_once_and_touches_nothing(
+  tiny_bert, sst2_dir, tmp_path, capsys
+):
+  from train import run_glue
+
+  out = tmp_path / "out"
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD.format(repo=str(REPO), out=str(out))], stdout=subprocess.PIPE,
+    text=True,
+  )  # fmt: skip
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    before = sorted(p.name for p in out.iterdir())
+    code = run_glue.main(vars_argv(run_args(tiny_bert, sst2_dir, out, "--learning_rate", "1e-3")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"is in use by another run (pid {holder.pid} on host" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == before == [rundir.LOCK]
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_a_reused_pid_is_not_mistaken_for_its_run(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True)  # fmt: skip
+  lock = tmp_path / rundir.LOCK
+  lock.write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "time": 0}))
+  with rundir.claim(tmp_path):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert not lock.exists()
+  # a live pid that started after the lock was written (pid reuse) is not the lock's run
+  ticks = rundir._start_ticks(os.getpid())
+  lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                              "start_ticks": ticks - 1, "time": 0}))  # fmt: skip
+  with rundir.claim(tmp_path):
+    pass
+  # another host's lock cannot be checked from here: it blocks, naming the host
+  lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": 0}))
+  with pytest.raises(rundir.DirectoryInUse, match="pid 1 on host 'elsewhere'"):
+    with rundir.claim(tmp_path):
+      pass
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tiny_bert, sst2_dir, tmp_path, capsys):
+  from train import run_glue
+
+  out = tmp_path / "a_file"
+  out.write_text("x")
+  assert run_glue.main(vars_argv(run_args(tiny_bert, sst2_dir, out))) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"run_glue.py: error: --output_dir {str(out)!r} is a file, not a folder: name "
+                 "a folder"]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished runs and resumes with other settings.
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_bert, sst2_dir, tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  out = tmp_path / "out"
+  args = run_args(tiny_bert, sst2_dir, out, "--max_steps", "3")
+  first = glue_train.train_and_evaluate(args)
+  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  again = glue_train.train_and_evaluate(args)
+  assert again == first
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+  assert any("already finished (step 3 of 3" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+  ("flag", "value", "difference"),
+  [
+    ("--learning_rate", "0.5", "learning_rate=0.5"),
+    ("--per_device_train_batch_size", "4", "rows=4"),
+    ("--lora_dropout", "0.2", "dropout=0.2"),
+  ],
+)
+def test_a_resume_with_other_settings_is_refused_and_keeps_args_json(
+  tiny_bert, sst2_dir, tmp_path, flag, value, difference
+):
+  out = tmp_path / "out"
+
+  def crash(step):
+    if step == 2:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    glue_train.train_and_evaluate(
+      run_args(tiny_bert, sst2_dir, out, "--max_steps", "4", "--save_steps", "1"), on_step=crash
+    )
+  before = (out / "args.json").read_text()
+  with pytest.raises(checkpoints.CheckpointMismatch, match=difference):
+    glue_train.train_and_evaluate(
+      run_args(tiny_bert, sst2_dir, out, "--max_steps", "4", "--save_steps", "1", flag, value)
+    )
+  assert (out / "args.json").read_text() == before
+
+
+def test_read_jsonl_drops_a_torn_last_line_and_refuses_a_damaged_middle(tmp_path, caplog):
+  path = tmp_path / "m.jsonl"
+  path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+  assert outputs.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+  assert "torn last line" in caplog.text
+  path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+  with pytest.raises(ValueError, match="line 2 is not JSON"):
+    outputs.read_jsonl(path)
+
+
+def test_whole_file_writes_leave_the_old_file_when_interrupted(tmp_path, monkeypatch):
+  path = tmp_path / "eval_results.json"
+  outputs.write_json(path, {"old": 1})
+
+  def fail(*a, **k):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(os, "replace", fail)
+  with pytest.raises(OSError):
+    outputs.write_json(path, {"new": 2})
+  assert json.loads(path.read_text()) == {"old": 1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_results.json"]
+
+
+def test_the_module_docs_hold(tmp_path):
+  # the claim is released when its block ends, even by an exception
+  with pytest.raises(RuntimeError), rundir.claim(tmp_path):
+    raise RuntimeError
+  assert not (tmp_path / rundir.LOCK).exists()
+  assert textwrap.dedent(rundir.__doc__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input found while setting up: one line, exit 2, nothing written.
+
+
+def test_a_missing_model_folder_or_an_unreachable_hub_id_is_one_line(
+  tiny_bert, sst2_dir, tmp_path, capsys
+):
+  from train import run_glue
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out))
+  argv[argv.index("--model_name_or_path") + 1] = "./no/such/dir"
+  assert run_glue.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["run_glue.py: error: --model_name_or_path './no/such/dir' does not exist (no such "
+                 "folder)"]  # fmt: skip
+  # a Hub id, offline (as with no network, without the wait): says so, and leaves no args.json
+  argv[argv.index("--model_name_or_path") + 1] = "no-such-org/no-such-model"
+  env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+  proc = subprocess.run([sys.executable, str(REPO / "train" / "run_glue.py"), *argv],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+  lines = [x for x in proc.stderr.strip().splitlines() if "error" in x.lower()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(
+    "run_glue.py: error: --model_name_or_path 'no-such-org/no-such-model' is not a local folder, "
+    "and the Hugging Face Hub could not provide it"
+  ), lines
+  assert not out.exists() or not (out / "args.json").exists()
+
+
+def test_the_head_as_a_lora_target_says_it_is_trained_whole(tiny_bert, sst2_dir, tmp_path, capsys):
+  from train import run_glue
+
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, tmp_path / "out"))
+  assert run_glue.main([*argv, "--lora_target_modules", "query", "classifier"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert (
+    len(err) == 1
+    and "'classifier' names the classification head, which is trained whole" in (err[0])
+  ), err
+
+
+DAMAGED_RESTORE = """
+import sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np, optax
+from test_run_faults import corrupt_arrays
+from train import checkpoints, trainer
+checkpoints.quiet_closed_event_loops()
+state = jax.tree.map(np.asarray, trainer.init_state({{"a": np.ones((4, 3), np.float32)}},
+                                                     optax.adam(1e-3), 0))
+ckpt = checkpoints.Checkpointer({folder!r}, {{"run": 1}})
+ckpt.save(1, state)
+ckpt.save(2, state)
+ckpt.wait()
+corrupt_arrays(ckpt.directory / "2")
+print(checkpoints.Checkpointer({folder!r}, {{"run": 1}}).restore_latest(state)[0])
+"""
+
+
+def test_a_failed_orbax_read_leaves_no_stray_event_loop_traceback(tmp_path):
+  script = DAMAGED_RESTORE.format(repo=str(REPO), folder=str(tmp_path / "ckpt"))
+  env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+  assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]
+  assert "is damaged" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
