@@ -467,3 +467,22 @@ def test_a_failed_orbax_read_leaves_no_stray_event_loop_traceback(tmp_path):
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
   assert proc.returncode == 0 and proc.stdout.strip() == "1", proc.stderr[-2000:]
   assert "is damaged" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_run_clm_shares_the_guarantees(tmp_path, capsys):
+  """The same machinery under ``run_clm.py``: a diverging run is one line and writes no adapter
+  nor results; a directory in use is refused before anything else."""
+  from train import run_clm
+
+  out = tmp_path / "out"
+  argv = ["--config", str(REPO / "configs" / "clm_quickstart.yaml"), "--output_dir", str(out),
+          "--no-progress", "--max_steps", "4", "--learning_rate", "1e30",
+          "--generation_prompts_file", "", "--no-eval_on_start"]  # fmt: skip
+  assert run_clm.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "the training diverged; lower --learning_rate" in err[0], err
+  assert not (out / "adapter").exists() and not (out / "eval_results.json").exists()
+  with rundir.claim(out):  # held (by this process, standing in for another run)
+    assert run_clm.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"is in use by another run (pid {os.getpid()}" in err[0], err
