@@ -11,11 +11,14 @@ lora_jax's initialisation of that config written in PEFT's format, starts three 
   conversations per step), with the held-out exact match before the first step and after.
 
 Runs alternate (``--rounds``; the order reverses every other round), so the machine's load
-drifts over every side alike. Reported per run: the median seconds per optimizer step (steady
-state: lora_jax's first step of each batch shape compiles), seconds per step over the whole
-loop (compilation included), the median examples per second, the final eval loss. Then the
-ratio lora_jax padded / PEFT of the median s/step, and whether transformers + PEFT, loading the
-packed run's exported adapter, answers the test prompts greedily exactly as lora_jax did.
+drifts over every side alike. Both sides time each step the same way: the whole loop
+iteration, from taking the batch to the updated weights. Reported per run: the median seconds
+per optimizer step, for the padded runs also the steady-state median (the steps whose batch
+shape an earlier step had: a side's first step of a shape is its warm-up, and lora_jax's
+compiles), seconds per step over the whole loop (compilation included), the median examples
+per second, the final eval loss. Then the ratio lora_jax padded / PEFT of the steady-state
+median s/step, and whether transformers + PEFT, loading the packed run's exported adapter,
+answers the test prompts greedily exactly as lora_jax did.
 
 Usage (repository root):
   python bench/clm_recipe.py --out bench/results/clm_recipe_cpu.json
@@ -37,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `train` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CONFIG = "configs/smollm2_dates.yaml"
+CONFIG = str(REPO / "configs" / "smollm2_dates.yaml")
 PADDED_ROWS = 4  # conversations per padded batch; a packed step of 2 x 256 holds about 5
 NO_SAMPLES = ["--generation_prompts_file", "", "--no-eval_on_start"]
 
@@ -71,6 +74,7 @@ def lora_jax_run(config: str, adapter: str, out: str, extra: list[str]) -> dict:
   row = {
     "steps": res["train_steps"],
     "median_s_per_step": statistics.median(r["s_per_step"] for r in steps),
+    "step_s": [r["s_per_step"] for r in steps],
     "s_per_step": res["train_runtime_s"] / res["train_steps"],
     "examples_per_s": statistics.median(r["examples_per_s"] for r in steps),
     "losses": [r["loss"] for r in steps],
@@ -186,6 +190,11 @@ def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int =
         log(json.dumps({k: v for k, v in row.items() if k != "losses"}))
         runs.append(row)
 
+  shapes = next(x["step_shapes"] for x in runs if x["side"] == "peft")
+  for x in runs:
+    if x["side"] != "lora_jax packed":
+      x["steady_median_s_per_step"] = steady_median(x["step_s"], shapes)
+
   def mean(side, key):
     return statistics.mean(x[key] for x in runs if x["side"] == side)
 
@@ -195,10 +204,33 @@ def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int =
     examples_per_s={s: mean(s, "examples_per_s") for s in sides},
     eval_loss={s: mean(s, "eval_loss") for s in sides},
   )
-  result["ratio"] = (
-    result["median_s_per_step"]["lora_jax padded"] / (result["median_s_per_step"]["peft"])
-  )
+  steady = {s: mean(s, "steady_median_s_per_step") for s in sides[:2]}
+  result["steady_median_s_per_step"] = steady
+  result["ratio"] = steady["lora_jax padded"] / steady["peft"]
   return result
+
+
+def steady_median(step_s: list[float], shapes: list) -> float:
+  """The median seconds of the steps whose batch shape an earlier step already had.
+
+  Each side's first step of a shape is its warm-up (XLA compiles a program for the shape;
+  PyTorch sizes its allocator), and a short run of a few shapes has several of them; the steady
+  state is every later step.
+
+  Example:
+    >>> steady_median([9.0, 2.0, 8.0, 3.0, 2.5], [[4, 96], [4, 96], [4, 128], [4, 128], [4, 96]])
+    2.5
+  """
+  if len(step_s) != len(shapes):
+    raise ValueError(f"{len(step_s)} step times for {len(shapes)} batch shapes")
+  seen, steady = set(), []
+  for t, shape in zip(step_s, shapes, strict=True):
+    if tuple(shape) in seen:
+      steady.append(t)
+    seen.add(tuple(shape))
+  if not steady:
+    raise ValueError(f"no batch shape repeats in {len(shapes)} steps: no steady-state step")
+  return statistics.median(steady)
 
 
 def main(argv=None) -> int:
@@ -212,9 +244,12 @@ def main(argv=None) -> int:
     p.error("SmolLM2-135M-Instruct is missing: bash .ci/fetch_smollm2.sh")
   result = compare(args.config, args.padded_steps, args.rounds)
   med, ex = result["median_s_per_step"], result["examples_per_s"]
+  steady = result["steady_median_s_per_step"]
   print(
-    f"median s/step: lora_jax padded {med['lora_jax padded']:.3f}, PEFT {med['peft']:.3f} "
-    f"(ratio {result['ratio']:.3f}), lora_jax packed {med['lora_jax packed']:.3f}; examples/s "
+    f"steady-state median s/step: lora_jax padded {steady['lora_jax padded']:.3f}, PEFT "
+    f"{steady['peft']:.3f} (ratio {result['ratio']:.3f}); median s/step of every step: "
+    f"lora_jax padded {med['lora_jax padded']:.3f}, PEFT {med['peft']:.3f}, "
+    f"lora_jax packed {med['lora_jax packed']:.3f}; examples/s "
     + ", ".join(f"{k} {v:.2f}" for k, v in ex.items())
   )
   if args.out:

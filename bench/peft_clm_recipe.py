@@ -10,8 +10,10 @@ every adapter leaf), gradients clipped to ``--max_grad_norm``, the same warmup-a
 schedule (evaluated by ``train.trainer.make_schedule``), the loss summed over the target tokens
 of the whole batch and divided by their count.
 
-Prints one JSON line: per-step seconds (forward, backward and update; the median is the
-steady-state figure), the losses, and the final eval loss over the validation batches.
+Prints one JSON line: each step's seconds (``step_s``: the whole iteration, from taking the
+batch to the updated weights, as ``run_clm.py`` times its steps) and batch shape
+(``step_shapes``), their median, the losses, and the final eval loss over the validation
+batches.
 
 Usage (repository root; the flags after ``--`` are run_clm.py's):
   python bench/peft_clm_recipe.py --adapter INIT_DIR -- --config configs/smollm2_dates.yaml \
@@ -89,12 +91,12 @@ def train(args: argparse.Namespace, adapter: str) -> dict:
   )
 
   batches = batcher.train_batches(rows, args.seed)
-  times, losses, examples, shapes = [], [], 0, set()
+  times, losses, examples, shapes = [], [], 0, []
   t_start = time.perf_counter()
   for _ in range(total):
+    t0 = time.perf_counter()  # the whole iteration, batch included, as run_clm.py's s_per_step
     batch = next(batches)
-    shapes.add(batch["input_ids"].shape)
-    t0 = time.perf_counter()
+    shapes.append(list(batch["input_ids"].shape))
     total_loss, weight = token_loss_sums(model, batch)
     loss = total_loss / weight.clamp(min=1.0)
     loss.backward()
@@ -122,7 +124,9 @@ def train(args: argparse.Namespace, adapter: str) -> dict:
   return {
     "side": "peft",
     "steps": total,
-    "batch_shapes": sorted(list(s) for s in shapes),
+    "batch_shapes": sorted({tuple(s) for s in shapes}),
+    "step_shapes": shapes,
+    "step_s": times,
     "median_s_per_step": statistics.median(times),
     "s_per_step": train_s / total,
     "examples_per_s": examples / train_s,

@@ -144,3 +144,14 @@ def test_ratios_and_table_tolerate_errors():
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.failed == 0 and result.attempted > 0
+
+
+def test_clm_recipe_steady_median_leaves_out_each_shapes_first_step():
+  from bench.clm_recipe import steady_median
+
+  shapes = [[4, 96], [4, 96], [4, 128], [4, 128], [4, 96]]
+  assert steady_median([9.0, 2.0, 8.0, 3.0, 2.5], shapes) == 2.5
+  with pytest.raises(ValueError, match="4 step times for 5 batch shapes"):
+    steady_median([1.0] * 4, shapes)
+  with pytest.raises(ValueError, match="no batch shape repeats"):
+    steady_median([1.0, 2.0], [[4, 96], [4, 128]])
