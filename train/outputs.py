@@ -128,8 +128,14 @@ def plot_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path) 
   if keys:
     ax_eval.legend()
   fig.tight_layout()
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
+  png_path = pathlib.Path(png_path)
+  tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
+  try:  # whole or not at all, as write_text
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, png_path)
+  finally:
+    plt.close(fig)
+    tmp.unlink(missing_ok=True)
 
 
 def write_predictions(
