@@ -21,6 +21,7 @@ from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import kernel_layouts
 from lora_jax._src.merge import merge
 from lora_jax._src.merge import unload
+from lora_jax._src.merge import unmerge
 from lora_jax._src.optimizer import lora_optimizer
 from lora_jax._src.partition import combine
 from lora_jax._src.partition import partition
@@ -55,5 +56,6 @@ __all__ = (
   "stack_layers",
   "trainable_mask",
   "unload",
+  "unmerge",
   "unstack_layers",
 )

@@ -63,6 +63,72 @@ def merge(params, *, check_finite: bool = True):
   return rebuild(paths.map_modules(fold, tree))
 
 
+def unmerge(merged, adapted):
+  """Subtracts ``adapted``'s adapters from weights they were merged into: PEFT's ``unmerge``.
+
+  A deployed model keeps one set of plain weights and switches tasks without reloading its
+  base: unmerge task 1's adapter, merge task 2's (``merge`` of task 2's adapters placed on the
+  unmerged weights, e.g. with :func:`lora_jax.combine`). Each
+  weight becomes ``W - scale * A @ B`` in float32, cast back to ``W``'s dtype, so a
+  ``merge``/``unmerge`` round trip costs at most one rounding of that dtype per step.
+
+  Args:
+    merged: a variables dict or bare params tree without adapter leaves (:func:`merge`'s
+      output, or any tree the adapters' weights were merged into).
+    adapted: the tree carrying the adapters that were merged (from :func:`lora_init`; its own
+      base weights are not used).
+
+  Returns:
+    ``merged`` with each adapted weight restored; the same structure, shapes and dtypes.
+
+  Raises:
+    ValueError: ``adapted`` carries no adapters, or an adapter's module or weight is missing
+      from ``merged`` or has another shape there.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    >>> from lora_jax import LoraRule, lora_init, merge, unmerge
+    >>> base = nn.Dense(3).init(jax.random.key(0), jnp.ones((2, 5)))
+    >>> task_1 = lora_init(base, LoraRule(".*", rank=2), rng=jax.random.key(1))
+    >>> task_1["params"]["lora_b"] = jnp.ones((2, 3))  # as if trained
+    >>> deployed = merge(task_1)
+    >>> restored = unmerge(deployed, task_1)
+    >>> bool(np.allclose(restored["params"]["kernel"], base["params"]["kernel"], atol=1e-6))
+    True
+  """
+  tree, rebuild = paths.split_params(merged)
+  adapters = {
+    path: (module[LORA_SPEC], module[LORA_A], module[LORA_B])
+    for path, module in paths.iter_modules(paths.split_params(adapted)[0])
+    if LORA_SPEC in module
+  }
+  if not adapters:
+    raise ValueError("adapted carries no LoRA adapters: nothing to unmerge")
+  seen = set()
+
+  def subtract(path: str, module: dict) -> dict:
+    if path not in adapters:
+      return module
+    spec, a, b = adapters[path]
+    if LORA_SPEC in module:
+      raise ValueError(f"{path} in merged still carries an adapter: unmerge takes merged weights")
+    w = module.get(spec.weight)
+    d = delta(spec, a, b)
+    if w is None or w.shape != d.shape:
+      got = "missing" if w is None else f"shape {tuple(w.shape)}"
+      raise ValueError(
+        f"unmerge: {path}/{spec.weight} is {got} in merged; the adapter fits {tuple(d.shape)}"
+      )
+    seen.add(path)
+    return {**module, spec.weight: (w.astype(jnp.float32) - d).astype(w.dtype)}
+
+  out = paths.map_modules(subtract, tree)
+  missing = sorted(set(adapters) - seen)
+  if missing:
+    raise ValueError(f"unmerge: merged has no module {missing[0]!r} (adapted: {sorted(adapters)})")
+  return rebuild(out)
+
+
 def unload(params):
   """Returns ``params`` without adapter leaves: the base weights the adapters were added to.
 
