@@ -102,3 +102,42 @@ def test_optimizer_needs_adapters(setup):
   *_, variables, _ = setup
   with pytest.raises(ValueError, match="carry no LoRA adapters"):
     lora_jax.lora_optimizer(optax.adam(1e-3), variables)
+
+
+@pytest.mark.parametrize("ratio", [16.0, 2.5])
+def test_loraplus_scales_b_updates_by_the_ratio_and_leaves_the_rest_alone(ratio):
+  import flax.linen as nn
+
+  from lora_jax import LoraRule
+  from lora_jax import lora_init
+  from lora_jax import lora_optimizer
+  from lora_jax import partition
+  from lora_jax import trainable_mask
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="b")(nn.tanh(nn.Dense(8, name="a")(x)))
+
+  base = Net().init(jax.random.key(0), jnp.ones((1, 5)))
+  params = lora_init(base, LoraRule(".*", rank=2), rng=jax.random.key(1))
+  params["params"]["a"]["lora_b"] = jnp.full((2, 8), 0.1)  # non-zero, so weight decay acts
+  trainable, _ = partition(params, trainable_mask(params))
+  grads = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape) + 1.0), trainable)
+  inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))
+  plain, plus = (
+    lora_optimizer(inner, params),
+    lora_optimizer(inner, params, loraplus_lr_ratio=ratio),
+  )
+  s_plain, s_plus = plain.init(trainable), plus.init(trainable)
+  for _ in range(2):  # steps 1 and 2: the same moments, B's step scaled
+    u_plain, s_plain = plain.update(grads, s_plain, trainable)
+    u_plus, s_plus = plus.update(grads, s_plus, trainable)
+    for layer in ("a", "b"):
+      got, want = u_plus["params"][layer], u_plain["params"][layer]
+      np.testing.assert_array_equal(got["lora_a"], want["lora_a"])
+      np.testing.assert_allclose(got["lora_b"], ratio * want["lora_b"], rtol=1e-6)
+      assert np.abs(want["lora_b"]).max() > 0
+  for bad in (0, -1.0, float("inf"), float("nan"), True, "16"):
+    with pytest.raises(ValueError, match="loraplus_lr_ratio=.* must be a positive finite number"):
+      lora_optimizer(inner, params, loraplus_lr_ratio=bad)

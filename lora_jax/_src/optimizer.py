@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -10,12 +11,18 @@ import optax
 from lora_jax._src.merge import has_adapters
 from lora_jax._src.partition import path_labels
 from lora_jax._src.partition import trainable_mask
+from lora_jax._src.paths import keypath_str
+from lora_jax._src.spec import LORA_B
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def lora_optimizer(
-  tx: optax.GradientTransformation, params, extra_trainable: Sequence[str] = ()
+  tx: optax.GradientTransformation,
+  params,
+  extra_trainable: Sequence[str] = (),
+  *,
+  loraplus_lr_ratio: float | None = None,
 ) -> optax.GradientTransformation:
   """``tx`` on adapter (and ``extra_trainable``) leaves; ``optax.set_to_zero`` everywhere else.
 
@@ -24,10 +31,20 @@ def lora_optimizer(
   whole parameter tree or only its trainable half from :func:`partition` (the fast path:
   gradients and state exist only for what trains).
 
+  LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio``
+  each ``lora_b`` update is ``tx``'s times the ratio, which for SGD, Adam and AdamW (whose
+  updates, decoupled weight decay included, are proportional to the learning rate) is ``tx``
+  with the ratio times its learning rate on B. ``tx`` itself sees every trainable leaf, so a
+  gradient clipping inside it still clips by the norm over all of them. (PEFT also moves
+  trainable 1-D leaves into B's group and gives embedding adapters their own rate; here only
+  ``lora_b`` leaves change.)
+
   Args:
     tx: the optimizer for trainable leaves, e.g. ``optax.adamw(1e-4)``.
     params: the adapted parameters (used to check that there is something to train).
     extra_trainable: regexes of further trainable leaf paths, as in :func:`trainable_mask`.
+    loraplus_lr_ratio: LoRA+'s ratio of B's learning rate to A's (the paper suggests 16), or
+      ``None`` for plain LoRA.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
@@ -46,4 +63,17 @@ def lora_optimizer(
   def labels(tree):
     return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, path_labels(tree, extra_trainable))
 
-  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+  masked = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+  if loraplus_lr_ratio is None:
+    return masked
+  ratio = loraplus_lr_ratio
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+    raise ValueError(f"loraplus_lr_ratio={ratio!r} must be a positive finite number (e.g. 16)")
+
+  def scale_b(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+      lambda kp, u: u * ratio if keypath_str(kp).rsplit("/", 1)[-1] == LORA_B else u, updates
+    )
+
+  return optax.chain(masked, optax.stateless(scale_b))
