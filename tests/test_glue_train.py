@@ -432,3 +432,26 @@ def test_distributed_initialize_only_for_multi_process_jobs(monkeypatch):
   assert trainer.maybe_initialize_distributed(env)
   assert trainer.maybe_initialize_distributed({"SLURM_NTASKS": "4"})
   assert calls == [{"num_processes": 2, "process_id": 1}, {}]
+
+
+def test_loraplus_flag_moves_b_by_the_ratio(tiny_bert_no_dropout, sst2_dir, tmp_path):
+  """``--loraplus_lr_ratio 16``: after one AdamW step from the same start (B = 0, so weight
+  decay has nothing to act on yet), every B moved 16 times as far and every A as far."""
+  common = ("--max_steps", "1", "--learning_rate", "1e-3", "--warmup_ratio", "0")
+  plain, plus = tmp_path / "plain", tmp_path / "plus"
+  glue_train.train_and_evaluate(run_args(tiny_bert_no_dropout, sst2_dir, plain, *common))
+  glue_train.train_and_evaluate(
+    run_args(tiny_bert_no_dropout, sst2_dir, plus, *common, "--loraplus_lr_ratio", "16")
+  )
+  args = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "start")
+  _, start, _ = glue_train.load_model(args, glue_data.TASKS["sst2"])
+  mask = lora_jax.trainable_mask(start, glue_train.EXTRA_TRAINABLE)
+  trainable = lora_jax.partition(start, mask)[0]
+  first = {k.replace("/", "."): v for k, v in checkpoints._leaf_paths(trainable).items()}
+  a, b = final_state(plain)["trainable"], final_state(plus)["trainable"]
+  lora_b = [k for k in a if k.endswith("lora_b")]
+  assert lora_b and all(np.abs(a[k]).max() > 0 for k in lora_b)
+  for key in a:
+    moved_plain, moved_plus = a[key] - np.asarray(first[key]), b[key] - np.asarray(first[key])
+    ratio = 16.0 if key.endswith("lora_b") else 1.0
+    np.testing.assert_allclose(moved_plus, ratio * moved_plain, rtol=1e-5, atol=1e-8, err_msg=key)

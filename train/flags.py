@@ -221,6 +221,12 @@ def add_lora(g, *, targets: list[str], dropout: float) -> None:
     default=False,
     help="rank-stabilised LoRA: scale by alpha / sqrt(r)",
   )
+  g.add_argument(
+    "--loraplus_lr_ratio",
+    type=positive_float,
+    help="LoRA+: the adapters' B factors learn at this times the learning rate (e.g. 16); "
+    "if not given: plain LoRA",
+  )
   mark_path(
     g.add_argument(
       "--adapter_name_or_path", help="start from this adapter (ours or PEFT's): folder or Hub id"

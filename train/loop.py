@@ -212,13 +212,14 @@ class Settings:
   dtype: str = "float32"
   progress: bool = True
   eval_on_start: bool = False  # a fresh run also evaluates before its first step
+  loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate / A's
 
 
 # The flags of train.flags.add_training that Settings takes under the same names.
 SHARED_FLAGS = (
   "output_dir", "learning_rate", "warmup_ratio", "weight_decay", "gradient_accumulation_steps",
   "logging_steps", "eval_steps", "save_steps", "save_total_limit", "parallel", "shard_frozen",
-  "seed", "dtype", "progress",
+  "seed", "dtype", "progress", "loraplus_lr_ratio",
 )  # fmt: skip
 
 
@@ -279,7 +280,8 @@ def _compute_dtype(frozen, dtype: str):
 def training_signature(settings: Settings) -> str:
   """The settings a resumed run must share with the checkpoint (with the task's signature)."""
   fields = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
-            "max_grad_norm", "gradient_accumulation_steps", "seed", "dtype")  # fmt: skip
+            "max_grad_norm", "gradient_accumulation_steps", "seed", "dtype",
+            "loraplus_lr_ratio")  # fmt: skip
   return " ".join(f"{f}={getattr(settings, f)}" for f in fields)
 
 
@@ -350,6 +352,7 @@ def run(
     accumulation=k,
     extra_trainable=extra_trainable,
     max_grad_norm=settings.max_grad_norm,
+    loraplus_lr_ratio=settings.loraplus_lr_ratio,
   )
   axis = trainer.AXIS if settings.parallel == "pmap" else None
   parallel = trainer.Parallel(

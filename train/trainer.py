@@ -144,13 +144,15 @@ def make_optimizer(
   accumulation: int = 1,
   extra_trainable=(),
   max_grad_norm: float | None = None,
+  loraplus_lr_ratio: float | None = None,
 ) -> optax.GradientTransformation:
   """AdamW on the trainable leaves (``lora_jax.lora_optimizer``), gradients first clipped to
-  ``max_grad_norm`` (global norm over the trainable leaves) if given; accumulated if asked."""
+  ``max_grad_norm`` (global norm over the trainable leaves) if given; with
+  ``loraplus_lr_ratio``, LoRA+ (B's updates scaled by it); accumulated if asked."""
   tx = optax.adamw(schedule, weight_decay=weight_decay)
   if max_grad_norm:
     tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
-  tx = lora_jax.lora_optimizer(tx, params, extra_trainable)
+  tx = lora_jax.lora_optimizer(tx, params, extra_trainable, loraplus_lr_ratio=loraplus_lr_ratio)
   return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
 
 
