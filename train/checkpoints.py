@@ -211,8 +211,9 @@ def _verify(got: dict, meta: dict, path: pathlib.Path) -> None:
   """Raises :class:`DamagedCheckpoint` if restored arrays differ from their saved CRC-32 or
   are not finite (checkpoints written before CRCs were kept are checked for finiteness only)."""
   expected = meta.get("crc32")
-  if expected is not None and _checksums(got) != expected:
-    bad = sorted(k for k, v in _checksums(got).items() if expected.get(k) != v)
+  actual = _checksums(got) if expected is not None else None
+  if actual != expected:
+    bad = sorted(k for k, v in actual.items() if expected.get(k) != v)
     raise DamagedCheckpoint(f"{path}: {len(bad)} array(s) fail their CRC-32 check: {bad[:3]}")
   for key, value in jax.tree_util.tree_flatten_with_path(got)[0]:
     if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all():

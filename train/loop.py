@@ -141,6 +141,7 @@ def fit(
     saves = save is not None and ((config.save_steps and step % config.save_steps == 0) or last)
     if logs or evaluates or saves:
       check_finite_step(step, micro, schedule)
+      previous = None  # checked already
     if logs:
       means = {key: float(np.mean([float(m[key]) for m in window])) for key in window[0]}
       dt = time.perf_counter() - t0  # the float() above waited for the steps to finish
@@ -380,10 +381,8 @@ def run(
     return Trained(done, None, None, None, None, finished_before=True)
   if restored is not None:
     host_state = restored[1]
-    log.truncate_after(restored[0])
-    logger.info(
-      "resuming from %s (step %d of %d)", ckpt.directory / str(restored[0]), latest, total
-    )
+    log.truncate_after(latest)
+    logger.info("resuming from %s (step %d of %d)", ckpt.directory / str(latest), latest, total)
   else:
     log.truncate_after(0)
   if record is not None and main_process:

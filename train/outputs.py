@@ -16,10 +16,12 @@ run's :meth:`MetricsLog.truncate_after` removes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pathlib
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,18 +76,25 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
   return rows
 
 
-def write_text(path: str | pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` whole or not at all (a temporary sibling, then a rename)."""
+@contextlib.contextmanager
+def replacing(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
+  """A temporary sibling of ``path`` to write; renamed onto ``path`` when the block ends well,
+  removed otherwise: ``path`` is written whole or not at all."""
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    with tmp.open("w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    yield tmp
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` whole or not at all (:func:`replacing`)."""
+  with replacing(path) as tmp, tmp.open("w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def write_jsonl(path: str | pathlib.Path, rows: Sequence[dict]) -> None:
@@ -128,14 +137,11 @@ def plot_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path) 
   if keys:
     ax_eval.legend()
   fig.tight_layout()
-  png_path = pathlib.Path(png_path)
-  tmp = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
-  try:  # whole or not at all, as write_text
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, png_path)
+  try:
+    with replacing(png_path) as tmp:
+      fig.savefig(tmp, dpi=100, format="png")
   finally:
     plt.close(fig)
-    tmp.unlink(missing_ok=True)
 
 
 def write_predictions(
