@@ -28,6 +28,10 @@ from lora_jax._src.partition import partition
 from lora_jax._src.partition import trainable_mask
 from lora_jax._src.peft_format import export_peft
 from lora_jax._src.peft_format import import_peft
+from lora_jax._src.quantize import Quantization
+from lora_jax._src.quantize import QuantizedArray
+from lora_jax._src.quantize import dequantize
+from lora_jax._src.quantize import quantize
 from lora_jax._src.report import param_report
 from lora_jax._src.rules import LoraRule
 from lora_jax._src.spec import LoraSpec
@@ -40,8 +44,11 @@ __all__ = (
   "KernelLayout",
   "LoraRule",
   "LoraSpec",
+  "Quantization",
+  "QuantizedArray",
   "adapter_info",
   "combine",
+  "dequantize",
   "export_peft",
   "import_peft",
   "kernel_layouts",
@@ -52,6 +59,7 @@ __all__ = (
   "merge",
   "param_report",
   "partition",
+  "quantize",
   "save_adapter",
   "stack_layers",
   "trainable_mask",

@@ -140,6 +140,8 @@ def test_only_adapters_and_extra_leaves_are_written(saved):
     "out_axes": [1, 2],
     "rule": "['heads', 'conv']",
     "stacked": 0,
+    "init": "gaussian",
+    "use_dora": False,
     "weight_shape": [16, 2, 4],
   }
 

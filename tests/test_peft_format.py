@@ -250,7 +250,8 @@ def exported(tiny, tmp_path_factory):
 @pytest.mark.parametrize(
   "key,value,match",
   [
-    ("use_dora", True, r"use_dora=True \(DoRA"),
+    ("use_dora", True, r"use_dora=True but lora_magnitude_vector is missing"),
+    ("use_dora", 1, r"use_dora=1 \(DoRA; supported"),
     ("peft_type", "IA3", r"peft_type='IA3'.*LoRA adapters only"),
     ("bias", "all", r"bias='all' \(trained biases; supported: \['none', None\]\)"),
     ("init_lora_weights", "pissa", r"init_lora_weights='pissa' \(this initialisation rewrites"),

@@ -4,11 +4,12 @@ An adapter directory is an Orbax ``CheckpointManager`` directory holding one ste
 
   <directory>/lora_jax_adapter.json   marks the directory: save_adapter writes only into
                                       marked or empty directories
-  <directory>/<n>/adapter/            lora_a, lora_b and extra_trainable leaves (Orbax PyTree,
-                                      OCDBT), nested like the params tree they came from
+  <directory>/<n>/adapter/            lora_a, lora_b, lora_magnitude (DoRA) and
+                                      extra_trainable leaves (Orbax PyTree, OCDBT), nested
+                                      like the params tree they came from
   <directory>/<n>/lora_jax/           JSON: every adapter's LoraSpec (path, rank, alpha,
                                       rslora, dropout, weight, in_axes, out_axes, rule,
-                                      stacked) and
+                                      stacked, init, use_dora) and
                                       weight shape, each saved leaf's path, shape and dtype,
                                       the lora_jax version, extra_trainable and metadata
 
@@ -38,6 +39,7 @@ from lora_jax._src.partition import trainable_mask
 from lora_jax._src.spec import ADAPTER_LEAVES
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import LoraSpec
 
@@ -56,8 +58,11 @@ _SPEC_FIELDS = (
   "out_axes",
   "rule",
   "stacked",
+  "init",
+  "use_dora",
 )
-_SPEC_DEFAULTS = {"stacked": 0}  # fields that adapters saved before they existed lack
+# fields that adapters saved before they existed lack
+_SPEC_DEFAULTS = {"stacked": 0, "init": "gaussian", "use_dora": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,9 +243,10 @@ def _read_info(mngr, path) -> tuple[int, dict]:
 def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | None = None):
   """Writes the adapters of ``params`` (and ``extra_trainable`` leaves) to ``directory``.
 
-  Only ``lora_a``/``lora_b`` leaves, leaves matching ``extra_trainable`` and a JSON description
-  of every adapter are written, never the frozen base. The write is atomic: an existing adapter
-  in ``directory`` stays readable until the new one is complete (see the module docstring).
+  Only adapter leaves (``lora_a``, ``lora_b``, DoRA's ``lora_magnitude``), leaves matching
+  ``extra_trainable`` and a JSON description of every adapter are written, never the frozen
+  base. The write is atomic: an existing adapter in ``directory`` stays readable until the new
+  one is complete (see the module docstring).
 
   Args:
     directory: a new or empty directory, or one written by ``save_adapter`` before (the new
@@ -290,6 +296,8 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
       a, b = flat.get(f"{module}/{LORA_A}"), flat.get(f"{module}/{LORA_B}")
       if a is None or b is None:
         raise ValueError(f"the adapter at {module!r} lacks {LORA_A!r} or {LORA_B!r}")
+      if value.use_dora and f"{module}/{LORA_MAGNITUDE}" not in flat:
+        raise ValueError(f"the DoRA adapter at {module!r} lacks {LORA_MAGNITUDE!r}")
       adapters.append(_spec_record(module, value, a, b))
     elif is_trainable(path, extra):
       leaves[path] = value
@@ -299,7 +307,7 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
       "first (or merge and export the whole model instead)"
     )
   check_finite(
-    {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in (LORA_A, LORA_B) or p in leaves},
+    {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES or p in leaves},
     f"save the adapter to {directory}",
   )
 
@@ -428,9 +436,9 @@ def load_adapter(directory, params):
   """Returns ``params`` with the adapter saved in ``directory`` inserted.
 
   ``params`` is the base model's tree, without adapters or with the same set of adapters
-  (whose values are replaced). The saved ``lora_a``/``lora_b`` leaves, their ``lora_spec`` and
-  every saved ``extra_trainable`` leaf are put in place, with the dtypes they were saved in.
-  The input tree is not modified.
+  (whose values are replaced). The saved adapter leaves (``lora_a``, ``lora_b``,
+  ``lora_magnitude``), their ``lora_spec`` and every saved ``extra_trainable`` leaf are put in
+  place, with the dtypes they were saved in. The input tree is not modified.
 
   Args:
     directory: a directory written by :func:`save_adapter`.
@@ -478,4 +486,21 @@ def load_adapter(directory, params):
       ) from e
 
   specs = {r["path"]: _spec_from_record(r) for r in info["adapters"]}
+  _check_residual_base(flat, specs, path)
   return rebuild(insert(tree, flatten(restored), specs))
+
+
+def _check_residual_base(flat: dict, specs: dict, path) -> None:
+  """A PiSSA or OLoRA adapter only fits the residual weights its ``lora_init`` wrote: loading
+  it into the original base would silently give another model, so that is refused."""
+  for module, spec in sorted(specs.items()):
+    if not spec.init.startswith(("pissa", "olora")):
+      continue
+    have = flat.get(f"{module}/{LORA_SPEC}")
+    if not isinstance(have, LoraSpec) or have.init != spec.init:
+      raise ValueError(
+        f"the adapter in {str(path)!r} at {module!r} started from init={spec.init!r}, so it "
+        "applies to the residual weights that lora_init wrote, not to this base: load it into "
+        "lora_init(base, <the same rule>, rng=<the same key>), or export it for the original "
+        "base with export_peft(..., initial=<that tree>)"
+      )

@@ -16,6 +16,10 @@ Two strategies, both returning a function with the signature of the one wrapped:
 
 LoRA dropout (low-rank path only) is active when the call passes an rng for the
 ``"lora_dropout"`` stream in ``rngs=`` and does not pass ``deterministic=True``.
+
+DoRA adapters (``use_dora``, ``nn.Dense``/``nn.DenseGeneral`` only) rescale the module's output
+per output unit by ``m / ||W + s A B||`` (the norm detached), as PEFT's ``DoraLinearLayer``; see
+:mod:`lora_jax._src.dora`.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import dora
 from lora_jax._src import layouts
 from lora_jax._src import paths
+from lora_jax._src import quantize as quantization
 from lora_jax._src.merge import merge
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import LoraSpec
 
@@ -111,6 +118,32 @@ def _low_rank(module, method: str, args, kwargs, base, spec: LoraSpec, a, b):
   return _conv_low_rank(module, x, a, b, spec, dtype)
 
 
+def _dora(module, args, kwargs, base, spec: LoraSpec, a, b, path: str):
+  """A DoRA module's output, as PEFT's ``DoraLinearLayer`` (see :mod:`lora_jax._src.dora`):
+  ``base + (m/n - 1) * W x + (m/n) * scale * B A x`` with ``n = ||W + s A B||`` detached. With
+  LoRA dropout active, ``W x`` and ``B A x`` are taken on the dropped-out input (``W x`` by a
+  bias-free copy of the module), as PEFT does."""
+  if not isinstance(module, nn.Dense | nn.DenseGeneral):
+    raise ValueError(
+      f"module {path!r} ({type(module).__name__}) carries a DoRA adapter, but DoRA supports "
+      "nn.Dense and nn.DenseGeneral only"
+    )
+  w = quantization.materialize(module.get_variable("params", spec.weight))  # QLoRA: dequantized
+  r = dora.ratio(spec, w, a, b, module.get_variable("params", LORA_MAGNITUDE))
+  x = _input(args, kwargs, "inputs")
+  if spec.dropout > 0.0 and _dropout_on.get():
+    x = _dropout(x, spec.dropout, module)
+    # the module itself, without its bias, on the dropped-out input
+    plain = module.clone(parent=None, name=None, use_bias=False)
+    w_x = plain.apply({"params": {spec.weight: w}}, x)
+  elif module.use_bias:
+    w_x = base - module.get_variable("params", "bias").astype(base.dtype)
+  else:
+    w_x = base
+  lora = _dense_low_rank(module, x, a, b, spec, base.dtype)
+  return dora.output(base, w_x, lora, r)
+
+
 def _check_layout(module: nn.Module, spec: LoraSpec, path: str, args, kwargs):
   ndim = module.get_variable("params", spec.weight).ndim
   if isinstance(module, nn.Einsum):
@@ -131,6 +164,9 @@ def _check_layout(module: nn.Module, spec: LoraSpec, path: str, args, kwargs):
 
 def _interceptor(next_fun, args, kwargs, context):
   module, method = context.module, context.method_name
+  if method in ("__call__", "attend") and quantization.holds_quantized(module):
+    # QLoRA: the module runs on its dequantized weight, formed here, inside the step.
+    next_fun = functools.partial(quantization.run_dequantized, module, method)
   if method not in ("__call__", "attend") or not module.has_variable("params", LORA_SPEC):
     return next_fun(*args, **kwargs)
   path = paths.join(paths.PARAMS, *module.scope.path)
@@ -146,6 +182,8 @@ def _interceptor(next_fun, args, kwargs, context):
   base = next_fun(*args, **kwargs)
   a = module.get_variable("params", LORA_A)
   b = module.get_variable("params", LORA_B)
+  if spec.use_dora:
+    return _dora(module, args, kwargs, base, spec, a, b, path)
   return base + _low_rank(module, method, args, kwargs, base, spec, a, b).astype(base.dtype)
 
 

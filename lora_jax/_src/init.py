@@ -8,7 +8,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import dora
 from lora_jax._src import paths
+from lora_jax._src import quantize
+from lora_jax._src import svd_init
 from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import default_layout
 from lora_jax._src.rules import LoraRule
@@ -16,6 +19,7 @@ from lora_jax._src.rules import as_rules
 from lora_jax._src.rules import closest
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import WEIGHT_NAMES
 from lora_jax._src.spec import LoraSpec
@@ -87,6 +91,12 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
   axes = sorted(layout.in_axes + layout.out_axes)
   if layout.stacked + len(axes) != len(shape) or axes != list(range(len(axes))):
     raise ValueError(f"layout {layout} for {path!r} does not fit weight shape {shape}")
+  if rule.use_dora and layout.kind != "dense":
+    raise ValueError(
+      f"module {path!r} matched rule {rule.describe()} with use_dora=True, but its weight is "
+      f"of kind {layout.kind!r}; DoRA supports linear kernels only (nn.Dense, nn.DenseGeneral): "
+      "exclude it from the DoRA rule (exclude=...) or give it a rule without use_dora"
+    )
   layer = shape[layout.stacked :]
   n_in = math.prod(layer[i] for i in layout.in_axes)
   n_out = math.prod(layer[o] for o in layout.out_axes)
@@ -98,7 +108,7 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
       f"rank {rule.rank} (rule {rule.describe()}) exceeds what {path}/{name} of shape {shape} "
       f"allows: max(inputs={n_in}, outputs={n_out}) = {max(n_in, n_out)}"
     )
-  return LoraSpec(
+  spec = LoraSpec(
     rank=rule.rank,
     alpha=rule.effective_alpha,
     rslora=rule.rslora,
@@ -108,7 +118,17 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
     out_axes=layout.out_axes,
     rule=rule.describe(),
     stacked=layout.stacked,
+    init=rule.init,
+    use_dora=rule.use_dora,
   )
+  if svd_init.is_svd_init(spec.init):
+    if isinstance(module[name], quantize.QuantizedArray):
+      raise ValueError(
+        f"{path}/{name} is quantized, and init={spec.init!r} rewrites the weight it starts from; "
+        "run lora_init on the float base first, then lora_jax.quantize the residual weights"
+      )
+    svd_init.check(path, spec, shape)
+  return spec
 
 
 def _factors(spec: LoraSpec, init: str, weight, key):
@@ -132,7 +152,9 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
 
   Each adapted module gains ``lora_a`` and ``lora_b`` (float32, whatever the weight's dtype)
   and a static ``lora_spec`` that :func:`merge` and :func:`lora_apply` read. ``B`` starts at
-  zero, so a fresh adapter changes no output. The input tree is not modified.
+  zero, so a fresh adapter changes no output. The input tree is not modified. With
+  ``init="pissa"``, ``"pissa_niter_K"`` or ``"olora"`` both factors come from the weight, which
+  is replaced by the residual ``W - s*A@B`` (in its own dtype): outputs are unchanged too.
 
   Args:
     params: a Flax variables dict (``{"params": ...}``; other collections are kept as they are)
@@ -169,7 +191,17 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
     spec = specs.get(path)
     if spec is None:
       return module
-    a, b = _factors(spec, chosen[path].init, module[spec.weight], keys[path])
-    return {**module, LORA_A: a, LORA_B: b, LORA_SPEC: spec}
+    if svd_init.is_svd_init(spec.init):  # factors from W; W becomes the residual
+      a, b, weight = svd_init.factors(spec, module[spec.weight], keys[path])
+      module = {**module, spec.weight: weight}
+    else:
+      a, b = _factors(spec, chosen[path].init, module[spec.weight], keys[path])
+    out = {**module, LORA_A: a, LORA_B: b, LORA_SPEC: spec}
+    if spec.use_dora:  # m = ||W + s A B|| per output unit, so that W' = W + s A B at step 0
+      w = out[spec.weight]
+      if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(w)):
+        w = quantize.materialize(w)  # a QLoRA base: the norm of the dequantized weight
+      out[LORA_MAGNITUDE] = dora.init_magnitude(spec, w, a, b)
+    return out
 
   return rebuild(paths.map_modules(add, tree))

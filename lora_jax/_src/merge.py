@@ -7,9 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import dora
 from lora_jax._src import paths
+from lora_jax._src import quantize
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import delta
 
@@ -21,8 +24,10 @@ def _is_concrete(x) -> bool:
 def merge(params, *, check_finite: bool = True):
   """Returns ``params`` with each ``W`` replaced by ``W + scale * A @ B`` and no adapter leaves.
 
-  The sum is formed in float32 and cast back to ``W``'s dtype, so the result is exactly the
-  tree the original model's ``apply`` accepts (same structure, shapes and dtypes).
+  A DoRA adapter (``use_dora``) gives ``m * (W + scale * A @ B) / ||W + scale * A @ B||``, the
+  norm per output unit. The sum is formed in float32 and cast back to ``W``'s dtype, so the
+  result is exactly the tree the original model's ``apply`` accepts (same structure, shapes and
+  dtypes). Quantized weights (:func:`lora_jax.quantize`) are dequantized, adapted or not.
 
   Args:
     params: a variables dict or bare params tree carrying adapters from :func:`lora_init`.
@@ -45,6 +50,8 @@ def merge(params, *, check_finite: bool = True):
   tree, rebuild = paths.split_params(params)
 
   def fold(path: str, module: dict) -> dict:
+    # A quantized (QLoRA) weight is dequantized, adapted or not.
+    module = {k: quantize.materialize(v) for k, v in module.items()}
     spec = module.get(LORA_SPEC)
     if spec is None:
       return module
@@ -52,7 +59,10 @@ def merge(params, *, check_finite: bool = True):
     a, b = module.pop(LORA_A), module.pop(LORA_B)
     del module[LORA_SPEC]
     w = module[spec.weight]
-    merged = (w.astype(jnp.float32) + delta(spec, a, b)).astype(w.dtype)
+    if spec.use_dora:
+      merged = dora.merged_weight(spec, w, a, b, module.pop(LORA_MAGNITUDE)).astype(w.dtype)
+    else:
+      merged = (w.astype(jnp.float32) + delta(spec, a, b)).astype(w.dtype)
     if check_finite and _is_concrete(merged) and not np.isfinite(np.asarray(merged)).all():
       raise FloatingPointError(
         f"merging the adapter into {path}/{spec.weight} gave non-finite values"
@@ -72,11 +82,16 @@ def unmerge(merged, adapted):
   weight becomes ``W - scale * A @ B`` in float32, cast back to ``W``'s dtype, so a
   ``merge``/``unmerge`` round trip costs at most one rounding of that dtype per step.
 
+  A DoRA adapter's merge is undone as PEFT does: ``W' / (m / n) - scale * A @ B``, where
+  ``n = ||W + scale * A @ B||`` is the norm the merge divided by. The merged weight cannot tell
+  ``n`` (its own norms are ``|m|``), so it is computed from ``adapted``'s base weight, which must
+  be the weight the adapter was merged into (PEFT caches the same norm when it merges).
+
   Args:
     merged: a variables dict or bare params tree without adapter leaves (:func:`merge`'s
       output, or any tree the adapters' weights were merged into).
     adapted: the tree carrying the adapters that were merged (from :func:`lora_init`; its own
-      base weights are not used).
+      base weights are used only for DoRA adapters, as said above).
 
   Returns:
     ``merged`` with each adapted weight restored; the same structure, shapes and dtypes.
@@ -98,7 +113,7 @@ def unmerge(merged, adapted):
   """
   tree, rebuild = paths.split_params(merged)
   adapters = {
-    path: (module[LORA_SPEC], module[LORA_A], module[LORA_B])
+    path: (module[LORA_SPEC], module[LORA_A], module[LORA_B], module)
     for path, module in paths.iter_modules(paths.split_params(adapted)[0])
     if LORA_SPEC in module
   }
@@ -109,7 +124,7 @@ def unmerge(merged, adapted):
   def subtract(path: str, module: dict) -> dict:
     if path not in adapters:
       return module
-    spec, a, b = adapters[path]
+    spec, a, b, own = adapters[path]
     if LORA_SPEC in module:
       raise ValueError(f"{path} in merged still carries an adapter: unmerge takes merged weights")
     w = module.get(spec.weight)
@@ -120,6 +135,15 @@ def unmerge(merged, adapted):
         f"unmerge: {path}/{spec.weight} is {got} in merged; the adapter fits {tuple(d.shape)}"
       )
     seen.add(path)
+    if spec.use_dora:
+      base = quantize.materialize(own.get(spec.weight))
+      if base is None or isinstance(base, jax.ShapeDtypeStruct):
+        raise ValueError(
+          f"unmerge: the DoRA adapter at {path} needs adapted's base weight {spec.weight!r} (the "
+          "norm ||W + s*A@B|| it was merged with), but adapted holds no array there"
+        )
+      w_new = dora.unmerged_weight(spec, w, base, a, b, own[LORA_MAGNITUDE])
+      return {**module, spec.weight: w_new.astype(w.dtype)}
     return {**module, spec.weight: (w.astype(jnp.float32) - d).astype(w.dtype)}
 
   out = paths.map_modules(subtract, tree)
@@ -150,7 +174,7 @@ def unload(params):
   def drop(path: str, module: dict) -> dict:
     if LORA_SPEC not in module:
       return module
-    return {k: v for k, v in module.items() if k not in (LORA_A, LORA_B, LORA_SPEC)}
+    return {k: v for k, v in module.items() if k not in (LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SPEC)}
 
   return rebuild(paths.map_modules(drop, tree))
 

@@ -3,7 +3,7 @@
 A leaf is trainable if it is an adapter factor (``lora_a``/``lora_b``) or its ``"a/b/c"`` path
 matches one of the ``extra_trainable`` regexes (``re.search``), e.g. ``"classifier"`` for a
 freshly initialised head. Everything else, and every collection other than ``"params"``, is
-frozen.
+frozen. So are the arrays of a quantized weight (:func:`lora_jax.quantize`), always.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 
 from lora_jax._src import paths
+from lora_jax._src.quantize import is_quantized
 from lora_jax._src.spec import ADAPTER_LEAVES
 
 
@@ -45,6 +46,13 @@ def path_labels(tree, extra_trainable: Sequence[str] = (), *, check: bool = Fals
   extra = compile_patterns(extra_trainable)
   variables = paths.is_variables(tree)
   canon = jax.tree.map(lambda p: _canonical(p, variables), paths.tree_paths(tree))
+  # The arrays of a quantized (QLoRA) weight never train: integer codes have no gradient.
+  quantized = jax.tree.map(
+    lambda x: jax.tree.map(lambda _: True, x) if is_quantized(x) else False,
+    tree,
+    is_leaf=is_quantized,
+  )
+  canon = jax.tree.map(lambda p, q: "" if q else p, canon, quantized)  # "": not a param path
   if check:
     leaves = [p for p in jax.tree.leaves(canon) if p.startswith(paths.PARAMS + "/")]
     for r in extra:

@@ -5,15 +5,16 @@ A PEFT LoRA adapter folder (as PEFT 0.21's ``PeftModel.save_pretrained`` writes 
 * ``adapter_config.json``: every ``LoraConfig`` field, keys sorted, ``peft_type: "LORA"``;
 * ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), keys without adapter name:
 
-  ==================================================  ==============  ===========
-  key                                                 shape           lora_jax
-  ==================================================  ==============  ===========
-  ``base_model.model.<module>.lora_A.weight``         ``(r, in)``     ``A.T``
-  ``base_model.model.<module>.lora_B.weight``         ``(out, r)``    ``B.T``
-  ``base_model.model.<module>.lora_embedding_A``      ``(r, vocab)``  ``A.T``
-  ``base_model.model.<module>.lora_embedding_B``      ``(dim, r)``    ``B.T``
-  ``base_model.model.<parameter>``                    as torch's      extra leaf
-  ==================================================  ==============  ===========
+  ===================================================  ==============  ============
+  key                                                  shape           lora_jax
+  ===================================================  ==============  ============
+  ``base_model.model.<module>.lora_A.weight``          ``(r, in)``     ``A.T``
+  ``base_model.model.<module>.lora_B.weight``          ``(out, r)``    ``B.T``
+  ``base_model.model.<module>.lora_embedding_A``       ``(r, vocab)``  ``A.T``
+  ``base_model.model.<module>.lora_embedding_B``       ``(dim, r)``    ``B.T``
+  ``base_model.model.<module>.lora_magnitude_vector``  ``(out,)``      DoRA's ``m``
+  ``base_model.model.<parameter>``                     as torch's      extra leaf
+  ===================================================  ==============  ============
 
   The last row holds ``modules_to_save`` (e.g. a trained ``classifier``) under transformers'
   own parameter names and layouts.
@@ -31,6 +32,7 @@ from the most common one go to ``rank_pattern`` / ``alpha_pattern``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ import numpy as np
 
 from lora_jax._src import paths
 from lora_jax._src import stacking
+from lora_jax._src import svd_init
 from lora_jax._src.adapter_io import check_fits
 from lora_jax._src.adapter_io import flatten
 from lora_jax._src.adapter_io import insert
@@ -57,8 +60,11 @@ from lora_jax._src.finite import check_finite
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
 from lora_jax._src.partition import trainable_mask
+from lora_jax._src.spec import ADAPTER_LEAVES
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_MAGNITUDE
+from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import WEIGHT_NAMES
 from lora_jax._src.spec import LoraSpec
 
@@ -126,7 +132,6 @@ _PEFT_DEFAULTS: dict[str, Any] = {
 
 # Options lora_jax cannot reproduce: key -> (what it is, the values lora_jax accepts).
 _UNSUPPORTED: dict[str, tuple[str, tuple]] = {
-  "use_dora": ("DoRA", (False, None)),
   "bias": ("trained biases", ("none", None)),
   "lora_bias": ("a bias on lora_B", (False, None)),
   "fan_in_fan_out": ("transposed (Conv1D) base weights", (False, None)),
@@ -147,7 +152,7 @@ _UNSUPPORTED: dict[str, tuple[str, tuple]] = {
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 _LORA_KEY = re.compile(
-  r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+  r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
   r"(?:\.(?P<adapter>[^.]+))??(?P<suffix>\.weight)?"
 )
 
@@ -340,6 +345,55 @@ def _modules_to_save(flat: Mapping[str, Any], extra: list[str], adapted: set[str
   return sorted(m for m in chosen if not any(m != o and within(m, o) for o in chosen))
 
 
+def _relative_to_original(flat: dict, specs: dict, initial, config):
+  """``flat`` and ``specs`` with every adapter replaced by its rank-2r equivalent on the
+  original weights, ``[A, A0]``, ``[B; -B0]`` (see :func:`svd_init.relative_to_original`)."""
+  flat0 = flatten(_per_layer(paths.split_params(initial)[0], config))
+  specs0 = {module_of(p): v for p, v in flat0.items() if isinstance(v, LoraSpec)}
+  problems = []
+  if not specs0:
+    problems.append("initial= carries no adapters (pass the tree lora_init returned, not the base)")
+  missing, unexpected = sorted(specs.keys() - specs0.keys()), sorted(specs0.keys() - specs.keys())
+  if specs0 and missing:
+    problems.append(f"initial= has no adapter at {missing[:5]}")
+  if specs0 and unexpected:
+    problems.append(f"initial= has adapters that params lack at {unexpected[:5]}")
+  for module in sorted(specs.keys() & specs0.keys()):
+    spec, spec0 = specs[module], specs0[module]
+    if getattr(spec, "use_dora", False):
+      problems.append(f"{module}: a DoRA adapter has no rank-2r plain LoRA equivalent")
+      continue
+    if spec != spec0:
+      fields = [
+        f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(spec0, f.name)
+      ]
+      problems.append(f"{module}: its LoraSpec differs in {fields}")
+      continue
+    for leaf in (LORA_A, LORA_B):
+      got, want = np.shape(flat[f"{module}/{leaf}"]), np.shape(flat0[f"{module}/{leaf}"])
+      if got != want:
+        problems.append(f"{module}/{leaf}: shape {want} in initial=, {got} in params")
+    w, w0 = flat.get(f"{module}/{spec.weight}"), flat0.get(f"{module}/{spec.weight}")
+    if w is not w0 and (np.shape(w) != np.shape(w0) or not bool(jnp.array_equal(w, w0))):
+      problems.append(
+        f"{module}/{spec.weight} differs from initial='s: initial= must come from the same "
+        "lora_init call as params (the base weight never trains)"
+      )
+  if problems:
+    raise ValueError(
+      "initial= does not match params, so A0 and B0 cannot be taken from it: "
+      + "; ".join(problems[:5])
+    )
+  flat, plain = dict(flat), {}
+  for module, spec in specs.items():
+    a, b = f"{module}/{LORA_A}", f"{module}/{LORA_B}"
+    plain[module], flat[a], flat[b] = svd_init.relative_to_original(
+      spec, flat[a], flat[b], flat0[a], flat0[b]
+    )
+    flat[f"{module}/{LORA_SPEC}"] = plain[module]
+  return flat, plain
+
+
 def export_peft(
   directory,
   params,
@@ -348,12 +402,13 @@ def export_peft(
   config: Any = None,
   task_type: str | None = "SEQ_CLS",
   extra_trainable=(),
+  initial: Any = None,
 ) -> Path:
   """Writes ``params``' adapters as a PEFT LoRA adapter folder that PyTorch can load.
 
   ``peft.PeftModel.from_pretrained(torch_model, directory)`` then reproduces lora_jax's
-  outputs. Linear (2-D ``kernel``) and embedding adapters are supported; leaves matching
-  ``extra_trainable`` (e.g. ``["classifier"]``) are saved as PEFT ``modules_to_save``.
+  outputs. Linear (2-D ``kernel``, DoRA included) and embedding adapters are supported; leaves
+  matching ``extra_trainable`` (e.g. ``["classifier"]``) are saved as PEFT ``modules_to_save``.
 
   Args:
     directory: the folder to write ``adapter_config.json`` and ``adapter_model.safetensors``
@@ -365,13 +420,21 @@ def export_peft(
     task_type: PEFT's ``task_type``, one of ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
       ``"CAUSAL_LM"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"`` or ``None``.
     extra_trainable: regexes of further leaves to save, as in :func:`trainable_mask`.
+    initial: the tree :func:`lora_init` returned, before training. Needed for adapters made
+      with ``init="pissa"``, ``"pissa_niter_K"`` or ``"olora"``, whose base weight is a
+      residual: each adapter is then written as the rank-``2r`` plain LoRA ``[A, A0]``,
+      ``[B; -B0]`` (``alpha`` doubled, or times ``sqrt(2)`` with rsLoRA, so the scale stays)
+      that gives the trained model on the *original* weights, as PEFT's ``save_pretrained(...,
+      path_initial_model_for_weight_conversion=...)`` does.
 
   Returns:
     ``directory`` as a ``pathlib.Path``.
 
   Raises:
     ValueError: no adapters; an adapter PEFT cannot express (more than two weight axes, mixed
-      rsLoRA); an extra leaf inside an adapted module; an unknown ``task_type``.
+      rsLoRA); an extra leaf inside an adapted module; an unknown ``task_type``; a PiSSA or
+      OLoRA adapter without ``initial``; an ``initial`` whose adapters, shapes or base weights
+      differ from ``params``'.
     FloatingPointError: an adapter or extra leaf holds NaN or inf (nothing is written).
 
   Example:
@@ -408,11 +471,22 @@ def export_peft(
     raise ValueError(
       "params carry no LoRA adapters, nothing to export; call lora_init(params, rules, rng=...)"
     )
+  if initial is not None:
+    flat, specs = _relative_to_original(flat, specs, initial, config)
+  rewritten = sorted(m for m, s in specs.items() if svd_init.is_svd_init(s.init))
+  if rewritten:
+    raise ValueError(
+      f"the adapters at {rewritten[:3]} were initialised with init="
+      f"{specs[rewritten[0]].init!r}, which replaced their base weights by the residual "
+      "W - s*A0@B0, so they fit only that residual, not the original model PEFT loads them on; "
+      "pass initial=<the tree lora_init returned, before training> to export them as rank-2r "
+      "LoRA relative to the original weights"
+    )
   extra = [
     p
     for p, v in flat.items()
     if not isinstance(v, LoraSpec)
-    and p.rsplit("/", 1)[-1] not in (LORA_A, LORA_B)
+    and p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES
     and is_trainable(p, extra_re)
   ]
   for p in extra:
@@ -424,11 +498,12 @@ def export_peft(
       )
 
   check_finite(
-    {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in (LORA_A, LORA_B) or p in extra},
+    {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES or p in extra},
     f"export the adapter to {directory}",
   )
   tensors: dict[str, np.ndarray] = {}
   ranks, alphas, dropouts, rslora = {}, {}, {}, set()
+  dora = set()
   for module, spec in specs.items():
     if spec.in_axes != (0,) or spec.out_axes != (1,):
       raise ValueError(
@@ -445,6 +520,10 @@ def export_peft(
     else:
       tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.T
       tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.T
+    if spec.use_dora:  # PEFT's key has no ".weight" (its checkpoint format predates DoraLayer)
+      magnitude = np.asarray(flat[f"{module}/{LORA_MAGNITUDE}"])
+      tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude
+    dora.add(spec.use_dora)
     ranks[name], alphas[name], dropouts[name] = spec.rank, float(spec.alpha), spec.dropout
     rslora.add(spec.rslora)
   if len(rslora) > 1:
@@ -452,6 +531,12 @@ def export_peft(
     raise ValueError(
       f"PEFT has one use_rslora flag per adapter, but only some adapters use rsLoRA ({mixed}); "
       "export them separately or use the same rslora setting for all"
+    )
+  if len(dora) > 1:
+    mixed = sorted(n for n, s in specs.items() if s.use_dora)
+    raise ValueError(
+      f"PEFT has one use_dora flag per adapter, but only some adapters use DoRA ({mixed}); "
+      "export them separately or use the same use_dora setting for all"
     )
   for name, array in names.to_torch({p: flat[p] for p in extra}).items():
     tensors[KEY_PREFIX + name] = array
@@ -476,6 +561,7 @@ def export_peft(
     "lora_alpha": _number(alpha),
     "lora_dropout": dropout,
     "use_rslora": rslora.pop(),
+    "use_dora": dora.pop(),
     "target_modules": _target_modules(list(ranks), candidates),
     "rank_pattern": _patterns(ranks, rank),
     "alpha_pattern": _patterns(alphas, alpha),
@@ -568,6 +654,8 @@ def _check_supported(cfg: Mapping, source: str) -> None:
     value = cfg.get(key)
     if not _accepted(value, ok):
       bad.append(f"{key}={value!r} ({what}; supported: {list(ok)})")
+  if not _accepted(cfg.get("use_dora"), (False, True, None)):
+    bad.append(f"use_dora={cfg.get('use_dora')!r} (DoRA; supported: [False, True, None])")
   init = cfg.get("init_lora_weights", True)
   if not _accepted(init, _PLAIN_INITS):
     bad.append(
@@ -640,6 +728,11 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
       embed == {"lora_embedding_A", "lora_embedding_B"} and not linear
     ):
       raise ValueError(f"{source}: module {module!r} has an incomplete adapter: {sorted(kinds)}")
+    if "lora_magnitude_vector" in kinds and embed:
+      raise ValueError(
+        f"{source}: module {module!r} is a DoRA embedding adapter; lora_jax supports DoRA on "
+        "linear layers only"
+      )
   return factors, others
 
 
@@ -711,6 +804,7 @@ def import_peft(
   rule = f"peft target_modules={cfg.get('target_modules')!r}"
 
   new, specs, records, problems = {}, {}, [], []
+  use_dora = bool(cfg.get("use_dora"))
   for name, kinds in sorted(factors.items()):
     module = names.module_path(name)
     if "lora_A" in kinds:
@@ -722,6 +816,18 @@ def import_peft(
       shapes = {k: v.shape for k, v in sorted(kinds.items())}
       problems.append(f"{name}: factors {shapes} do not form a rank-{rank} adapter")
       continue
+    magnitude = kinds.get("lora_magnitude_vector")
+    if (magnitude is not None) != use_dora:
+      problems.append(
+        f"{name}: use_dora={use_dora} but lora_magnitude_vector is "
+        + ("present" if magnitude is not None else "missing")
+      )
+      continue
+    if magnitude is not None and magnitude.shape != (b.shape[1],):
+      problems.append(
+        f"{name}: lora_magnitude_vector has shape {magnitude.shape}, the layer {(b.shape[1],)}"
+      )
+      continue
     specs[module] = LoraSpec(
       rank=int(rank),
       alpha=float(_pattern_value(alpha_pattern, name, alpha0)),
@@ -731,13 +837,17 @@ def import_peft(
       in_axes=(0,),
       out_axes=(1,),
       rule=rule,
+      use_dora=use_dora,
     )
     new[f"{module}/{LORA_A}"] = jnp.asarray(a, jnp.float32)
     new[f"{module}/{LORA_B}"] = jnp.asarray(b, jnp.float32)
+    if use_dora:
+      new[f"{module}/{LORA_MAGNITUDE}"] = jnp.asarray(magnitude, jnp.float32)
     records.append({"path": module, "weight": weight, "weight_shape": (a.shape[0], b.shape[1])})
   if problems:
     raise ValueError(
-      f"{source} does not match its own config (r, rank_pattern):\n  " + "\n  ".join(problems)
+      f"{source} does not match its own config (r, rank_pattern, use_dora):\n  "
+      + "\n  ".join(problems)
     )
 
   leaves = names.from_torch(others)

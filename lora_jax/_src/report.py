@@ -6,10 +6,12 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
 from lora_jax._src import paths
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
+from lora_jax._src.quantize import is_quantized
 from lora_jax._src.spec import LORA_SPEC
 
 
@@ -22,12 +24,35 @@ def count_params(params, extra_trainable: Sequence[str] = ()) -> tuple[int, int]
   tree, _ = paths.split_params(params)
   extra = compile_patterns(extra_trainable)
   total = trainable = 0
-  for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+  for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_quantized):
     path = paths.join(paths.PARAMS, paths.keypath_str(keypath))
-    n = _size(leaf)
+    n = _size(leaf)  # a quantized weight counts the parameters it stands for
     total += n
-    trainable += n if is_trainable(path, extra) else 0
+    trainable += n if is_trainable(path, extra) and not is_quantized(leaf) else 0
   return trainable, total
+
+
+def _bytes(leaf) -> int:
+  if is_quantized(leaf):
+    return leaf.nbytes
+  return _size(leaf) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+
+
+def quantized_line(params) -> str | None:
+  """Parameters held quantized (:func:`lora_jax.quantize`) and bytes, or ``None`` if none."""
+  tree, _ = paths.split_params(params)
+  leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+  quantized = [x for x in leaves if is_quantized(x)]
+  if not quantized:
+    return None
+  kinds = ", ".join(sorted({q.describe() for q in quantized}))
+  plain = sum(q.size * q.dtype.itemsize for q in quantized)
+  stored = sum(q.nbytes for q in quantized)
+  total = sum(_bytes(x) for x in leaves)
+  return (
+    f"quantized params: {sum(q.size for q in quantized):,} ({kinds}) in {stored:,} bytes, "
+    f"{plain:,} unquantized || all params: {total:,} bytes"
+  )
 
 
 def summary_line(trainable: int, total: int) -> str:
@@ -38,6 +63,9 @@ def summary_line(trainable: int, total: int) -> str:
 
 def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
   """A summary line in PEFT's format, then one row per module that holds parameters.
+
+  A quantized weight (:func:`lora_jax.quantize`) counts the parameters it stands for (frozen);
+  a second line then gives the quantized parameters and the bytes they and the whole tree take.
 
   Works on arrays and on ``jax.eval_shape`` output alike (it reads only shapes).
 
@@ -59,14 +87,21 @@ def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
     if not own:
       continue
     n = sum(_size(v) for _, v in own)
-    t = sum(_size(v) for k, v in own if is_trainable(paths.join(path, k), extra))
+    t = sum(
+      _size(v) for k, v in own if is_trainable(paths.join(path, k), extra) and not is_quantized(v)
+    )
     spec = module.get(LORA_SPEC)
     adapter = f"r={spec.rank} alpha={spec.alpha} scale={spec.scale:g}" if spec else ""
-    rows.append((path, f"{n:,}", f"{t:,}", adapter))
+    adapter += " dora" if spec and spec.use_dora else ""
+    adapter += "".join(f" {k}: {v.describe()}" for k, v in own if is_quantized(v))
+    rows.append((path, f"{n:,}", f"{t:,}", adapter.strip()))
   trainable, total = count_params(params, extra_trainable)
   header = ("module", "params", "trainable", "adapter")
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
   lines = [summary_line(trainable, total)]
+  quantized = quantized_line(params)
+  if quantized is not None:  # QLoRA: how much the quantized base takes
+    lines.append(quantized)
   for r in [header, *rows]:
     cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]), r[3]]
     lines.append("  ".join(cells).rstrip())

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head",)  # never matched by "all-linear", as in PEFT
-INITS = ("gaussian", "kaiming_uniform")
+INITS = ("gaussian", "kaiming_uniform", "pissa", "pissa_niter_K", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")  # "pissa_niter_K": K a positive int
 
 
 def _finite(value) -> bool:
@@ -69,7 +70,14 @@ class LoraRule:
     rslora: scale by ``alpha / sqrt(rank)`` (rank-stabilised LoRA) instead of ``alpha / rank``.
     init: ``"gaussian"`` (A ~ N(0, 1/rank^2), as PEFT's ``init_lora_weights="gaussian"``) or
       ``"kaiming_uniform"`` (PEFT's default for linear layers). B starts at zero either way.
+      ``"pissa"`` (top-``r`` singular triplets of the weight), ``"pissa_niter_K"`` (the same by
+      a randomized SVD with ``K`` subspace iterations) and ``"olora"`` (QR of the weight), as
+      PEFT's ``init_lora_weights``, start from the weight itself and replace it by the residual
+      (linear kernels only; see :mod:`lora_jax._src.svd_init`).
     exclude: modules never adapted by this rule, in the same spellings as ``pattern``.
+    use_dora: DoRA (PEFT's ``use_dora``): a trainable magnitude per output unit beside ``A``
+      and ``B`` (linear kernels only: ``nn.Dense``/``nn.DenseGeneral``; see
+      :mod:`lora_jax._src.dora`).
 
   Example:
     >>> from lora_jax import LoraRule
@@ -89,6 +97,7 @@ class LoraRule:
   rslora: bool = False
   init: str = "gaussian"
   exclude: str | tuple[str, ...] | None = None
+  use_dora: bool = False
 
   def __post_init__(self):
     pattern, regex = _normalize(self.pattern, "pattern")
@@ -108,10 +117,17 @@ class LoraRule:
       raise ValueError(
         f"LoraRule alpha={self.alpha!r} must be positive and finite (or None for alpha=rank)"
       )
+    if not isinstance(self.use_dora, bool):
+      raise ValueError(f"LoraRule use_dora={self.use_dora!r} must be True or False")
     if not (_finite(self.dropout) and 0.0 <= self.dropout < 1.0):
       raise ValueError(f"LoraRule dropout={self.dropout!r} must be in [0, 1)")
-    if self.init not in INITS:
-      raise ValueError(f"LoraRule init={self.init!r} is not one of {list(INITS)}")
+    if not isinstance(self.init, str) or not (
+      (self.init in INITS and self.init != "pissa_niter_K") or _PISSA_NITER.fullmatch(self.init)
+    ):
+      raise ValueError(
+        f"LoraRule init={self.init!r} is not one of {list(INITS)} (K a positive integer: "
+        "'pissa_niter_4')"
+      )
 
   @property
   def all_linear(self) -> bool:

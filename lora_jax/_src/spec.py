@@ -28,7 +28,8 @@ import jax.numpy as jnp
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_SPEC = "lora_spec"
-ADAPTER_LEAVES = (LORA_A, LORA_B)
+LORA_MAGNITUDE = "lora_magnitude"  # DoRA's trainable magnitude (``use_dora``), see dora.py
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_MAGNITUDE)
 WEIGHT_NAMES = ("kernel", "embedding")
 
 
@@ -47,6 +48,11 @@ class LoraSpec:
     rule: the pattern of the rule that created the adapter (for reports and export).
     stacked: leading axes of the weight that stack independent layers (``nn.scan``); the
       factors share them, and ``in_axes``/``out_axes`` count the axes after them.
+    use_dora: DoRA: the module also carries ``lora_magnitude`` (float32, one entry per output
+      unit: the stacked axes, then the output axes) and its weight acts as
+      ``m * (W + delta) / ||W + delta||`` (see :mod:`lora_jax._src.dora`).
+    init: how the factors started (``LoraRule.init``); ``"pissa"``, ``"pissa_niter_K"`` and
+      ``"olora"`` also replaced the weight by a residual (see :mod:`lora_jax._src.svd_init`).
   """
 
   rank: int
@@ -58,6 +64,8 @@ class LoraSpec:
   out_axes: tuple[int, ...]
   rule: str = ""
   stacked: int = 0
+  use_dora: bool = False
+  init: str = "gaussian"
 
   @property
   def scale(self) -> float:

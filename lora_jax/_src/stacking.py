@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import paths
+from lora_jax._src import quantize
+from lora_jax._src.quantize import QuantizedArray
 from lora_jax._src.spec import LoraSpec
 
 
@@ -106,6 +108,8 @@ def unstack_layers(params, container: str):
         return _restack_spec(x, -1)
       if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+      if isinstance(x, QuantizedArray):  # every stored array has the leading layer axis
+        return jax.tree.map(lambda c: c[i], x)
       return x[i]
 
     return jax.tree.unflatten(treedef, [take(x) for x in leaves])
@@ -154,6 +158,8 @@ def stack_layers(params, container: str):
       return jax.ShapeDtypeStruct((len(xs), *x.shape), x.dtype)
     if isinstance(x, np.ndarray):
       return np.stack(xs)
+    if isinstance(x, QuantizedArray):
+      return quantize.stack(list(xs))
     return jnp.stack(xs)
 
   columns = zip(*(leaves for leaves, _ in flat), strict=True)

@@ -26,7 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lora_jax._src import quantize as quantization
 from lora_jax._src import stacking
+from lora_jax._src.layouts import KernelLayout
+from lora_jax._src.layouts import kernel_layouts
+from lora_jax._src.quantize import Quantization
 from lora_jax.models import bert_names
 from lora_jax.models import llama_names
 from lora_jax.models.files import SAFETENSORS  # noqa: F401  (re-exported)
@@ -303,6 +307,46 @@ def _device_array(path: str, tensors: list, stacked: bool, shape, dtype, shardin
   return jax.make_array_from_callback(tuple(shape), sharding, host)
 
 
+def _check_quantization(quantize) -> None:
+  if not isinstance(quantize, Quantization):
+    raise ValueError(
+      f"quantize={quantize!r} must be None or a lora_jax.Quantization, e.g. "
+      'Quantization("all-linear", kind="nf4")'
+    )
+
+
+def _quantized_kernels(module, expected: dict, quantize, sharding) -> set[str]:
+  """The kernel paths (no ``params/``) that ``quantize`` selects; checks the setting."""
+  if quantize is None:
+    return set()
+  _check_quantization(quantize)
+  if sharding is not None:
+    raise ValueError(
+      "from_pretrained(quantize=..., sharding=...) is not supported: quantized kernels are "
+      "placed on the default device"
+    )
+  layouts = kernel_layouts(module, jnp.zeros((1, 1), jnp.int32))
+  tree = traverse_util.unflatten_dict(expected, sep="/")
+  chosen = quantization.plan(tree, quantize, layouts)
+  return {f"{p.removeprefix('params/')}/kernel" for p in chosen}
+
+
+def _quantized_array(path: str, tensors: list, stacked: bool, shape, dtype, quantize):
+  """One kernel, quantized layer by layer as each layer's tensor is read."""
+  layer_shape = shape[1:] if stacked else shape
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  layout = KernelLayout((0,), (1,), "dense")
+  parts = [
+    quantization.quantize_array(
+      _device_array(path, [t], False, layer_shape, dtype, device),
+      layout,
+      quantize,
+    )
+    for t in tensors
+  ]
+  return quantization.stack(parts) if stacked else parts[0]
+
+
 def load_params(
   module,
   config: Any,
@@ -312,6 +356,7 @@ def load_params(
   param_dtype: Any = jnp.float32,
   source: str = "checkpoint",
   sharding: Sharding | None = None,
+  quantize: Quantization | None = None,
 ) -> dict:
   """Checks a transformers state dict against ``module`` and returns its params.
 
@@ -319,10 +364,11 @@ def load_params(
   (:func:`lora_jax.models.files.open_checkpoint`); each parameter is read into a device array
   of ``param_dtype`` on ``sharding`` (a ``jax.sharding.Sharding``, or a function of the
   ``"params/a/b/c"`` path and shape returning one; default: the first device), stacked from
-  per-layer tensors when ``module`` scans its layers. Encoder heads (``pooler``,
-  ``classifier``) absent from the checkpoint are initialised from ``rng`` and reported in one
-  warning; tensors the model does not use, likewise. Any other missing tensor or any shape
-  mismatch raises one error listing all of them.
+  per-layer tensors when ``module`` scans its layers; with ``quantize``, the kernels it selects
+  are quantized one layer at a time as they are read (:func:`lora_jax.quantize`). Encoder heads
+  (``pooler``, ``classifier``) absent from the checkpoint are initialised from ``rng`` and
+  reported in one warning; tensors the model does not use, likewise. Any other missing tensor or
+  any shape mismatch raises one error listing all of them.
   """
   fam = family(config)
   dummy = jnp.zeros((1, 1), jnp.int32)
@@ -366,6 +412,7 @@ def load_params(
   used = {src for p in expected for src in sources[p]}
   unused = sorted(names[p] for p in found if p not in used)
 
+  chosen = _quantized_kernels(module, expected, quantize, sharding)
   params = {
     p: _device_array(
       p,
@@ -374,6 +421,10 @@ def load_params(
       s.shape,
       param_dtype,
       _sharding_for(sharding, p, s.shape),
+    )
+    if p not in chosen
+    else _quantized_array(
+      p, [found[src] for src in sources[p]], stacked[p], s.shape, param_dtype, quantize
     )
     for p, s in expected.items()
     if p not in missing
@@ -426,6 +477,7 @@ def from_config(
   remat: bool = False,
   scan_layers: bool = False,
   attention_implementation: str | None = None,
+  quantize: Quantization | None = None,
 ) -> tuple[Any, dict]:
   """A new Flax module and randomly initialised variables for a transformers config.
 
@@ -443,6 +495,8 @@ def from_config(
     remat: rematerialise each layer.
     scan_layers: decoders: stacked layers under ``nn.scan``.
     attention_implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+    quantize: a :class:`lora_jax.Quantization`: the kernels it selects are quantized after
+      initialisation, as :func:`from_pretrained` does while reading.
 
   Returns:
     ``(module, {"params": params})``.
@@ -470,8 +524,12 @@ def from_config(
     attention_implementation=attention_implementation,
   )
   key = jax.random.key(rng) if isinstance(rng, int) else rng
-  variables = jax.jit(module.init)(key, jnp.zeros((1, 1), jnp.int32))
-  return module, {"params": variables["params"]}
+  variables = {"params": jax.jit(module.init)(key, jnp.zeros((1, 1), jnp.int32))["params"]}
+  if quantize is not None:
+    _check_quantization(quantize)
+    layouts = kernel_layouts(module, jnp.zeros((1, 1), jnp.int32))
+    variables = quantization.apply_quantization(variables, quantize, layouts)
+  return module, variables
 
 
 def from_pretrained(
@@ -486,6 +544,7 @@ def from_pretrained(
   scan_layers: bool = False,
   attention_implementation: str | None = None,
   sharding: Sharding | None = None,
+  quantize: Quantization | None = None,
   revision: str | None = None,
   cache_dir: str | None = None,
   **config_overrides: Any,
@@ -512,6 +571,11 @@ def from_pretrained(
     attention_implementation: ``None``, ``"xla"`` or ``"cudnn"``.
     sharding: where parameters go: a ``jax.sharding.Sharding`` for all, or a function of the
       ``"params/a/b/c"`` path and shape; each device reads only its slice from disk.
+    quantize: a :class:`lora_jax.Quantization` (QLoRA's frozen base, e.g.
+      ``Quantization("all-linear")`` for NF4 with double quantization): each kernel it selects
+      is quantized as it is read, one layer at a time, so the unquantized checkpoint is never
+      held whole; run the model through :func:`lora_jax.lora_apply`. Not combined with
+      ``sharding`` (quantized kernels go to the default device).
     revision: Hub revision.
     cache_dir: Hub cache folder.
     **config_overrides: passed to ``transformers.AutoConfig.from_pretrained`` (e.g.
@@ -566,5 +630,6 @@ def from_pretrained(
     param_dtype=param_dtype,
     source=f"the checkpoint at {str(name_or_path)!r}",
     sharding=sharding,
+    quantize=quantize,
   )
   return module, {"params": params}
