@@ -120,7 +120,9 @@ def test_loraplus_scales_b_updates_by_the_ratio_and_leaves_the_rest_alone(ratio)
       return nn.Dense(3, name="b")(nn.tanh(nn.Dense(8, name="a")(x)))
 
   base = Net().init(jax.random.key(0), jnp.ones((1, 5)))
-  params = lora_init(base, LoraRule(".*", rank=2), rng=jax.random.key(1))
+  # layer b with DoRA: its magnitude, a 1-D leaf, goes with B as in PEFT's LoRA+
+  rules = [LoraRule(["a"], rank=2), LoraRule(["b"], rank=2, use_dora=True)]
+  params = lora_init(base, rules, rng=jax.random.key(1))
   params["params"]["a"]["lora_b"] = jnp.full((2, 8), 0.1)  # non-zero, so weight decay acts
   trainable, _ = partition(params, trainable_mask(params))
   grads = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape) + 1.0), trainable)
@@ -138,6 +140,12 @@ def test_loraplus_scales_b_updates_by_the_ratio_and_leaves_the_rest_alone(ratio)
       np.testing.assert_array_equal(got["lora_a"], want["lora_a"])
       np.testing.assert_allclose(got["lora_b"], ratio * want["lora_b"], rtol=1e-6)
       assert np.abs(want["lora_b"]).max() > 0
+    m_plus, m_plain = (
+      u_plus["params"]["b"]["lora_magnitude"],
+      u_plain["params"]["b"]["lora_magnitude"],
+    )
+    np.testing.assert_allclose(m_plus, ratio * m_plain, rtol=1e-6)
+    assert np.abs(m_plain).max() > 0
   for bad in (0, -1.0, float("inf"), float("nan"), True, "16"):
     with pytest.raises(ValueError, match="loraplus_lr_ratio=.* must be a positive finite number"):
       lora_optimizer(inner, params, loraplus_lr_ratio=bad)

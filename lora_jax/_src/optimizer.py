@@ -13,8 +13,12 @@ from lora_jax._src.partition import path_labels
 from lora_jax._src.partition import trainable_mask
 from lora_jax._src.paths import keypath_str
 from lora_jax._src.spec import LORA_B
+from lora_jax._src.spec import LORA_MAGNITUDE
 
 TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+SCALED = (LORA_B, LORA_MAGNITUDE)  # LoRA+'s faster leaves
 
 
 def lora_optimizer(
@@ -32,12 +36,13 @@ def lora_optimizer(
   gradients and state exist only for what trains).
 
   LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): with ``loraplus_lr_ratio``
-  each ``lora_b`` update is ``tx``'s times the ratio, which for SGD, Adam and AdamW (whose
+  each ``lora_b`` update (and DoRA's ``lora_magnitude``, a 1-D leaf PEFT puts in B's group) is
+  ``tx``'s times the ratio, which for SGD, Adam and AdamW (whose
   updates, decoupled weight decay included, are proportional to the learning rate) is ``tx``
   with the ratio times its learning rate on B. ``tx`` itself sees every trainable leaf, so a
-  gradient clipping inside it still clips by the norm over all of them. (PEFT also moves
+  gradient clipping inside it still clips by the norm over all of them. (PEFT also moves other
   trainable 1-D leaves into B's group and gives embedding adapters their own rate; here only
-  ``lora_b`` leaves change.)
+  ``lora_b`` and ``lora_magnitude`` leaves change.)
 
   Args:
     tx: the optimizer for trainable leaves, e.g. ``optax.adamw(1e-4)``.
@@ -73,7 +78,7 @@ def lora_optimizer(
   def scale_b(updates, params=None):
     del params
     return jax.tree_util.tree_map_with_path(
-      lambda kp, u: u * ratio if keypath_str(kp).rsplit("/", 1)[-1] == LORA_B else u, updates
+      lambda kp, u: u * ratio if keypath_str(kp).rsplit("/", 1)[-1] in SCALED else u, updates
     )
 
   return optax.chain(masked, optax.stateless(scale_b))
