@@ -259,7 +259,12 @@ def load_model(args: argparse.Namespace):
   """``(module, params with adapters, transformers config)``."""
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   module, variables, config = setup.base_model(
-    args, "causal-lm", dtype=dtype, scan_layers=args.scan_layers, remat=args.remat
+    args,
+    "causal-lm",
+    dtype=dtype,
+    scan_layers=args.scan_layers,
+    remat=args.remat,
+    quantize=setup.quantization(args),
   )
   if args.adapter_name_or_path:
     params = setup.load_adapter(args.adapter_name_or_path, variables, config)
@@ -280,6 +285,7 @@ def signature(args: argparse.Namespace, module, params, global_rows: int) -> dic
     f"layers={cfg.num_hidden_layers}",
     "scan_layers": args.scan_layers,
     "lora": setup.adapter_summary(params),
+    "quantize": args.quantize,
     "data": f"max_seq_length={args.max_seq_length} packing={args.packing} rows={global_rows}",
   }
 
@@ -316,6 +322,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   data = load_data(args, tokenizer)
   module, params, hf_config = load_model(args)
   logger.info(lora_jax.param_report(params).splitlines()[0])
+  initial = None if args.adapter_name_or_path else setup.step_zero(params)
 
   devices = trainer.data_parallel_size(args.parallel)
   global_rows = args.per_device_train_batch_size * devices
@@ -358,6 +365,8 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     signature=signature(args, module, params, global_rows),
     record=clm_args.as_dict(args),
     on_step=on_step,
-    finish=lambda t: setup.export(args, hf_config, tokenizer, t.params, out, task_type="CAUSAL_LM"),
+    finish=lambda t: setup.export(
+      args, hf_config, tokenizer, t.params, out, task_type="CAUSAL_LM", initial=initial
+    ),
   )
   return trained.results

@@ -34,6 +34,8 @@ import yaml
 PARALLEL_MODES = ("none", "pmap", "mesh")
 DTYPES = ("float32", "bfloat16")
 LR_SCHEDULERS = ("linear", "cosine", "constant")  # train.trainer.make_schedule's kinds
+QUANTIZE_KINDS = ("nf4", "int8")  # lora_jax.quantize's kinds
+LORA_INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_K", "olora")  # PEFT's names
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -80,6 +82,30 @@ nonneg_float = _number(float, "non-negative float", lambda v: v >= 0)
 unit_float = _number(float, "float in [0, 1]", lambda v: 0 <= v <= 1)
 dropout_float = _number(float, "float in [0, 1)", lambda v: 0 <= v < 1)
 percent_int = _number(int, "int in [0, 100)", lambda v: 0 <= v < 100)
+
+
+def lora_init_kind(text: str) -> str:
+  """``--init_lora_weights``: PEFT's names, as :class:`lora_jax.LoraRule`'s ``init`` spells them.
+
+  Example:
+    >>> lora_init_kind("kaiming"), lora_init_kind("pissa_niter_4"), lora_init_kind("olora")
+    ('kaiming_uniform', 'pissa_niter_4', 'olora')
+    >>> lora_init_kind("pissa_niter_0")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: invalid choice: 'pissa_niter_0' (choose from gaussian, kaiming, ...
+  """
+  if text in ("gaussian", "pissa", "olora"):
+    return text
+  if text == "kaiming":
+    return "kaiming_uniform"
+  k = text.removeprefix("pissa_niter_")
+  if k != text and k.isdigit() and int(k) > 0:
+    return f"pissa_niter_{int(k)}"
+  raise argparse.ArgumentTypeError(
+    f"invalid choice: {text!r} (choose from gaussian, kaiming, pissa, pissa_niter_K "
+    "(K a positive int), olora)"
+  )
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -226,6 +252,27 @@ def add_lora(g, *, targets: list[str], dropout: float) -> None:
     type=positive_float,
     help="LoRA+: the adapters' B factors learn at this times the learning rate (e.g. 16); "
     "if not given: plain LoRA",
+  )
+  g.add_argument(
+    "--use_dora",
+    action=argparse.BooleanOptionalAction,
+    default=False,
+    help="DoRA: a trainable magnitude per output unit beside the low-rank direction update",
+  )
+  g.add_argument(
+    "--init_lora_weights",
+    type=lora_init_kind,
+    default="gaussian",
+    metavar="{" + ",".join(LORA_INITS) + "}",
+    help="the adapters' start: A ~ N(0, 1/r^2) (gaussian) or Kaiming-uniform (PEFT's default), "
+    "B zero; or PiSSA (top-r singular vectors of W; pissa_niter_K: randomized SVD with K "
+    "iterations) or OLoRA (QR of W), which move that part of W into the adapter",
+  )
+  g.add_argument(
+    "--quantize",
+    choices=QUANTIZE_KINDS,
+    help="QLoRA: the frozen linear weights in 4-bit NormalFloat (nf4, double-quantized "
+    "absmaxes) or int8 (per output channel); if not given: the base stays in --dtype",
   )
   mark_path(
     g.add_argument(

@@ -104,7 +104,11 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
   """
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   module, variables, config = setup.base_model(
-    args, "sequence-classification", num_labels=task.num_labels, dtype=dtype
+    args,
+    "sequence-classification",
+    num_labels=task.num_labels,
+    dtype=dtype,
+    quantize=setup.quantization(args, HEAD_MODULES),
   )
   config.num_labels = task.num_labels
   if args.adapter_name_or_path:
@@ -145,6 +149,7 @@ def signature(args: argparse.Namespace, module, params, global_batch: int) -> di
     "task_name": args.task_name,
     "num_labels": cfg.num_labels,
     "lora": setup.adapter_summary(params),
+    "quantize": args.quantize,
     "data": f"max_seq_length={args.max_seq_length} pack_sequences={args.pack_sequences} "
     f"rows={global_batch}",
   }
@@ -170,6 +175,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
   module, params, hf_config = load_model(args, task)
   logger.info(lora_jax.param_report(params, EXTRA_TRAINABLE).splitlines()[0])
+  initial = None if args.adapter_name_or_path else setup.step_zero(params)
 
   devices = trainer.data_parallel_size(args.parallel)
   global_batch = args.per_device_train_batch_size * devices
@@ -206,6 +212,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       out,
       task_type="SEQ_CLS",
       extra_trainable=EXTRA_TRAINABLE,
+      initial=initial,
     )
 
   trained = loop.run(

@@ -272,10 +272,15 @@ def total_steps(rows: int, global_batch: int, accumulation: int, epochs: float, 
 def _compute_dtype(frozen, dtype: str):
   if dtype != "bfloat16":
     return frozen
-  # frozen base in bf16; adapters, trained extras and optimizer state stay float32
-  return jax.tree.map(
-    lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen
-  )
+
+  # frozen base in bf16; adapters, trained extras and optimizer state stay float32; quantized
+  # kernels keep their stored arrays (their scales too), the module computes in bf16
+  def cast(x):
+    if isinstance(x, lora_jax.QuantizedArray) or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return x.astype(jnp.bfloat16)
+
+  return jax.tree.map(cast, frozen, is_leaf=lambda x: isinstance(x, lora_jax.QuantizedArray))
 
 
 def training_signature(settings: Settings) -> str:

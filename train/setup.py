@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import jax
+import numpy as np
 
 import lora_jax
 from lora_jax import models
@@ -42,8 +43,23 @@ def lora_rule(args: argparse.Namespace, exclude: str | None = None) -> lora_jax.
     alpha=args.lora_alpha,
     dropout=args.lora_dropout,
     rslora=args.lora_rslora,
+    init=args.init_lora_weights,
+    use_dora=args.use_dora,
     exclude=exclude,
   )
+
+
+def quantization(args: argparse.Namespace, exclude: str | None = None):
+  """``--quantize``: QLoRA's frozen base, every linear kernel but ``exclude`` (e.g. a head that
+  trains whole) and the ``lm_head``; None without the flag."""
+  if not args.quantize:
+    return None
+  if args.init_lora_weights.startswith(("pissa", "olora")):
+    raise ValueError(
+      f"--quantize {args.quantize} with --init_lora_weights {args.init_lora_weights} is not "
+      "supported: that start rewrites the float weights the checkpoint is quantized from"
+    )
+  return lora_jax.Quantization("all-linear", kind=args.quantize, exclude=exclude)
 
 
 def from_source(flag: str, name: str, load: Callable[[str], T]) -> T:
@@ -112,9 +128,10 @@ def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> No
 
   ``params`` without their adapters: the frozen base the adapter was trained on and applies to
   (PEFT's ``base_model_name_or_path``), with any trained head (the adapter carries it too, as
-  ``modules_to_save``).
+  ``modules_to_save``). For a PiSSA or OLoRA start ``params`` is :func:`step_zero`'s tree,
+  whose merge is the original base (the residual plus the initial adapter).
   """
-  base = lora_jax.unload(params)
+  base = lora_jax.merge(params) if _rewrites_base(params) else lora_jax.unload(params)
   models.export_merged(base_model_path(args), base, config=config, tokenizer=tokenizer)
   logger.info(
     "wrote the base model (random weights, seed %d) to %s", args.seed, base_model_path(args)
@@ -124,7 +141,8 @@ def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> No
 def base_model(args: argparse.Namespace, task: str, **kwargs):
   """``(module, variables, transformers config)``: the checkpoint ``--model_name_or_path``, or,
   with ``--config_name``, a new model with random weights from ``--seed`` ("from scratch";
-  :func:`export` writes them). ``kwargs`` go to ``models.from_pretrained`` / ``from_config``.
+  :func:`export` writes them). ``kwargs`` go to ``models.from_pretrained`` / ``from_config``
+  (``quantize=`` from :func:`quantization`: the checkpoint is quantized as it is read).
   """
   import transformers
 
@@ -174,31 +192,55 @@ def load_adapter(path: str, variables, config, ignore_mismatched_sizes: bool = F
   return lora_jax.load_adapter(path, variables)
 
 
+def _specs(params) -> list[lora_jax.LoraSpec]:
+  is_spec = lambda x: isinstance(x, lora_jax.LoraSpec)  # noqa: E731
+  return [leaf for leaf in jax.tree.leaves(params, is_leaf=is_spec) if is_spec(leaf)]
+
+
+def _rewrites_base(params) -> bool:
+  """Whether an adapter started from PiSSA or OLoRA, which move part of ``W`` into it."""
+  return any(s.init.startswith(("pissa", "olora")) for s in _specs(params))
+
+
 def adapter_summary(params) -> str:
   """``"2 x r=8 alpha=16.0 rslora=False dropout=0.1"``: the adapters' settings, for checkpoint
-  signatures."""
-  specs = [
-    leaf
-    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, lora_jax.LoraSpec))
-    if isinstance(leaf, lora_jax.LoraSpec)
-  ]
+  signatures (``dora``, and an ``init`` other than gaussian, are named where they apply)."""
   counts = collections.Counter(
-    f"r={s.rank} alpha={s.alpha} rslora={s.rslora} dropout={s.dropout}" for s in specs
+    f"r={s.rank} alpha={s.alpha} rslora={s.rslora} dropout={s.dropout}"
+    + (" dora" if s.use_dora else "")
+    + (f" init={s.init}" if s.init != "gaussian" else "")
+    for s in _specs(params)
   )
   return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
 
 
+def step_zero(params):
+  """What a PiSSA or OLoRA start needs at export: ``params`` as :func:`lora_jax.lora_init` left
+  them (adapter leaves copied to the host, so a donated training state cannot take them; the
+  base shared), for ``export_peft(initial=...)``; None for starts that leave the base alone.
+
+  Those starts move part of each adapted weight into its adapter, so the trained adapter is
+  relative to the residual base; the export rewrites it for the original base (rank 2r).
+  """
+  if not _rewrites_base(params):
+    return None
+  adapters, base = lora_jax.partition(params, lora_jax.trainable_mask(params))
+  return lora_jax.combine(jax.tree.map(np.array, adapters), base)
+
+
 def export(args, config, tokenizer, params, out: pathlib.Path, *, task_type: str,
-           extra_trainable=()) -> None:  # fmt: skip
+           extra_trainable=(), initial=None) -> None:  # fmt: skip
   """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``.
 
   A model trained from scratch also gets its base written (``base_model/``, see
   :func:`export_base_model`): the adapter is useless without those random weights.
+  ``initial``: :func:`step_zero`'s tree, for PiSSA and OLoRA starts (the adapter is then
+  written for the original base, and so is ``base_model/``).
   """
   if jax.process_index() != 0:
     return
   if not args.model_name_or_path:
-    export_base_model(args, config, tokenizer, params)
+    export_base_model(args, config, tokenizer, params if initial is None else initial)
   lora_jax.export_peft(
     out / "adapter",
     params,
@@ -206,6 +248,7 @@ def export(args, config, tokenizer, params, out: pathlib.Path, *, task_type: str
     config=config,
     task_type=task_type,
     extra_trainable=extra_trainable,
+    initial=initial,
   )
   logger.info("wrote the adapter (PEFT format) to %s", out / "adapter")
   if args.export_merged:
