@@ -4,7 +4,8 @@
 Each run is a few steps on the tiny random BERT of ``test_glue_train.py`` or the causal-LM
 quickstart's Llama; what the flags do to the numbers is tested in the library's own tests
 (test_dora.py, test_svd_init.py, test_quantize.py). Here: the flags reach the adapters, and what
-a run leaves (the PEFT adapter, ``merged/``) gives the model the run trained.
+a run leaves (the PEFT adapter, ``merged/``) gives the model the run trained. The training runs
+are marked ``slow`` (about a minute together); ``.ci/run`` runs them.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def adapter_logits(model_dir, adapter_dir, seed, batch) -> np.ndarray:
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("flags", "peft_config"),
   [
@@ -104,6 +106,7 @@ def test_glue_flags_reach_the_adapters_and_the_exports(tiny_bert, sst2_dir, tmp_
   assert np.abs(ours - np.asarray(untuned)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_quantize_flag_gives_a_qlora_run_that_learns(tmp_path, monkeypatch):
   """``run_clm.py --quantize nf4`` on the quickstart's from-scratch Llama: every linear kernel
   of the base (not the embeddings) is NF4, the loss falls, and the random base written beside

@@ -372,7 +372,7 @@ def llama(tmp_path_factory):
   return save_checkpoint(config(name), tmp_path_factory.mktemp(name), gain=0.6)
 
 
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("init", ["pissa"])  # the other starts: the BERT test above
 def test_scanned_llama_step_0_and_rank_2r_export_in_peft(llama, init, tmp_path):
   peft = pytest.importorskip("peft")
   from llm import max_error
