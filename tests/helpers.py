@@ -10,6 +10,18 @@ import numpy as np
 import lora_jax
 from lora_jax._src import paths
 
+# A tiny random BERT for parity tests against transformers and PEFT (transformers.BertConfig
+# keyword arguments).
+TINY_BERT = dict(
+  vocab_size=99,
+  hidden_size=32,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  intermediate_size=64,
+  max_position_embeddings=32,
+  num_labels=3,
+)
+
 
 class MLP(nn.Module):
   features: tuple[int, ...] = (16, 16, 4)

@@ -12,6 +12,7 @@ import optax
 import pytest
 import transformers
 from helpers import MLP
+from helpers import TINY_BERT
 from helpers import Heads
 
 import lora_jax
@@ -417,17 +418,7 @@ def test_dora_is_refused_where_it_is_not_supported():
 # PEFT both ways: a tiny random BERT and a tiny random Llama (biases, tied head), float32.
 
 ATOL = 1e-4
-BERT = dict(
-  vocab_size=99,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=64,
-  max_position_embeddings=32,
-  num_labels=3,
-  hidden_dropout_prob=0.0,
-  attention_probs_dropout_prob=0.0,
-)
+BERT = dict(TINY_BERT, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _same_adapters(got, want):

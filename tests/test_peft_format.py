@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import transformers
+from helpers import TINY_BERT
 from helpers import with_numpy_adapters
 
 import lora_jax
@@ -64,15 +65,7 @@ def _torch_logits(model, batch):
 # ---------------------------------------------------------------------------------------------
 # A tiny random BERT: format against PEFT's own files, round trips, rank/alpha patterns.
 
-TINY = dict(
-  vocab_size=99,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=64,
-  max_position_embeddings=32,
-  num_labels=3,
-)
+TINY = TINY_BERT
 TINY_RULES = [
   LoraRule(["query"], rank=4, alpha=8, dropout=0.1, rslora=True),
   LoraRule(["value"], rank=2, alpha=8, dropout=0.1, rslora=True),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import transformers
 from helpers import MLP
+from helpers import TINY_BERT
 from helpers import ConvNet
 from helpers import Heads
 from helpers import TiedLM
@@ -293,16 +294,6 @@ def test_rank_2r_export_is_what_peft_writes(rslora, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Real model families: step 0 and the rank-2r export on the original base in PEFT.
-
-TINY_BERT = dict(
-  vocab_size=99,
-  hidden_size=32,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  intermediate_size=64,
-  max_position_embeddings=32,
-  num_labels=3,
-)
 
 
 @pytest.fixture(scope="module")
