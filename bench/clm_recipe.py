@@ -10,15 +10,18 @@ lora_jax's initialisation of that config written in PEFT's format, starts three 
 * ``lora_jax packed``: ``run_clm.py`` as configured (packed rows of 256 tokens, about as many
   conversations per step), with the held-out exact match before the first step and after.
 
-Runs alternate (``--rounds``; the order reverses every other round), so the machine's load
-drifts over every side alike. Both sides time each step the same way: the whole loop
-iteration, from taking the batch to the updated weights. Reported per run: the median seconds
-per optimizer step, for the padded runs also the steady-state median (the steps whose batch
-shape an earlier step had: a side's first step of a shape is its warm-up, and lora_jax's
-compiles), seconds per step over the whole loop (compilation included), the median examples
-per second, the final eval loss. Then the ratio lora_jax padded / PEFT of the steady-state
-median s/step, and whether transformers + PEFT, loading the packed run's exported adapter,
-answers the test prompts greedily exactly as lora_jax did.
+The two padded runs run at once in lockstep (``bench/clm_lockstep.py`` and ``peft_clm_recipe.py
+--lockstep``): each sets up and takes its first step alone, then their steps alternate, so the
+load of a shared machine falls on both sides alike (timed one run after the other, the ratio
+swung by 12% between runs on this 2-core machine). The packed run follows; ``--rounds`` repeats
+the whole. Both sides time each step the same way: the whole loop iteration, from taking the
+batch to the updated weights. Reported per run: the median seconds per optimizer step, for the
+padded runs also the steady-state seconds per step (:func:`steady_s_per_step`: a side's first
+step of a batch shape is its warm-up, and lora_jax's compiles), seconds per step over the whole
+loop (compilation included), the median examples per second, the final eval loss. Then the
+ratio lora_jax padded / PEFT of the steady-state s/step, and whether transformers + PEFT,
+loading the packed run's exported adapter, answers the test prompts greedily exactly as
+lora_jax did.
 
 Usage (repository root):
   python bench/clm_recipe.py --out bench/results/clm_recipe_cpu.json
@@ -38,6 +41,9 @@ import time
 
 if __package__ in (None, ""):  # run as a script: make `train` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench import measure  # noqa: E402
+from bench import schedule  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "smollm2_dates.yaml")
@@ -65,9 +71,17 @@ def write_initial_adapter(config: str, folder: pathlib.Path) -> None:
 def lora_jax_run(config: str, adapter: str, out: str, extra: list[str]) -> dict:
   """``train/run_clm.py --config CONFIG`` from ``adapter``; figures from its outputs."""
   script = str(REPO / "train" / "run_clm.py")
-  cmd = [sys.executable, script, "--config", config, "--adapter_name_or_path", adapter,
-         "--output_dir", out, "--no-progress", *extra]  # fmt: skip
-  _, wall = _run(cmd)
+  _, wall = _run([sys.executable, script, *_run_clm_flags(config, adapter, out, extra)])
+  return {**lora_jax_figures(out), "wall_s": round(wall, 1)}
+
+
+def _run_clm_flags(config: str, adapter: str, out: str, extra: list[str]) -> list[str]:
+  return ["--config", config, "--adapter_name_or_path", adapter, "--output_dir", out,
+          "--no-progress", *extra]  # fmt: skip
+
+
+def lora_jax_figures(out: str) -> dict:
+  """A finished ``run_clm.py`` run's figures, from the files in ``out``."""
   rows = [json.loads(x) for x in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
   steps = [r for r in rows if "loss" in r]
   res = json.loads((pathlib.Path(out) / "eval_results.json").read_text())
@@ -79,7 +93,6 @@ def lora_jax_run(config: str, adapter: str, out: str, extra: list[str]) -> dict:
     "examples_per_s": statistics.median(r["examples_per_s"] for r in steps),
     "losses": [r["loss"] for r in steps],
     "eval_loss": res["eval_loss"],
-    "wall_s": round(wall, 1),
   }
   start = next((r for r in rows if r["step"] == 0 and "eval_loss" in r), None)
   if start is not None:
@@ -95,10 +108,49 @@ def peft_run(config: str, adapter: str, extra: list[str]) -> dict:
   script = REPO / "bench" / "peft_clm_recipe.py"
   stdout, wall = _run([sys.executable, str(script), "--adapter", adapter, "--",
                        "--config", config, *extra])  # fmt: skip
-  row = json.loads(stdout.strip().splitlines()[-1])
+  (row,) = measure.parse_rows(stdout)
   row.pop("side")
   row["wall_s"] = round(wall, 1)
   return row
+
+
+def lockstep_pair(config: str, adapter: str, out: str, extra: list[str], timeout: float = 3600):
+  """``(lora_jax row, PEFT row)``: ``run_clm.py`` (``bench/clm_lockstep.py``) and PEFT's loop
+  from ``adapter`` with the same ``extra`` flags, their optimizer steps alternating."""
+  from train import clm_args
+
+  steps = clm_args.parse_args(["--config", config, *extra]).max_steps
+  peft_script = str(REPO / "bench" / "peft_clm_recipe.py")
+  commands = [
+    [sys.executable, "-m", "bench.clm_lockstep", *_run_clm_flags(config, adapter, out, extra)],
+    [sys.executable, peft_script, "--lockstep", "--adapter", adapter, "--", "--config", config,
+     *extra],
+  ]  # fmt: skip
+  env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+  deadline, workers = time.monotonic() + timeout, []
+  t0 = time.perf_counter()
+  for cmd in commands:  # one at a time up to the first step: set-ups and compilations alone
+    workers.append(schedule.Worker(cmd, env))
+    if workers[-1].expect(measure.READY_MARK, deadline) is None:
+      break
+  else:
+    for k in range(1, steps):  # steps 2..steps, alternating, the first to go rotating
+      for worker in workers[k % 2 :] + workers[: k % 2]:
+        time.sleep(schedule.PAUSE_S)
+        if not worker.send(measure.GO) or worker.expect(measure.STEP_MARK, deadline) is None:
+          break
+      else:
+        continue
+      break
+  rows = [w.finish(deadline) for w in workers]
+  wall = round(time.perf_counter() - t0, 1)
+  for side, row in zip(("lora_jax", "PEFT"), rows, strict=False):
+    if "error" in row or row.get("exit", 0) != 0:
+      raise RuntimeError(f"the {side} side of the lockstep run failed: {row}")
+  if len(rows) < 2:
+    raise RuntimeError("the lockstep run stopped before the PEFT side started")
+  rows[1].pop("side")
+  return {**lora_jax_figures(out), "wall_s": wall}, {**rows[1], "wall_s": wall}
 
 
 def _run(cmd: list[str]) -> tuple[str, float]:
@@ -176,16 +228,11 @@ def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int =
     write_initial_adapter(config, adapter)
     sides = ("lora_jax padded", "peft", "lora_jax packed")
     for r in range(rounds):
-      for side in sides if r % 2 == 0 else sides[::-1]:
-        out = f"{tmp}/{side.replace(' ', '_')}{r}"
-        if side == "peft":
-          row = peft_run(config, str(adapter), padded)
-        elif side == "lora_jax padded":
-          row = lora_jax_run(config, str(adapter), out, padded)
-        else:
-          row = lora_jax_run(config, str(adapter), out, [])
-          if check and r == 0:
-            result["export_check"] = check_export(config, out)
+      ours, theirs = lockstep_pair(config, str(adapter), f"{tmp}/padded{r}", padded)
+      packed = lora_jax_run(config, str(adapter), f"{tmp}/packed{r}", [])
+      if check and r == 0:
+        result["export_check"] = check_export(config, f"{tmp}/packed{r}")
+      for side, row in zip(sides, (ours, theirs, packed), strict=True):
         row = {"side": side, "round": r, **row}
         log(json.dumps({k: v for k, v in row.items() if k != "losses"}))
         runs.append(row)
@@ -193,7 +240,7 @@ def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int =
   shapes = next(x["step_shapes"] for x in runs if x["side"] == "peft")
   for x in runs:
     if x["side"] != "lora_jax packed":
-      x["steady_median_s_per_step"] = steady_median(x["step_s"], shapes)
+      x["steady_s_per_step"] = steady_s_per_step(x["step_s"], shapes)
 
   def mean(side, key):
     return statistics.mean(x[key] for x in runs if x["side"] == side)
@@ -204,33 +251,34 @@ def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int =
     examples_per_s={s: mean(s, "examples_per_s") for s in sides},
     eval_loss={s: mean(s, "eval_loss") for s in sides},
   )
-  steady = {s: mean(s, "steady_median_s_per_step") for s in sides[:2]}
-  result["steady_median_s_per_step"] = steady
+  steady = {s: mean(s, "steady_s_per_step") for s in sides[:2]}
+  result["steady_s_per_step"] = steady
   result["ratio"] = steady["lora_jax padded"] / steady["peft"]
   return result
 
 
-def steady_median(step_s: list[float], shapes: list) -> float:
-  """The median seconds of the steps whose batch shape an earlier step already had.
+def steady_s_per_step(step_s: list[float], shapes: list) -> float:
+  """Seconds per step of the steady state: the steps whose batch shape an earlier step had,
+  each counted at the median of its shape's steady steps.
 
   Each side's first step of a shape is its warm-up (XLA compiles a program for the shape;
-  PyTorch sizes its allocator), and a short run of a few shapes has several of them; the steady
-  state is every later step.
+  PyTorch sizes its allocator). Medians per shape make the figure robust to a disturbed step,
+  and unlike one median over every step it cannot jump between the shapes' times.
 
   Example:
-    >>> steady_median([9.0, 2.0, 8.0, 3.0, 2.5], [[4, 96], [4, 96], [4, 128], [4, 128], [4, 96]])
-    2.5
+    >>> shapes = [[4, 96], [4, 96], [4, 128], [4, 128], [4, 96], [4, 96]]
+    >>> round(steady_s_per_step([9.0, 2.0, 8.0, 3.0, 2.5, 2.2], shapes), 6)  # (3x2.2 + 3.0) / 4
+    2.4
   """
   if len(step_s) != len(shapes):
     raise ValueError(f"{len(step_s)} step times for {len(shapes)} batch shapes")
-  seen, steady = set(), []
+  by_shape: dict[tuple, list[float]] = {}
   for t, shape in zip(step_s, shapes, strict=True):
-    if tuple(shape) in seen:
-      steady.append(t)
-    seen.add(tuple(shape))
+    by_shape.setdefault(tuple(shape), []).append(t)
+  steady = [(len(ts) - 1, statistics.median(ts[1:])) for ts in by_shape.values() if len(ts) > 1]
   if not steady:
     raise ValueError(f"no batch shape repeats in {len(shapes)} steps: no steady-state step")
-  return statistics.median(steady)
+  return sum(n * m for n, m in steady) / sum(n for n, _ in steady)
 
 
 def main(argv=None) -> int:
@@ -244,9 +292,9 @@ def main(argv=None) -> int:
     p.error("SmolLM2-135M-Instruct is missing: bash .ci/fetch_smollm2.sh")
   result = compare(args.config, args.padded_steps, args.rounds)
   med, ex = result["median_s_per_step"], result["examples_per_s"]
-  steady = result["steady_median_s_per_step"]
+  steady = result["steady_s_per_step"]
   print(
-    f"steady-state median s/step: lora_jax padded {steady['lora_jax padded']:.3f}, PEFT "
+    f"steady-state s/step: lora_jax padded {steady['lora_jax padded']:.3f}, PEFT "
     f"{steady['peft']:.3f} (ratio {result['ratio']:.3f}); median s/step of every step: "
     f"lora_jax padded {med['lora_jax padded']:.3f}, PEFT {med['peft']:.3f}, "
     f"lora_jax packed {med['lora_jax packed']:.3f}; examples/s "

@@ -10,10 +10,11 @@ every adapter leaf), gradients clipped to ``--max_grad_norm``, the same warmup-a
 schedule (evaluated by ``train.trainer.make_schedule``), the loss summed over the target tokens
 of the whole batch and divided by their count.
 
-Prints one JSON line: each step's seconds (``step_s``: the whole iteration, from taking the
-batch to the updated weights, as ``run_clm.py`` times its steps) and batch shape
-(``step_shapes``), their median, the losses, and the final eval loss over the validation
-batches.
+Prints one JSON row (``bench.measure.emit``): each step's seconds (``step_s``: the whole
+iteration, from taking the batch to the updated weights, as ``run_clm.py`` times its steps) and
+batch shape (``step_shapes``), their median, the losses, and the final eval loss over the
+validation batches. With ``--lockstep`` the steps take turns with a parent process
+(``bench/clm_recipe.py``), as ``bench/clm_lockstep.py`` does for ``run_clm.py``.
 
 Usage (repository root; the flags after ``--`` are run_clm.py's):
   python bench/peft_clm_recipe.py --adapter INIT_DIR -- --config configs/smollm2_dates.yaml \
@@ -23,7 +24,6 @@ Usage (repository root; the flags after ``--`` are run_clm.py's):
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -37,6 +37,7 @@ import peft
 import torch
 import transformers
 
+from bench import measure
 from train import clm_args
 from train import clm_data
 from train import clm_train
@@ -61,7 +62,9 @@ def token_loss_sums(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
   return (nll * w).sum(), w.sum()
 
 
-def train(args: argparse.Namespace, adapter: str) -> dict:
+def train(args: argparse.Namespace, adapter: str, baton: measure.Baton | None = None) -> dict:
+  """The loop; with a lockstep ``baton``, ready after the first step and each later step taken
+  in turn (``bench/clm_lockstep.py`` is lora_jax's side)."""
   if args.packing:
     raise ValueError("the PEFT side runs padded batches: pass --no-packing")
   if args.gradient_accumulation_steps != 1:
@@ -93,7 +96,9 @@ def train(args: argparse.Namespace, adapter: str) -> dict:
   batches = batcher.train_batches(rows, args.seed)
   times, losses, examples, shapes = [], [], 0, []
   t_start = time.perf_counter()
-  for _ in range(total):
+  for i in range(total):
+    if baton and i:
+      baton.wait()
     t0 = time.perf_counter()  # the whole iteration, batch included, as run_clm.py's s_per_step
     batch = next(batches)
     shapes.append(list(batch["input_ids"].shape))
@@ -108,6 +113,10 @@ def train(args: argparse.Namespace, adapter: str) -> dict:
     losses.append(loss.item())
     times.append(time.perf_counter() - t0)
     examples += int((batch["segment_ids"][:, 0] > 0).sum())
+    if baton and i:
+      baton.report(times[-1])
+    elif baton:
+      baton.ready()
   train_s = time.perf_counter() - t_start
 
   if data.eval is None:
@@ -139,10 +148,12 @@ def train(args: argparse.Namespace, adapter: str) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--adapter", required=True, help="the PEFT adapter folder to start from")
+  p.add_argument("--lockstep", action="store_true", help="take turns with a parent process")
   p.add_argument("flags", nargs=argparse.REMAINDER, help="run_clm.py flags, after --")
   ns = p.parse_args(argv)
   flags = ns.flags[1:] if ns.flags[:1] == ["--"] else ns.flags
-  print(json.dumps(train(clm_args.parse_args(flags), ns.adapter)), flush=True)
+  baton = measure.Baton(lockstep=True) if ns.lockstep else None
+  measure.emit(train(clm_args.parse_args(flags), ns.adapter, baton))
   return 0
 
 

@@ -32,11 +32,8 @@ PAUSE_S = 0.02  # between lockstep steps: lets the idle process's spinning threa
 class Worker:
   """One worker process and the lines it prints, read by a background thread."""
 
-  def __init__(self, module: str, opts: dict, env: dict):
+  def __init__(self, cmd: Sequence[str], env: dict):
     self.stderr = tempfile.TemporaryFile(mode="w+")
-    cmd = [sys.executable, "-m", module, json.dumps(opts)]
-    if opts.get("cpus"):  # pinned before jax / torch is imported (see bench/pin.py)
-      cmd[2:2] = ["bench.pin", ",".join(map(str, opts["cpus"]))]
     self.proc = subprocess.Popen(
       cmd,
       cwd=REPO,
@@ -50,6 +47,14 @@ class Worker:
     self.lines: queue.Queue[str | None] = queue.Queue()
     self.row: dict | None = None
     threading.Thread(target=self._read, daemon=True).start()
+
+  @classmethod
+  def of(cls, module: str, opts: dict, env: dict) -> Worker:
+    """``python -m module OPTS_JSON``, a step-benchmark worker."""
+    cmd = [sys.executable, "-m", module, json.dumps(opts)]
+    if opts.get("cpus"):  # pinned before jax / torch is imported (see bench/pin.py)
+      cmd[2:2] = ["bench.pin", ",".join(map(str, opts["cpus"]))]
+    return cls(cmd, env)
 
   def _read(self) -> None:
     for line in self.proc.stdout:
@@ -126,12 +131,12 @@ def run(jobs: Sequence[tuple[str, dict]], steps: int, timeout: float) -> list[di
   if not jobs[0][1]["lockstep"]:
     rows = []
     for module, opts in jobs:
-      worker = Worker(module, opts, _env(module, opts))
+      worker = Worker.of(module, opts, _env(module, opts))
       rows.append(worker.finish(time.monotonic() + timeout))
     return rows
   workers = []
   for module, opts in jobs:  # set up one at a time: compile times are not disturbed
-    worker = Worker(module, opts, _env(module, opts))
+    worker = Worker.of(module, opts, _env(module, opts))
     ok = worker.expect(measure.READY_MARK, time.monotonic() + timeout) is not None
     workers.append((worker, ok))
   live = [w for w, ok in workers if ok]

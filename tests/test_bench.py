@@ -17,6 +17,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 
+from bench import clm_recipe  # noqa: E402
 from bench import configs  # noqa: E402
 from bench import flops  # noqa: E402
 from bench import report  # noqa: E402
@@ -140,18 +141,20 @@ def test_ratios_and_table_tolerate_errors():
   assert "error: RuntimeError: x / y" in report.markdown(rows)
 
 
-@pytest.mark.parametrize("module", [configs, flops])
+@pytest.mark.parametrize("module", [configs, flops, clm_recipe])
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.failed == 0 and result.attempted > 0
 
 
-def test_clm_recipe_steady_median_leaves_out_each_shapes_first_step():
-  from bench.clm_recipe import steady_median
-
-  shapes = [[4, 96], [4, 96], [4, 128], [4, 128], [4, 96]]
-  assert steady_median([9.0, 2.0, 8.0, 3.0, 2.5], shapes) == 2.5
-  with pytest.raises(ValueError, match="4 step times for 5 batch shapes"):
-    steady_median([1.0] * 4, shapes)
+def test_clm_recipe_steady_s_per_step_leaves_out_each_shapes_first_step():
+  steady_s_per_step = clm_recipe.steady_s_per_step
+  shapes = [[4, 96], [4, 96], [4, 128], [4, 128], [4, 96], [4, 128], [4, 128]]
+  # 96: 2.0 and 2.6 (median 2.3), 128: 3.0, 3.5 and 40.0, one disturbed step (median 3.5)
+  assert steady_s_per_step([9.0, 2.0, 8.0, 3.0, 2.6, 3.5, 40.0], shapes) == pytest.approx(
+    (2 * 2.3 + 3 * 3.5) / 5
+  )
+  with pytest.raises(ValueError, match="4 step times for 7 batch shapes"):
+    steady_s_per_step([1.0] * 4, shapes)
   with pytest.raises(ValueError, match="no batch shape repeats"):
-    steady_median([1.0, 2.0], [[4, 96], [4, 128]])
+    steady_s_per_step([1.0, 2.0], [[4, 96], [4, 128]])

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import numpy as np
@@ -91,6 +92,25 @@ def test_fit_stops_at_the_first_non_finite_step_and_saves_nothing_from_it(loggin
     )
   assert saved == [2, 4]
   assert [r["step"] for r in logged] == ([1, 2, 3, 4] if logging_steps == 1 else [])
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_fit_leaves_the_on_step_hook_out_of_the_logged_step_times(logging_steps):
+  # bench/clm_recipe.py's lockstep waits for its turn in on_step: not training time
+  logged = []
+  loop.fit(
+    FakeParallel(bad_step=100),
+    types.SimpleNamespace(step=0),
+    None,
+    iter(lambda: {}, None),
+    loop.LoopConfig(4, 1, logging_steps, 0, 0, progress=False),
+    schedule=lambda i: 0.1,
+    log=logged.append,
+    counts=lambda b: (1, 1),
+    on_step=lambda step: time.sleep(0.25),
+  )
+  assert [r["step"] for r in logged] == [1, 2, 3, 4][logging_steps - 1 :: logging_steps]
+  assert all(r["s_per_step"] < 0.05 for r in logged), logged
 
 
 def test_a_diverging_run_ends_with_one_line_and_keeps_the_checkpoints_before(

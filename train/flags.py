@@ -427,7 +427,9 @@ def configure_logging() -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
-def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> int:
+def run_script(
+  name: str, parse_args: Callable, task_module: str, argv=None, on_step: Callable | None = None
+) -> int:
   """A training script's ``main``: flags first (checked before jax is imported), then logging,
   ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
 
@@ -435,7 +437,8 @@ def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> 
   it fails at once). Bad input found while running (a missing column, a file that does not
   exist, ...), a directory in use and a diverged training (``train.loop.Diverged``) end it with
   one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final results are
-  printed as ``key=value`` pairs.
+  printed as ``key=value`` pairs. ``on_step(step)`` runs after each optimizer step (the
+  benchmark's turn-taking; its time is not in the logged step times).
   """
   import contextlib
   import importlib
@@ -456,7 +459,7 @@ def run_script(name: str, parse_args: Callable, task_module: str, argv=None) -> 
   checkpoints.quiet_closed_event_loops()
   try:
     with rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
-      results = importlib.import_module(task_module).train_and_evaluate(args)
+      results = importlib.import_module(task_module).train_and_evaluate(args, on_step)
   except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
     print(f"{name}: error: {e}", file=sys.stderr)
     return 2
