@@ -7,7 +7,8 @@ The step is what a lora_jax user writes: ``partition`` the variables into the tr
 (adapters + classifier head, or everything for full fine-tuning) and the frozen half,
 differentiate only the trainable half through ``lora_apply(model.apply)`` (the low-rank path),
 update it with ``lora_optimizer(optax.adamw(...))``, all under one ``jax.jit`` that donates the
-trainable parameters and the optimizer state.
+trainable parameters and the optimizer state. Causal-LM configurations build theirs in
+``bench/llm_jax.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import optax
 import lora_jax
 from bench import configs
 from bench import flops
+from bench import llm_jax
 from bench import measure
 from lora_jax.models import auto_model
 
@@ -72,6 +74,8 @@ def random_params(shapes, seed: int):
 
 def build(cfg: configs.BenchConfig, opts: dict):
   """The jitted step, its initial arguments, and the parameter counts."""
+  if cfg.is_llm:
+    return llm_jax.build(cfg, opts, DTYPES, random_params, _to_device)
   hf = types.SimpleNamespace(**opts["hf_config"])  # a RobertaConfig's fields (configs.hf_config)
   model = auto_model(
     hf,
@@ -184,6 +188,8 @@ def run(opts: dict) -> dict:
   row = measure.summarize(times, cfg.tokens)
   med_s = row["step_ms"] / 1e3
   xla = _xla_flops(compiled)
+  if cfg.is_llm:  # scanned layers: XLA's cost analysis counts a loop's body once, not per layer
+    xla = None  # (tests/test_flops.py checks the LLM step's count on unscanned layers)
   peak_rss = measure.peak_rss_gib()
   on_device = "peak_bytes_in_use" in stats
   return {
@@ -228,6 +234,7 @@ def main(argv: list[str]) -> None:
     "seq": cfg.seq,
     "batch": cfg.batch,
     "tokens": cfg.tokens,
+    "batch_kind": cfg.batch_kind,
     **{k: opts.get(k) for k in configs.ROW_OPTIONS},
     "attn_dropout": 0.0,  # jax.nn.dot_product_attention has no attention-probability dropout
   }

@@ -10,7 +10,8 @@ selects ``torch.compile``.
 Differences from the shared baseline, all chosen to match the lora_jax side: the attention-
 probability dropout is ``options["attn_dropout"]`` (lora_jax's fused attention has none; the
 shared script keeps RoBERTa's 0.1 unless ``ATTN_DROPOUT`` is set), LoRA dropout is
-``options["lora_dropout"]``, and autocast is used only with ``--dtype bfloat16``.
+``options["lora_dropout"]``, and autocast is used only with ``--dtype bfloat16``. Causal-LM
+configurations build their step in ``bench/llm_peft.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import transformers
 
 from bench import configs
 from bench import flops
+from bench import llm_peft
 from bench import measure
 
 
@@ -39,6 +41,8 @@ def _sync(device: torch.device) -> None:
 
 def build(cfg: configs.BenchConfig, opts: dict, device: torch.device):
   """The step closure and parameter counts."""
+  if cfg.is_llm:
+    return llm_peft.build(cfg, opts, device, _sync)
   torch.manual_seed(opts["seed"])
   hf = transformers.RobertaConfig.from_dict(opts["hf_config"])
   model = transformers.RobertaForSequenceClassification(hf).to(device)
@@ -148,6 +152,7 @@ def main(argv: list[str]) -> None:
     "seq": cfg.seq,
     "batch": cfg.batch,
     "tokens": cfg.tokens,
+    "batch_kind": cfg.batch_kind,
     **{k: opts.get(k) for k in configs.ROW_OPTIONS},
   }
   try:

@@ -1,0 +1,78 @@
+"""The PyTorch + PEFT causal-LM LoRA step for the benchmark's LLM configurations.
+
+``transformers.LlamaForCausalLM`` from the same ``LlamaConfig`` as the lora_jax side,
+``peft.LoraConfig(r, lora_alpha, target_modules=q_proj ... down_proj, task_type="CAUSAL_LM")``
+(the PEFT anchor's ``llama-1.1B`` setup), fused AdamW, the loss transformers computes from
+``labels`` (mean next-token cross-entropy, ``-100`` ignored): the targets of
+``bench/llm_batch.py``, the same batch as lora_jax's. A packed batch goes in as
+``position_ids`` restarting with each sequence and no ``attention_mask``, from which
+transformers builds the block-causal mask of packed sequences; a padded batch as
+``attention_mask``. ``--remat`` is gradient checkpointing, ``--base_dtype bfloat16`` casts the
+base before PEFT wraps it (adapters stay float32), ``--dtype bfloat16`` is autocast.
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+import transformers
+
+from bench import configs
+from bench import llm_batch
+
+
+def model_inputs(cfg: configs.BenchConfig, seed: int, device: torch.device) -> dict:
+  """The keyword arguments of ``LlamaForCausalLM`` for ``llm_batch.make_batch``'s batch."""
+  b = llm_batch.make_batch(cfg.seq, cfg.batch, cfg.model.vocab, cfg.batch_kind, seed)
+  inputs = {
+    "input_ids": torch.from_numpy(b["input_ids"]).long().to(device),
+    "labels": torch.from_numpy(b["labels"]).to(device),
+    "use_cache": False,
+  }
+  if cfg.batch_kind == "packed":
+    inputs["position_ids"] = torch.from_numpy(b["positions"]).long().to(device)
+  else:
+    inputs["attention_mask"] = torch.from_numpy(b["attention_mask"]).long().to(device)
+  return inputs
+
+
+def build(cfg: configs.BenchConfig, opts: dict, device: torch.device, sync):
+  """``bench/peft_step.py``'s ``(step, counts, losses, attention implementation)``."""
+  torch.manual_seed(opts["seed"])
+  hf = transformers.LlamaConfig.from_dict(opts["hf_config"])
+  model = transformers.LlamaForCausalLM(hf).to(device)
+  attn_impl = getattr(model.config, "_attn_implementation", None)
+  if opts["remat"]:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  if opts["base_dtype"] == "bfloat16":
+    model = model.to(torch.bfloat16)
+  lora = peft.LoraConfig(
+    r=cfg.rank,
+    lora_alpha=cfg.alpha,
+    target_modules=list(cfg.targets),
+    lora_dropout=opts["lora_dropout"],
+    task_type="CAUSAL_LM",
+  )
+  model = peft.get_peft_model(model, lora)
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+  inputs = model_inputs(cfg, opts["seed"], device)
+  fn = torch.compile(model) if opts["compile"] else model
+  autocast = opts["dtype"] == "bfloat16"
+  losses = []
+
+  def step():
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+      out = fn(**inputs)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
+    losses.append(out.loss.detach())
+
+  counts = {
+    "params_total": sum(p.numel() for p in model.parameters()),
+    "params_trainable": sum(p.numel() for p in params),
+  }
+  return step, counts, losses, attn_impl
