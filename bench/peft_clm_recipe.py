@@ -94,11 +94,13 @@ def train(args: argparse.Namespace, adapter: str, baton: measure.Baton | None = 
   )
 
   batches = batcher.train_batches(rows, args.seed)
-  times, losses, examples, shapes = [], [], 0, []
+  times, losses, examples, shapes, waited = [], [], 0, [], 0.0
   t_start = time.perf_counter()
   for i in range(total):
     if baton and i:
+      t_wait = time.perf_counter()
       baton.wait()
+      waited += time.perf_counter() - t_wait  # the other side's turn, not this loop's time
     t0 = time.perf_counter()  # the whole iteration, batch included, as run_clm.py's s_per_step
     batch = next(batches)
     shapes.append(list(batch["input_ids"].shape))
@@ -117,7 +119,7 @@ def train(args: argparse.Namespace, adapter: str, baton: measure.Baton | None = 
       baton.report(times[-1])
     elif baton:
       baton.ready()
-  train_s = time.perf_counter() - t_start
+  train_s = time.perf_counter() - t_start - waited
 
   if data.eval is None:
     raise ValueError("the recipe needs a validation split (--validation_file)")

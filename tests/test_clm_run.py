@@ -75,6 +75,9 @@ def test_the_recipe_splits_share_no_date():
 ANSWERS = ["1997 - 06 - 08", "1991 - 05 - 27", "2009 - 04 - 25", "2015 - 11 - 14"]  # prompts.txt's
 
 
+HOOK_S = 4.0  # an on_step hook's sleep at step 1
+
+
 def test_the_quickstart_writes_every_output_and_its_samples_come_out_right(tmp_path):
   prompts = (FOLDER / "prompts.txt").read_text().splitlines()
   file = tmp_path / "prompts.jsonl"  # prompts.txt with the answers: samples get scored
@@ -82,7 +85,8 @@ def test_the_quickstart_writes_every_output_and_its_samples_come_out_right(tmp_p
   file.write_text("".join(json.dumps(r) + "\n" for r in rows))
   out = tmp_path / "run"
   results = clm_train.train_and_evaluate(
-    _args(out, "--eval_steps", "200", "--eval_on_start", "--generation_prompts_file", str(file))
+    _args(out, "--eval_steps", "200", "--eval_on_start", "--generation_prompts_file", str(file)),
+    on_step=lambda step: time.sleep(HOOK_S if step == 1 else 0),  # not training time
   )
   assert results["step"] == 400 and results["perplexity"] == pytest.approx(
     np.exp(results["eval_loss"])
@@ -91,6 +95,8 @@ def test_the_quickstart_writes_every_output_and_its_samples_come_out_right(tmp_p
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == list(range(25, 401, 25))
   assert set(train_rows[0]) >= {"loss", "learning_rate", "grad_norm", "tokens_per_s"}
+  logged_s = sum(r["s_per_step"] * 25 for r in train_rows)
+  assert results["train_runtime_s"] < logged_s + HOOK_S / 2, (results, logged_s)
   evals = [r for r in rows if "eval_loss" in r]
   assert [r["step"] for r in evals] == [0, 200, 400]
   assert evals[0]["eval_loss"] > evals[1]["eval_loss"] > evals[2]["eval_loss"]  # it falls
