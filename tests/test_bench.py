@@ -154,6 +154,9 @@ def test_clm_recipe_steady_s_per_step_leaves_out_each_shapes_first_step():
   assert steady_s_per_step([9.0, 2.0, 8.0, 3.0, 2.6, 3.5, 40.0], shapes) == pytest.approx(
     (2 * 2.3 + 3 * 3.5) / 5
   )
+  assert steady_s_per_step([9.0, 2.0, 8.0, 3.0, 2.6, 3.5, 40.0], shapes, min) == pytest.approx(
+    (2 * 2.0 + 3 * 3.0) / 5
+  )
   with pytest.raises(ValueError, match="4 step times for 7 batch shapes"):
     steady_s_per_step([1.0] * 4, shapes)
   with pytest.raises(ValueError, match="no batch shape repeats"):

@@ -27,8 +27,10 @@ def test_recipe_learns_the_skill_matches_peft_and_packs_faster(smollm2_path, mon
   # at equal padded shapes, on the same batches from the same initial adapter
   assert padded["steps"] == peft["steps"] == 12
   assert padded["eval_loss"] == pytest.approx(peft["eval_loss"], rel=0.02)
-  # and no slower per step in the steady state (the logits are computed at the targets only)
-  assert result["ratio"] <= 1.0, result["steady_s_per_step"]
+  # and no slower per step in the steady state (the logits are computed at the targets only),
+  # judged by each shape's fastest steps: in lockstep the medians still moved by 6% between
+  # two runs on this shared machine (ratio 0.897 and 0.958), the fastest steps by less
+  assert result["ratio_fastest"] <= 1.0, (result["fastest_s_per_step"], result["ratio"])
   assert packed["examples_per_s"] > padded["examples_per_s"], result["examples_per_s"]
   # the packed run's adapter in transformers + PEFT answers the test prompts as lora_jax did
   check = result["export_check"]
