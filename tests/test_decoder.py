@@ -227,10 +227,11 @@ def test_stacked_adapters_match_per_layer_adapters_in_the_forward(calm_ckpt):
   per_layer = lora_jax.unstack_layers(scan_params, "model/layers")
   ref = jax.jit(lora_jax.lora_apply(loop.apply))(per_layer, ids, mask)
   assert max_error(ours, ref, mask) <= 1e-5
-  # merging stacked adapters merges each layer's own
+  # merging stacked adapters merges each layer's own (a batched matmul over the stack may round
+  # differently from one per layer: 1 ulp on this CPU; another layer's update would be 1e-2 off)
   merged = lora_jax.unstack_layers(lora_jax.merge(scan_params), "model/layers")
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(lora_jax.merge(per_layer)), strict=True):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_packed_rows_give_each_sequence_its_padded_logits_and_gradients(calm_ckpt):
