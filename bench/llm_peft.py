@@ -19,6 +19,7 @@ import transformers
 
 from bench import configs
 from bench import llm_batch
+from bench import torch_train
 
 
 def model_inputs(cfg: configs.BenchConfig, seed: int, device: torch.device) -> dict:
@@ -40,12 +41,6 @@ def build(cfg: configs.BenchConfig, opts: dict, device: torch.device, sync):
   """``bench/peft_step.py``'s ``(step, counts, losses, attention implementation)``."""
   torch.manual_seed(opts["seed"])
   hf = transformers.LlamaConfig.from_dict(opts["hf_config"])
-  model = transformers.LlamaForCausalLM(hf).to(device)
-  attn_impl = getattr(model.config, "_attn_implementation", None)
-  if opts["remat"]:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-  if opts["base_dtype"] == "bfloat16":
-    model = model.to(torch.bfloat16)
   lora = peft.LoraConfig(
     r=cfg.rank,
     lora_alpha=cfg.alpha,
@@ -53,26 +48,11 @@ def build(cfg: configs.BenchConfig, opts: dict, device: torch.device, sync):
     lora_dropout=opts["lora_dropout"],
     task_type="CAUSAL_LM",
   )
-  model = peft.get_peft_model(model, lora)
-  model.train()
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+  model, params, opt, attn_impl = torch_train.prepare(
+    transformers.LlamaForCausalLM(hf).to(device), opts, lora
+  )
   inputs = model_inputs(cfg, opts["seed"], device)
-  fn = torch.compile(model) if opts["compile"] else model
-  autocast = opts["dtype"] == "bfloat16"
-  losses = []
-
-  def step():
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-      out = fn(**inputs)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync(device)
-    losses.append(out.loss.detach())
-
-  counts = {
-    "params_total": sum(p.numel() for p in model.parameters()),
-    "params_trainable": sum(p.numel() for p in params),
-  }
+  step, counts, losses = torch_train.make_step(
+    model, params, opt, opts, lambda fn: fn(**inputs), device, sync
+  )
   return step, counts, losses, attn_impl

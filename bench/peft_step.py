@@ -28,6 +28,7 @@ from bench import configs
 from bench import flops
 from bench import llm_peft
 from bench import measure
+from bench import torch_train
 
 
 def _device() -> torch.device:
@@ -40,17 +41,12 @@ def _sync(device: torch.device) -> None:
 
 
 def build(cfg: configs.BenchConfig, opts: dict, device: torch.device):
-  """The step closure and parameter counts."""
+  """The step closure, parameter counts, losses and attention implementation."""
   if cfg.is_llm:
     return llm_peft.build(cfg, opts, device, _sync)
   torch.manual_seed(opts["seed"])
   hf = transformers.RobertaConfig.from_dict(opts["hf_config"])
-  model = transformers.RobertaForSequenceClassification(hf).to(device)
-  attn_impl = getattr(model.config, "_attn_implementation", None)
-  if opts["remat"]:  # lora_jax's --remat is nn.remat per layer; this is its PyTorch equivalent
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-  if opts["base_dtype"] == "bfloat16":  # as peft_baseline.py's bf16_weights; adapters stay fp32
-    model = model.to(torch.bfloat16)
+  lora = None  # full fine-tuning
   if cfg.mode == "lora":
     lora = peft.LoraConfig(
       r=configs.RANK,
@@ -59,30 +55,16 @@ def build(cfg: configs.BenchConfig, opts: dict, device: torch.device):
       lora_dropout=opts["lora_dropout"],
       task_type="SEQ_CLS",
     )
-    model = peft.get_peft_model(model, lora)
-  model.train()
-  params = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+  model, params, opt, attn_impl = torch_train.prepare(
+    transformers.RobertaForSequenceClassification(hf).to(device), opts, lora
+  )
   ids = torch.randint(5, cfg.model.vocab, (cfg.batch, cfg.seq), device=device)
   labels = torch.randint(0, cfg.model.labels, (cfg.batch,), device=device)
   mask = torch.ones_like(ids)
-  fn = torch.compile(model) if opts["compile"] else model
-  autocast = opts["dtype"] == "bfloat16"
-  losses = []
-
-  def step():
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-      out = fn(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    _sync(device)
-    losses.append(out.loss.detach())
-
-  counts = {
-    "params_total": sum(p.numel() for p in model.parameters()),
-    "params_trainable": sum(p.numel() for p in params),
-  }
+  step, counts, losses = torch_train.make_step(
+    model, params, opt, opts,
+    lambda fn: fn(input_ids=ids, attention_mask=mask, labels=labels), device, _sync,
+  )  # fmt: skip
   return step, counts, losses, attn_impl
 
 
