@@ -29,6 +29,7 @@ from lora_jax.models.bert import BertLayer
 from lora_jax.models.bert import BertResidualOutput
 from lora_jax.models.bert import BertSelfAttention
 from lora_jax.models.bert import EncoderConfig
+from lora_jax.models.cross_entropy import fused_cross_entropy
 from lora_jax.models.export import export_merged
 from lora_jax.models.generate import generate
 from lora_jax.models.heads import BertPooler
@@ -65,6 +66,7 @@ __all__ = [
   "flax_to_hf",
   "from_config",
   "from_pretrained",
+  "fused_cross_entropy",
   "generate",
   "hf_to_flax",
   "read_state_dict",

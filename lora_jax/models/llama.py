@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from lora_jax.models import rope as rope_lib
@@ -47,6 +48,7 @@ from lora_jax.models.attention import attention
 from lora_jax.models.attention import check_implementation
 from lora_jax.models.attention import same_segment
 from lora_jax.models.attention import segment_positions
+from lora_jax.models.cross_entropy import fused_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -397,6 +399,12 @@ class Decoder(_Base):
   * ``logits_index`` ``[batch]``: compute the output at one position per row only
     (``[batch, vocab]``), e.g. the last prompt token when generating; ``[batch, k]``: at ``k``
     positions per row (``[batch, k, vocab]``), e.g. a loss's target positions.
+  * ``target_ids`` (``"causal-lm"`` only), the token each output position should predict
+    (``[batch, seq]``, or the shape of ``logits_index``): returns float32 per-position
+    cross-entropies of that shape in place of logits, computed by
+    :func:`lora_jax.models.fused_cross_entropy` ``loss_chunk_size`` positions at a time, so
+    the ``[tokens, vocab]`` logits never exist whole. Needs a plain output layer (no adapter,
+    not quantized).
   * ``deterministic`` is accepted for symmetry with the encoders (these models have no dropout
     of their own; LoRA dropout follows :func:`lora_jax.lora_apply`'s rules).
 
@@ -441,6 +449,8 @@ class Decoder(_Base):
     cache: KVCache | None = None,
     cache_index=None,
     logits_index=None,
+    target_ids=None,
+    loss_chunk_size: int = 1024,
   ):
     del deterministic  # no dropout of its own
     input_ids = jnp.asarray(input_ids)
@@ -480,11 +490,45 @@ class Decoder(_Base):
       picked = index[:, None] if index.ndim == 1 else index
       x = jnp.take_along_axis(x, picked[:, :, None], axis=1)
       x = x[:, 0] if index.ndim == 1 else x
-    if self.task == "causal-lm":
+    if target_ids is not None:
+      x = self._token_losses(x, target_ids, loss_chunk_size)
+    elif self.task == "causal-lm":
       x = (self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)).astype(
         jnp.float32
       )
     return x if cache is None else (x, cache)
+
+  def _token_losses(self, x, target_ids, chunk_size: int):
+    """:func:`fused_cross_entropy` of the final hidden states ``x`` with the output layer."""
+    if self.task != "causal-lm":
+      raise ValueError(f"target_ids= needs task='causal-lm', not {self.task!r}")
+    tied = self.config.tie_word_embeddings
+    if self.is_initializing() and not tied:  # create the kernel the usual way
+      self.lm_head(x)
+    path, weight = output_weight(self.config, self.variables["params"])
+    if weight is None:
+      raise ValueError(
+        f"target_ids= needs a plain output layer, but params/{path} holds an adapter or a "
+        "quantized weight; call without target_ids= for logits"
+      )
+    return fused_cross_entropy(
+      x, weight, target_ids, vocab_axis=0 if tied else 1, chunk_size=chunk_size,
+      dtype=self.dtype,
+    )  # fmt: skip
+
+
+def output_weight(config: DecoderConfig, params: Mapping) -> tuple[str, jax.Array | None]:
+  """``(path, weight)`` of a causal LM's output layer in ``params`` (the ``"params"``
+  collection): the tied ``embed_tokens`` table ``[vocab, hidden]`` or the ``lm_head`` kernel
+  ``[hidden, vocab]``; ``weight`` is None when the layer carries more than its weight (an
+  adapter, or a quantized weight), so its output needs the module's own call."""
+  tied = config.tie_word_embeddings
+  path, leaf = ("model/embed_tokens", "embedding") if tied else ("lm_head", "kernel")
+  layer = params
+  for name in path.split("/"):
+    layer = layer[name]
+  plain = set(layer) == {leaf} and isinstance(layer[leaf], (jax.Array, np.ndarray))
+  return path, layer[leaf] if plain else None
 
 
 def auto_model(
