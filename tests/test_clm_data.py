@@ -148,12 +148,15 @@ def test_packed_and_padded_batches_give_the_same_loss(tokenizer, model, completi
                              rtol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("completion_only", [False, True])
-def test_the_loss_over_listed_targets_is_the_whole_next_token_loss(tokenizer, model, packed,
-                                                                    completion_only):  # fmt: skip
-  """Logits at the target positions only give the loss of all logits, masked (the reference:
-  every position's next-token loss, weighted by the next token's weight within its sequence)."""
+def test_the_loss_over_listed_targets_is_the_whole_next_token_loss(
+  tokenizer, model, packed, completion_only, fused
+):
+  """Outputs at the target positions only give the loss of all logits, masked (the reference:
+  every position's next-token loss, weighted by the next token's weight within its sequence),
+  whether the loss is fused with the output layer (target_ids=) or taken from logits."""
   apply_fn, trainable, frozen = model
   batch = next(
     clm_data.Batcher(_sequences(tokenizer, completion_only), 64, packed, 0).eval_batches(8)
@@ -164,7 +167,8 @@ def test_the_loss_over_listed_targets_is_the_whole_next_token_loss(tokenizer, mo
   )
   nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
   w = batch["weights"][:, 1:] * ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0))
-  total, weight = clm_train.loss_terms(clm_train.forward(apply_fn, trainable, frozen, batch), batch)
+  nll_listed = clm_train.forward(apply_fn, trainable, frozen, batch, fused=fused)
+  total, weight = clm_train.loss_terms(nll_listed, batch)
   assert float(weight) == w.sum() > 0
   np.testing.assert_allclose(float(total), float((nll * w).sum()), rtol=1e-5)
   k = batch["target_positions"].shape[1]

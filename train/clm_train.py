@@ -30,6 +30,7 @@ import optax
 
 import lora_jax
 from lora_jax import models
+from lora_jax.models import llama
 from lora_jax.models.generate import prompt_bucket
 from train import clm_args
 from train import clm_data
@@ -47,35 +48,43 @@ SAMPLES = "samples.jsonl"
 # The task.
 
 
-def token_losses(logits, batch):
-  """``(weighted loss, weight)`` of each listed target, ``[rows, k]``.
-
-  ``logits`` ``[rows, k, vocab]`` are the model's outputs at the batch's ``target_positions``
-  only (:func:`train.clm_data.targets`): the next-token losses that count, none other computed.
-  """
-  nll = optax.softmax_cross_entropy_with_integer_labels(
-    logits.astype(jnp.float32), batch["target_ids"]
-  )
+def token_losses(nll, batch):
+  """``(weighted loss, weight)`` of each listed target, ``[rows, k]``, from :func:`forward`'s
+  per-target cross-entropies."""
   w = batch["target_weights"]
   return nll * w, w
 
 
-def loss_terms(logits, batch):
+def loss_terms(nll, batch):
   """``(sum of weighted next-token losses, sum of weights)`` over a batch of rows."""
-  loss, w = token_losses(logits, batch)
+  loss, w = token_losses(nll, batch)
   return jnp.sum(loss), jnp.sum(w)
 
 
-def forward(apply_fn, trainable, frozen, batch, **kwargs):
-  """The logits at the batch's target positions, ``[rows, k, vocab]``."""
+def forward(apply_fn, trainable, frozen, batch, *, fused: bool = True, **kwargs):
+  """The cross-entropy of each of the batch's targets, ``[rows, k]`` float32.
+
+  The model's outputs are formed at the batch's ``target_positions`` only
+  (:func:`train.clm_data.targets`): the next-token losses that count, none other computed.
+  ``fused``: by the decoder's ``target_ids=`` (the logits a chunk at a time, never whole);
+  otherwise from the ``[rows, k, vocab]`` logits (an output layer with an adapter or a
+  quantized weight, see :func:`lora_jax.models.llama.output_weight`).
+  """
   variables = lora_jax.combine(trainable, frozen)
-  return apply_fn(
+  if fused:
+    kwargs["target_ids"] = batch["target_ids"]
+  out = apply_fn(
     variables,
     batch["input_ids"],
     batch["attention_mask"],
     segment_ids=batch["segment_ids"],
     logits_index=batch["target_positions"],
     **kwargs,
+  )
+  if fused:
+    return out
+  return optax.softmax_cross_entropy_with_integer_labels(
+    out.astype(jnp.float32), batch["target_ids"]
   )
 
 
@@ -165,15 +174,18 @@ class CausalLM:
   eval_rows: int
   seed: int
   sampler: Sampler | None = None
+  fused_loss: bool = True  # see forward()
 
   def loss(self, trainable, frozen, batch, rngs):
-    logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=False, rngs=rngs)
-    return loss_terms(logits, batch)
+    nll = forward(self.apply_fn, trainable, frozen, batch, fused=self.fused_loss,
+                  deterministic=False, rngs=rngs)  # fmt: skip
+    return loss_terms(nll, batch)
 
   def eval_step(self, trainable, frozen, batch):
     """Per row: its summed target loss and its number of targets."""
-    logits = forward(self.apply_fn, trainable, frozen, batch, deterministic=True)
-    loss, w = token_losses(logits, batch)
+    nll = forward(self.apply_fn, trainable, frozen, batch, fused=self.fused_loss,
+                  deterministic=True)  # fmt: skip
+    loss, w = token_losses(nll, batch)
     return jnp.stack([jnp.sum(loss, axis=1), jnp.sum(w, axis=1)], axis=1)
 
   def batches(self, start: int, data_parallel: int):
@@ -338,6 +350,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     global_rows=global_rows,
     eval_rows=args.per_device_eval_batch_size * devices,
     seed=args.seed,
+    fused_loss=llama.output_weight(module.config, params["params"])[1] is not None,
   )
   task.sampler = _sampler(args, module, params, tokenizer, data.kind, out)
   logger.info(
