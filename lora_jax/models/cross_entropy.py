@@ -124,7 +124,7 @@ def fused_cross_entropy(
   target_ids: jax.Array,
   *,
   vocab_axis: int = 1,
-  chunk_size: int = 1024,
+  chunk_size: int = 256,
   dtype=None,
 ) -> jax.Array:
   """Each position's cross-entropy ``-log softmax(hidden @ kernel)[target]``, float32.

@@ -450,7 +450,7 @@ class Decoder(_Base):
     cache_index=None,
     logits_index=None,
     target_ids=None,
-    loss_chunk_size: int = 1024,
+    loss_chunk_size: int = 256,
   ):
     del deterministic  # no dropout of its own
     input_ids = jnp.asarray(input_ids)
