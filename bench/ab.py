@@ -39,6 +39,7 @@ DEFAULTS = {
   "seed": 0,
   "peak_tflops": None,
   "compile": False,
+  "loss_chunk": 256,
 }
 EXTRA_KEYS = ("side", "compile", "peak_tflops")
 

@@ -51,6 +51,7 @@ ROW_OPTIONS = (
   "lockstep",
   "cpus",
   "seed",
+  "loss_chunk",
 )
 
 

@@ -5,9 +5,11 @@ One definition serves two callers: ``bench/jax_step.py`` times it on real (rando
 ``lora_jax.models.auto_model(LlamaConfig)`` with scanned layers (one layer compiled, whatever
 the depth), LoRA by the configuration's rule on the frozen half (``lora_init``, ``partition``,
 ``lora_apply``'s low-rank path), ``lora_optimizer(optax.adamw(1e-4))``, and the mean
-next-token cross-entropy of ``bench/llm_batch.py``'s targets over full-sequence logits (as
-transformers computes it). A packed batch goes in as ``segment_ids``, a padded one as
-``attention_mask``.
+next-token cross-entropy of ``bench/llm_batch.py``'s targets at every position (as
+transformers computes it), by the decoder's ``target_ids=`` (``fused_cross_entropy``, logits
+formed ``loss_chunk`` positions at a time) or, with ``loss_chunk=0``, from the full logits and
+``optax.softmax_cross_entropy_with_integer_labels``. A packed batch goes in as ``segment_ids``,
+a padded one as ``attention_mask``.
 """
 
 from __future__ import annotations
@@ -64,10 +66,14 @@ def batch_shapes(cfg: configs.BenchConfig) -> dict:
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch(cfg, 0).items()}
 
 
-def make_step(module, tx, *, dropout_key=None):
+LOSS_CHUNK = 256  # positions whose logits exist at once (0: the full logits)
+
+
+def make_step(module, tx, *, dropout_key=None, loss_chunk: int = LOSS_CHUNK):
   """``step(trainable, opt_state, frozen, batch, i) -> (trainable, opt_state, loss, i + 1)``.
 
   ``dropout_key``: LoRA dropout keys are folded from it with the step number ``i``.
+  ``loss_chunk``: see the module docstring.
   """
   apply = lora_jax.lora_apply(module.apply)
 
@@ -75,8 +81,13 @@ def make_step(module, tx, *, dropout_key=None):
     kw = {k: batch[k] for k in ("segment_ids", "attention_mask") if k in batch}
     if dropout_key is not None:
       kw.update(deterministic=False, rngs={"lora_dropout": jax.random.fold_in(dropout_key, i)})
-    logits = apply(lora_jax.combine(trainable, frozen), batch["input_ids"], **kw)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])
+    variables, targets = lora_jax.combine(trainable, frozen), batch["target_ids"]
+    if loss_chunk:
+      nll = apply(variables, batch["input_ids"], target_ids=targets, loss_chunk_size=loss_chunk,
+                  **kw)  # fmt: skip
+    else:
+      logits = apply(variables, batch["input_ids"], **kw)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     w = batch["target_weights"]
     return jnp.sum(nll * w) / jnp.sum(w)
 
@@ -109,7 +120,7 @@ def build(cfg: configs.BenchConfig, opts: dict, dtypes: dict, random_params, to_
   frozen = to_device(frozen, dtypes[opts["base_dtype"]])
   batch = to_device(host_batch(cfg, opts["seed"]))
   drop = k_drop if opts["lora_dropout"] > 0 else None
-  step = jax.jit(make_step(module, tx, dropout_key=drop),
+  step = jax.jit(make_step(module, tx, dropout_key=drop, loss_chunk=opts["loss_chunk"]),
                  donate_argnums=(0, 1) if opts["donate"] else ())  # fmt: skip
   args = (trainable, tx.init(trainable), frozen, batch, jnp.zeros((), jnp.int32))
   return step, args, counts

@@ -31,10 +31,12 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``lora_jax`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import configs  # noqa: E402
+from lora_jax.models.attention import QUERY_CHUNK  # noqa: E402
 
 GIB = 1024**3
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BASES = ("bf16", "nf4")
+ATTENTION = ("xla", "xla_chunked")  # the CPU's (cuDNN needs a GPU)
 XLA_VARIANTS = {
   "default": "",
   "no-licm": "--xla_disable_hlo_passes=while-loop-invariant-code-motion",
@@ -43,7 +45,14 @@ XLA_VARIANTS = {
 DEFAULT = ",".join(n for n in configs.GROUPS["llm"] if n.endswith("-packed"))
 
 
-def expected(cfg: configs.BenchConfig, base_bytes: int, lora_params: int, remat: bool) -> dict:
+def expected(
+  cfg: configs.BenchConfig,
+  base_bytes: int,
+  lora_params: int,
+  remat: bool,
+  attention: str = "xla",
+  loss_chunk: int = 0,
+) -> dict:
   """The simple model of the step's memory, in bytes.
 
   * ``base``: the frozen weights as stored; ``lora``: adapters, their gradients and AdamW's two
@@ -51,29 +60,37 @@ def expected(cfg: configs.BenchConfig, base_bytes: int, lora_params: int, remat:
   * ``activations``: with remat, each layer's input (``B S d``, bf16) kept for the backward
     pass plus one layer's backward working set; without, every layer's working set. A
     layer's working set: the attention scores, probabilities and their gradient in float32
-    (``3 B H S^2 x 4`` bytes: XLA's attention materialises them) and the layer's bf16
-    intermediates (``B S (8 d + 4 ffn) x 2``);
-  * ``logits``: float32 logits, their softmax and gradient (``3 B S V x 4``).
+    (``3 B H q S x 4`` bytes for ``q`` queries at once: all ``S`` with ``"xla"``, a block of
+    ``QUERY_CHUNK`` with ``"xla_chunked"``) and the layer's bf16 intermediates
+    (``B S (8 d + 4 ffn) x 2``);
+  * ``logits``: float32 logits, their softmax and gradient for ``n`` tokens at once
+    (``3 n V x 4``; ``n = B S``, or ``loss_chunk`` with the fused cross-entropy).
 
   Example:
     >>> e = expected(configs.CONFIGS["llama-7b-2048x1-packed"], 13476831232, 39976960, True)
     >>> round(e["total"] / GIB, 2), round(e["activations"] / GIB, 2)
     (16.17, 2.29)
+    >>> e = expected(configs.CONFIGS["llama-7b-2048x1-packed"], 13476831232, 39976960, True,
+    ...              "xla_chunked", 1024)
+    >>> round(e["total"] / GIB, 2), round(e["activations"] / GIB, 2)
+    (14.68, 1.17)
   """
   m, b, s = cfg.model, cfg.batch, cfg.seq
-  layer = 3 * b * m.heads * s * s * 4 + b * s * (8 * m.hidden + 4 * m.ffn) * 2
+  queries = min(s, QUERY_CHUNK) if attention == "xla_chunked" else s
+  layer = 3 * b * m.heads * queries * s * 4 + b * s * (8 * m.hidden + 4 * m.ffn) * 2
   kept = m.layers * b * s * m.hidden * 2
   acts = kept + layer if remat else m.layers * layer
+  tokens = min(b * s, loss_chunk) if loss_chunk else b * s
   out = {
     "base": base_bytes,
     "lora": 16 * lora_params,
     "activations": acts,
-    "logits": 3 * b * s * m.vocab * 4,
+    "logits": 3 * tokens * m.vocab * 4,
   }
   return {**out, "total": sum(out.values())}
 
 
-def plan(name: str, base: str, remat: bool = True) -> dict:
+def plan(name: str, base: str, remat: bool = True, attention: str = "xla") -> dict:
   """XLA's buffer plan of the compiled step (this process's ``XLA_FLAGS``) and the model."""
   import jax
   import jax.numpy as jnp
@@ -86,7 +103,8 @@ def plan(name: str, base: str, remat: bool = True) -> dict:
     raise ValueError(f"unknown base {base!r}; valid: {', '.join(BASES)}")
   cfg = configs.CONFIGS[name]
   module = llm_jax.make_module(configs.hf_config(cfg, {}), dtype=jnp.bfloat16,
-                               param_dtype=jnp.bfloat16, remat=remat)  # fmt: skip
+                               param_dtype=jnp.bfloat16, remat=remat,
+                               attention=attention)  # fmt: skip
   layout = llm_jax.layouts(module)
   shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
   if base == "nf4":
@@ -105,6 +123,7 @@ def plan(name: str, base: str, remat: bool = True) -> dict:
     "config": name,
     "base": base,
     "remat": remat,
+    "attention": attention,
     "seq": cfg.seq,
     "batch": cfg.batch,
     "rank": cfg.rank,
@@ -117,18 +136,19 @@ def plan(name: str, base: str, remat: bool = True) -> dict:
     "alias_bytes": int(m.alias_size_in_bytes),
     "temp_bytes": int(m.temp_size_in_bytes),
     "peak_bytes": int(peak),
-    "expected_bytes": expected(cfg, base_bytes, lora_params, remat),
+    "expected_bytes": expected(cfg, base_bytes, lora_params, remat, attention, llm_jax.LOSS_CHUNK),
   }
 
 
-def run_one(name: str, base: str, variant: str, remat: bool) -> dict:
+def run_one(name: str, base: str, variant: str, remat: bool, attention: str = "xla") -> dict:
   """:func:`plan` in a fresh process with the variant's ``XLA_FLAGS``."""
   env = {**os.environ, "XLA_FLAGS": XLA_VARIANTS[variant], "JAX_PLATFORMS": "cpu"}
-  job = json.dumps({"name": name, "base": base, "remat": remat})
+  job = json.dumps({"name": name, "base": base, "remat": remat, "attention": attention})
   cmd = [sys.executable, "-m", "bench.llm_memory", "--one", job]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   if proc.returncode != 0:
-    return {"config": name, "base": base, "xla": variant, "error": proc.stderr[-500:]}
+    return {"config": name, "base": base, "xla": variant, "attention": attention,
+            "error": proc.stderr[-500:]}  # fmt: skip
   return {**json.loads(proc.stdout.strip().splitlines()[-1]), "xla": variant}
 
 
@@ -138,16 +158,18 @@ def _gib(x) -> str:
 
 def markdown(rows: list[dict]) -> str:
   """The table of docs/benchmarks.md: GiB of XLA's plan beside the model."""
-  head = ("| config | base | XLA:CPU flags | arguments | outputs | aliased | temporaries "
-          "| peak (plan) | model: base + LoRA/Adam + activations + logits = total |")  # fmt: skip
-  lines = [head, "|" + " --- |" * 9]
+  head = ("| config | base | attention | XLA:CPU flags | arguments | outputs | aliased "
+          "| temporaries | peak (plan) | model: base + LoRA/Adam + activations + logits = total "
+          "|")  # fmt: skip
+  lines = [head, "|" + " --- |" * 10]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['config']} | {r['base']} | {r['xla']} | error |" + " |" * 5)
+      lines.append(f"| {r['config']} | {r['base']} | {r['attention']} | {r['xla']} | error |"
+                   + " |" * 5)  # fmt: skip
       continue
     e = r["expected_bytes"]
     model = " + ".join(_gib(e[k]) for k in ("base", "lora", "activations", "logits"))
-    cells = [r["config"], r["base"], r["xla"], *(_gib(r[k]) for k in (
+    cells = [r["config"], r["base"], r["attention"], r["xla"], *(_gib(r[k]) for k in (
       "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")),
       f"**{_gib(r['peak_bytes'])}**", f"{model} = {_gib(e['total'])}"]  # fmt: skip
     lines.append("| " + " | ".join(cells) + " |")
@@ -159,28 +181,37 @@ def main(argv=None) -> int:
   p.add_argument("--configs", default=DEFAULT, help="comma list of LLM configurations / groups")
   p.add_argument("--bases", default="bf16,nf4", help=f"comma list from {list(BASES)}")
   p.add_argument("--xla_variants", default="default,no-licm", help=f"from {list(XLA_VARIANTS)}")
+  p.add_argument(
+    "--attention",
+    default="xla,xla_chunked",
+    help=f"comma list of lora_jax attention implementations from {list(ATTENTION)}",
+  )
   p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--out", type=pathlib.Path, help="write the rows as JSON here")
   p.add_argument("--one", help=argparse.SUPPRESS)  # worker: one plan, printed as JSON
   args = p.parse_args(argv)
   if args.one:
     job = json.loads(args.one)
-    print(json.dumps(plan(job["name"], job["base"], job["remat"])))
+    print(json.dumps(plan(job["name"], job["base"], job["remat"], job["attention"])))
     return 0
   cfgs = [c for c in configs.resolve(args.configs) if c.is_llm]
   if not cfgs:
     p.error(f"--configs {args.configs!r} names no LLM configuration; see bench/configs.py")
   bases = args.bases.split(",")
   variants = args.xla_variants.split(",")
+  attentions = args.attention.split(",")
   bad = [b for b in bases if b not in BASES] + [v for v in variants if v not in XLA_VARIANTS]
+  bad += [a for a in attentions if a not in ATTENTION]
   if bad:
-    p.error(f"unknown {bad}; bases: {list(BASES)}, xla variants: {list(XLA_VARIANTS)}")
+    p.error(f"unknown {bad}; bases: {list(BASES)}, xla variants: {list(XLA_VARIANTS)}, "
+            f"attention: {list(ATTENTION)}")  # fmt: skip
   rows = []
   for cfg in cfgs:
     for base in bases:
-      for variant in variants:
-        rows.append(run_one(cfg.name, base, variant, args.remat))
-        print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+      for attention in attentions:
+        for variant in variants:
+          rows.append(run_one(cfg.name, base, variant, args.remat, attention))
+          print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
   print(markdown(rows))
   if args.out:
     args.out.parent.mkdir(parents=True, exist_ok=True)

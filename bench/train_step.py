@@ -108,6 +108,13 @@ def parser() -> argparse.ArgumentParser:
     "side); default: no pinning",
   )
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--loss_chunk",
+    type=int,
+    default=256,
+    help="LLM configurations: positions whose logits lora_jax forms at once (0: the full "
+    "logits, then optax's cross-entropy)",
+  )
   p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
   p.add_argument("--out", type=pathlib.Path, default=None, help="write results.jsonl, results.md")
   return p

@@ -49,10 +49,12 @@ def test_both_sides_compute_the_same_loss(kind):
   module = llm_jax.make_module(hf, dtype=jnp.float32, scan=False)
   base = {"params": hf_to_flax(state, transformers.LlamaConfig.from_dict(hf))}
   trainable, frozen, tx = llm_jax.adapt(base, llm_jax.layouts(module), cfg, key=jax.random.key(0))
-  step = jax.jit(llm_jax.make_step(module, tx))
   batch = llm_jax.host_batch(cfg, 0)
-  ours = float(step(trainable, tx.init(trainable), frozen, batch, 0)[2])  # B = 0: the base
-  assert ours == pytest.approx(theirs, rel=2e-5), (ours, theirs)
+  # the fused cross-entropy (by default, and in chunks of 16 positions) and whole logits
+  for chunk in (llm_jax.LOSS_CHUNK, 16, 0):
+    step = jax.jit(llm_jax.make_step(module, tx, loss_chunk=chunk))
+    ours = float(step(trainable, tx.init(trainable), frozen, batch, 0)[2])  # B = 0: the base
+    assert ours == pytest.approx(theirs, rel=2e-5), (chunk, ours, theirs)
 
 
 def test_batches_keep_their_shape_and_targets():
