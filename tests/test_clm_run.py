@@ -155,11 +155,22 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     (["--train_file", str(tmp_path / "empty.jsonl")], "empty.jsonl' is empty"),
     (["--tokenizer_name", str(bare)], "has no chat template; use a tokenizer with one"),
     (["--lr_scheduler_type", "warmup_stable"], "invalid choice: 'warmup_stable'"),
+    (
+      ["--attn_implementation", "flash"],
+      "invalid choice: 'flash' (choose from 'auto', 'xla', 'xla_chunked'",
+    ),
   ]
   for extra, message in cases:
     code, err = _main(capsys, "--config", CONFIG, *out, *extra)
     assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
     assert err[0].startswith("run_clm.py: error: "), err
+
+
+@pytest.mark.parametrize("choice,implementation", [("auto", None), ("xla_chunked", "xla_chunked")])
+def test_attn_implementation_reaches_the_model(tmp_path, choice, implementation):
+  args = _args(tmp_path / "out", "--attn_implementation", choice)
+  module, _, _ = clm_train.load_model(args)
+  assert module.attention_implementation == implementation
 
 
 def test_examples_longer_than_max_seq_length_are_truncated_and_counted(tmp_path, caplog):

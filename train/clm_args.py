@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from lora_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from train import flags
 from train.flags import as_dict  # noqa: F401  (run_clm's outputs use it)
+
+ATTENTION = ("auto", *(a for a in ATTENTION_IMPLEMENTATIONS if a is not None))
 
 
 def build_parser() -> flags.OneLineParser:
@@ -35,6 +38,13 @@ def build_parser() -> flags.OneLineParser:
     action=argparse.BooleanOptionalAction,
     default=False,
     help="rematerialise each layer in the backward pass (less memory, more compute)",
+  )
+  g.add_argument(
+    "--attn_implementation",
+    default="auto",
+    choices=ATTENTION,
+    help="auto: cuDNN's fused kernel on GPU for bf16/fp16, else XLA's; xla_chunked: XLA's, "
+    "512 queries at a time (long sequences without whole [seq, seq] scores)",
   )
   g = p.add_argument_group("data")
   flags.mark_path(

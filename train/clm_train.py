@@ -276,6 +276,9 @@ def load_model(args: argparse.Namespace):
     dtype=dtype,
     scan_layers=args.scan_layers,
     remat=args.remat,
+    attention_implementation=None
+    if args.attn_implementation == "auto"
+    else args.attn_implementation,
     quantize=setup.quantization(args),
   )
   if args.adapter_name_or_path:

@@ -323,8 +323,8 @@ class Bert(_Base):
     param_dtype: parameter dtype.
     remat: rematerialise each layer in the backward pass (``nn.remat``); parameter names are
       unchanged.
-    attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``
-      or ``"cudnn"``.
+    attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``,
+      ``"xla_chunked"`` (XLA's, a block of queries at a time) or ``"cudnn"``.
   """
 
   task: str = "base"
@@ -416,7 +416,8 @@ def auto_model(
     dtype: compute dtype.
     param_dtype: parameter dtype.
     remat: rematerialise each layer (``nn.remat``).
-    attention_implementation: ``None``, ``"xla"`` or ``"cudnn"`` (see :func:`attention`).
+    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"`` (see
+      :func:`attention`).
 
   Returns:
     A :class:`Bert` module; call it as ``module.apply(variables, input_ids,

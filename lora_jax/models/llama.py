@@ -415,8 +415,8 @@ class Decoder(_Base):
     param_dtype: parameter dtype.
     scan_layers: run the layers under ``nn.scan`` with stacked parameters.
     remat: rematerialise each layer in the backward pass.
-    attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``
-      or ``"cudnn"``.
+    attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``,
+      ``"xla_chunked"`` (XLA's, a block of queries at a time) or ``"cudnn"``.
   """
 
   task: str = "causal-lm"
