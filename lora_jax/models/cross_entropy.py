@@ -44,9 +44,17 @@ def _logits(h, kernel, vocab_axis: int):
   )
 
 
+def _nll(logits, targets):
+  """``-log softmax(logits)[target]`` of float32 ``logits`` ``[rows, vocab]``."""
+  peak = jnp.max(logits, axis=-1, keepdims=True)
+  total = jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+  return (jnp.log(total) + peak - picked)[:, 0]
+
+
 def _softmax_minus_onehot(logits, targets):
   """``(nll, softmax - onehot)`` of float32 ``logits`` ``[rows, vocab]``."""
-  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  peak = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - peak)
   total = jnp.sum(e, axis=-1, keepdims=True)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)
@@ -64,16 +72,20 @@ def _chunks(x, chunk: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _rows_nll(h, kernel, targets, vocab_axis: int, chunk: int):
-  return _forward(h, kernel, targets, vocab_axis, chunk)[0]
+  return _forward(h, kernel, targets, vocab_axis, chunk, grad=False)[0]
 
 
-def _forward(h, kernel, targets, vocab_axis: int, chunk: int):
-  """``(nll [rows], dnll/dh [rows, hidden] float32)``, ``chunk`` rows of logits at a time."""
+def _forward(h, kernel, targets, vocab_axis: int, chunk: int, grad: bool = True):
+  """``(nll [rows], dnll/dh [rows, hidden] float32 or None)``, ``chunk`` rows of logits at a
+  time; ``grad=False`` (no differentiation, e.g. an evaluation) forms the losses only."""
   rows = h.shape[0]
 
   def one(args):
     hc, tc = args
-    nll, g = _softmax_minus_onehot(_logits(hc, kernel, vocab_axis), tc)
+    logits = _logits(hc, kernel, vocab_axis)
+    if not grad:
+      return _nll(logits, tc)
+    nll, g = _softmax_minus_onehot(logits, tc)
     # dL/dh = (softmax - onehot) @ kernel^T: the contraction runs over the vocabulary axis.
     dh = jax.lax.dot_general(
       g.astype(kernel.dtype), kernel, (((1,), (vocab_axis,)), ((), ())),
@@ -81,7 +93,10 @@ def _forward(h, kernel, targets, vocab_axis: int, chunk: int):
     )  # fmt: skip
     return nll, dh
 
-  nll, dh = jax.lax.map(one, (_chunks(h, chunk), _chunks(targets, chunk)))
+  out = jax.lax.map(one, (_chunks(h, chunk), _chunks(targets, chunk)))
+  if not grad:
+    return out.reshape(-1)[:rows], None
+  nll, dh = out
   return nll.reshape(-1)[:rows], dh.reshape(-1, h.shape[1])[:rows]
 
 
