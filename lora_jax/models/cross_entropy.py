@@ -45,20 +45,18 @@ def _logits(h, kernel, vocab_axis: int):
 
 
 def _nll(logits, targets):
-  """``-log softmax(logits)[target]`` of float32 ``logits`` ``[rows, vocab]``."""
-  peak = jnp.max(logits, axis=-1, keepdims=True)
-  total = jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)
-  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)
-  return (jnp.log(total) + peak - picked)[:, 0]
-
-
-def _softmax_minus_onehot(logits, targets):
-  """``(nll, softmax - onehot)`` of float32 ``logits`` ``[rows, vocab]``."""
+  """``(-log softmax(logits)[target], exp(logits - max), its row sums)`` of float32 ``logits``
+  ``[rows, vocab]``: the losses ``[rows]``, and what the softmax is formed from."""
   peak = jnp.max(logits, axis=-1, keepdims=True)
   e = jnp.exp(logits - peak)
   total = jnp.sum(e, axis=-1, keepdims=True)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)
-  nll = (jnp.log(total) + peak - picked)[:, 0]
+  return (jnp.log(total) + peak - picked)[:, 0], e, total
+
+
+def _softmax_minus_onehot(logits, targets):
+  """``(nll, softmax - onehot)`` of float32 ``logits`` ``[rows, vocab]``."""
+  nll, e, total = _nll(logits, targets)
   onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype)[None, :] == targets[:, None]
   return nll, e / total - onehot.astype(jnp.float32)
 
@@ -84,7 +82,7 @@ def _forward(h, kernel, targets, vocab_axis: int, chunk: int, grad: bool = True)
     hc, tc = args
     logits = _logits(hc, kernel, vocab_axis)
     if not grad:
-      return _nll(logits, tc)
+      return _nll(logits, tc)[0]
     nll, g = _softmax_minus_onehot(logits, tc)
     # dL/dh = (softmax - onehot) @ kernel^T: the contraction runs over the vocabulary axis.
     dh = jax.lax.dot_general(
