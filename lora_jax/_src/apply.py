@@ -15,7 +15,9 @@ Two strategies, both returning a function with the signature of the one wrapped:
   costs as much as full fine-tuning. LoRA dropout does not exist on this path.
 
 LoRA dropout (low-rank path only) is active when the call passes an rng for the
-``"lora_dropout"`` stream in ``rngs=`` and does not pass ``deterministic=True``.
+``"lora_dropout"`` stream in ``rngs=`` and does not pass ``deterministic=True``. Its masks take
+16 random bits an entry (the rate rounded to a multiple of ``2**-16``; see
+:mod:`lora_jax._src.dropout`).
 
 DoRA adapters (``use_dora``, ``nn.Dense``/``nn.DenseGeneral`` only) rescale the module's output
 per output unit by ``m / ||W + s A B||`` (the norm detached), as PEFT's ``DoraLinearLayer``; see
@@ -32,10 +34,10 @@ from collections.abc import Callable
 from collections.abc import Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lora_jax._src import dora
+from lora_jax._src import dropout
 from lora_jax._src import layouts
 from lora_jax._src import paths
 from lora_jax._src import quantize as quantization
@@ -56,8 +58,7 @@ _dropout_on: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_dropout
 def _dropout(x, rate: float, module: nn.Module):
   if rate == 0.0 or not _dropout_on.get():
     return x
-  keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  return dropout.apply(module.make_rng(DROPOUT_RNG), rate, x)
 
 
 def _input(args, kwargs, name: str):

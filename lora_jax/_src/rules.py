@@ -23,6 +23,8 @@ import numbers
 import re
 from collections.abc import Sequence
 
+from lora_jax._src import dropout as dropout_masks
+
 ALL_LINEAR = "all-linear"
 OUTPUT_HEADS = ("lm_head",)  # never matched by "all-linear", as in PEFT
 INITS = ("gaussian", "kaiming_uniform", "pissa", "pissa_niter_K", "olora")
@@ -121,6 +123,7 @@ class LoraRule:
       raise ValueError(f"LoraRule use_dora={self.use_dora!r} must be True or False")
     if not (_finite(self.dropout) and 0.0 <= self.dropout < 1.0):
       raise ValueError(f"LoraRule dropout={self.dropout!r} must be in [0, 1)")
+    dropout_masks.threshold(self.dropout)  # refuses a rate the masks' 2**-16 steps round to 0 or 1
     if not isinstance(self.init, str) or not (
       (self.init in INITS and self.init != "pissa_niter_K") or _PISSA_NITER.fullmatch(self.init)
     ):
