@@ -80,5 +80,6 @@ def test_decoder_with_chunked_attention_gives_the_same_logits():
 
 def test_unknown_implementation_lists_the_valid_ones():
   q, k, v, _ = _qkv(4)
-  with pytest.raises(ValueError, match="'flash'; valid: \\(None, 'xla', 'xla_chunked', 'cudnn'\\)"):
+  valid = "\\(None, 'xla', 'xla_chunked', 'cudnn', 'pallas', 'pallas_interpret'\\)"
+  with pytest.raises(ValueError, match=f"'flash'; valid: {valid}"):
     attention(q, k, v, None, implementation="flash")

@@ -5,20 +5,36 @@ from __future__ import annotations
 import functools
 import logging
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models.pallas_attention import causal_segment_attention
+
 logger = logging.getLogger(__name__)
 
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "xla_chunked", "cudnn")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
+# kernels that take segment ids and causality instead of a dense mask: decoders only
+SEGMENT_IMPLEMENTATIONS = ("pallas", "pallas_interpret")
 QUERY_CHUNK = 512  # queries per block of "xla_chunked"
+
+
+@flax.struct.dataclass
+class SegmentMask:
+  """A decoder's mask twice: ``dense`` ``[batch, 1, seq, keys]`` booleans, and the same mask as
+  ``segment_ids`` ``[batch, seq]`` (each query sees the keys at or before it with its id) for
+  kernels that take segment ids (:data:`SEGMENT_IMPLEMENTATIONS`); ``None`` where the dense
+  mask is not of that form."""
+
+  dense: jax.Array
+  segment_ids: jax.Array | None = None
 
 
 def attention(
   query: jax.Array,
   key: jax.Array,
   value: jax.Array,
-  mask: jax.Array | None,
+  mask: jax.Array | SegmentMask | None,
   implementation: str | None = None,
 ) -> jax.Array:
   """``jax.nn.dot_product_attention`` on ``[batch, seq, heads, head_dim]`` arrays.
@@ -30,11 +46,21 @@ def attention(
 
   ``"xla_chunked"``: XLA's attention :data:`QUERY_CHUNK` queries at a time, each block's
   scores recomputed in the backward pass (:func:`chunked_attention`).
+
+  ``"pallas"``: Pallas's fused Triton kernel from the mask's segment ids, causal, no dense mask
+  (GPU; :mod:`lora_jax.models.pallas_attention`); ``"pallas_interpret"`` runs that kernel
+  interpreted by JAX on any backend (slow: for tests). Both need a :class:`SegmentMask` with
+  segment ids.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(
       f"unknown attention implementation {implementation!r}; valid: {ATTENTION_IMPLEMENTATIONS}"
     )
+  segment_ids = None
+  if isinstance(mask, SegmentMask):
+    mask, segment_ids = mask.dense, mask.segment_ids
+  if implementation in SEGMENT_IMPLEMENTATIONS:
+    return _segment_attention(query, key, value, segment_ids, implementation)
   if implementation == "xla_chunked":
     return chunked_attention(query, key, value, mask)
   call = functools.partial(jax.nn.dot_product_attention, query, key, value, mask=mask)
@@ -46,6 +72,21 @@ def attention(
     except Exception as e:  # unsupported shape, dtype or cuDNN version: XLA computes the same.
       logger.warning("cuDNN attention unavailable (%s); using XLA attention", e)
   return call(implementation="xla")
+
+
+def _segment_attention(query, key, value, segment_ids, implementation: str) -> jax.Array:
+  if segment_ids is None:
+    raise ValueError(
+      f"attention implementation {implementation!r} needs the rows' segment ids (a decoder "
+      "call without a cache or sliding windows); this call has a dense mask only"
+    )
+  interpret = implementation == "pallas_interpret"
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(
+      f"attention implementation 'pallas' compiles a Triton kernel, which needs a GPU; the "
+      f"backend is {jax.default_backend()!r}: use 'xla', 'xla_chunked' or 'pallas_interpret'"
+    )
+  return causal_segment_attention(query, key, value, segment_ids, interpret=interpret)
 
 
 def chunked_attention(query, key, value, mask, chunk: int = QUERY_CHUNK) -> jax.Array:
@@ -84,11 +125,12 @@ def chunked_attention(query, key, value, mask, chunk: int = QUERY_CHUNK) -> jax.
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, *out.shape[3:])[:, :seq]
 
 
-def check_implementation(implementation: str | None) -> None:
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-      f"unknown attention_implementation {implementation!r}; valid: {ATTENTION_IMPLEMENTATIONS}"
-    )
+def check_implementation(implementation: str | None, decoder: bool = True) -> None:
+  """Refuses an unknown ``attention_implementation`` (and, for encoders, the decoder-only
+  :data:`SEGMENT_IMPLEMENTATIONS`) in one line naming the valid ones."""
+  valid = tuple(i for i in ATTENTION_IMPLEMENTATIONS if decoder or i not in SEGMENT_IMPLEMENTATIONS)
+  if implementation not in valid:
+    raise ValueError(f"unknown attention_implementation {implementation!r}; valid: {valid}")
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -438,7 +438,7 @@ def auto_model(
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-  check_implementation(attention_implementation)
+  check_implementation(attention_implementation, decoder=False)
   cfg = config if isinstance(config, EncoderConfig) else EncoderConfig.from_hf(config)
   return Bert(
     cfg,

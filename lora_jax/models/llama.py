@@ -44,6 +44,8 @@ from flax import linen as nn
 from lora_jax.models import rope as rope_lib
 from lora_jax.models.activations import ACTIVATIONS
 from lora_jax.models.activations import activation
+from lora_jax.models.attention import SEGMENT_IMPLEMENTATIONS
+from lora_jax.models.attention import SegmentMask
 from lora_jax.models.attention import attention
 from lora_jax.models.attention import check_implementation
 from lora_jax.models.attention import same_segment
@@ -241,7 +243,10 @@ class Attention(_Base):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
       kv = (k, v)
-    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.attention_implementation)
+    implementation = self.attention_implementation
+    if kv is not None and implementation in SEGMENT_IMPLEMENTATIONS:
+      implementation = "xla"  # cached decoding: queries against cache slots, no segment ids
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation)
     return self.dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(batch, seq, -1)), kv
 
 
@@ -271,7 +276,7 @@ class DecoderLayer(_Base):
   @nn.compact
   def __call__(self, x, cos, sin, mask, distance, window, kv, cache_index):
     if window is not None:
-      mask = mask & (distance < window)
+      mask = SegmentMask(mask.dense & (distance < window))
     attn = Attention(
       self.config,
       self.dtype,
@@ -310,6 +315,17 @@ class _LayerList(_Base):
         ks.append(kv[0])
         vs.append(kv[1])
     return x, (KVCache(jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+
+
+def _segments(segment_ids, attention_mask, shape: tuple[int, int]) -> jax.Array:
+  """Segment ids that say what a decoder's uncached mask says (each token sees the tokens at or
+  before it with its id): packed rows' own; padded rows' ``attention_mask`` (1: real, 0:
+  padding); otherwise one segment."""
+  if segment_ids is not None:
+    return jnp.asarray(segment_ids, jnp.int32)
+  if attention_mask is not None:
+    return jnp.asarray(attention_mask).astype(jnp.int32)
+  return jnp.zeros(shape, jnp.int32)
 
 
 def _scanned_layers(config: DecoderConfig, remat: bool):
@@ -416,7 +432,10 @@ class Decoder(_Base):
     scan_layers: run the layers under ``nn.scan`` with stacked parameters.
     remat: rematerialise each layer in the backward pass.
     attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``,
-      ``"xla_chunked"`` (XLA's, a block of queries at a time) or ``"cudnn"``.
+      ``"xla_chunked"`` (XLA's, a block of queries at a time), ``"cudnn"``, ``"pallas"``
+      (Pallas's fused Triton kernel from segment ids: packed and padded rows without a dense
+      mask; GPU; calls with a cache use XLA's attention; no sliding windows) or
+      ``"pallas_interpret"`` (that kernel interpreted by JAX, any backend, slow: for tests).
   """
 
   task: str = "causal-lm"
@@ -427,6 +446,13 @@ class Decoder(_Base):
   def setup(self):
     if self.task not in TASKS:
       raise ValueError(f"unknown task {self.task!r}; valid: {', '.join(TASKS)}")
+    windows = [w for w in self.config.sliding_windows if w is not None]
+    if self.attention_implementation in SEGMENT_IMPLEMENTATIONS and windows:
+      raise ValueError(
+        f"attention_implementation={self.attention_implementation!r} has no sliding windows "
+        f"(this config's: {sorted(set(windows))}); valid for it: None, 'xla', 'xla_chunked', "
+        "'cudnn'"
+      )
     self.model = DecoderModel(
       self.config,
       self.dtype,
@@ -476,6 +502,8 @@ class Decoder(_Base):
       mask = mask & valid[:, None, None, :]
     if segment_ids is not None:
       mask = mask & same_segment(segment_ids)
+    segments = None if cache is not None else _segments(segment_ids, attention_mask, (batch, seq))
+    mask = SegmentMask(mask, segments)
     if position_ids is None:
       if segment_ids is not None:
         position_ids = segment_positions(jnp.asarray(segment_ids))

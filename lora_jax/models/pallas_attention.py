@@ -1,0 +1,93 @@
+"""Causal attention within packed sequences by Pallas's fused kernel, from segment ids.
+
+XLA's attention takes a dense ``[batch, 1, seq, keys]`` boolean mask and forms float32
+``[batch, heads, seq, keys]`` scores. Pallas's flash-attention kernel for GPUs
+(``jax.experimental.pallas.ops.gpu.attention.mha``, Triton) takes the rows' segment ids and a
+causal flag instead and never forms the scores whole, forward or backward: packed rows keep
+their sequences apart without a dense mask. On other backends it runs only interpreted by JAX
+(``interpret=True``: the same kernel code, slowly; what the CPU tests run).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> q = jax.random.normal(jax.random.key(0), (1, 40, 2, 16))
+  >>> seg = jnp.array([[1] * 25 + [2] * 15])  # two sequences packed in one row
+  >>> out = causal_segment_attention(q, q, q, seg, interpret=True)
+  >>> alone = causal_segment_attention(q[:, 25:], q[:, 25:], q[:, 25:], seg[:, 25:], interpret=True)
+  >>> bool(jnp.allclose(out[:, 25:], alone, atol=1e-5))  # the second sequence sees only itself
+  True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BLOCK = 128  # query and key block of the forward kernel (Pallas's default)
+BACKWARD_BLOCK = 32  # blocks of the backward kernels (Pallas's defaults)
+
+
+def _padded_length(seq: int) -> int:
+  """The kernel needs the length to be a multiple of each block it uses (``min(block, seq)``)."""
+  multiple = BLOCK if seq > BLOCK else BACKWARD_BLOCK
+  return -(-seq // multiple) * multiple
+
+
+def causal_segment_attention(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  segment_ids: jax.Array,
+  *,
+  interpret: bool = False,
+) -> jax.Array:
+  """``softmax(q k^T / sqrt(head_dim)) v`` where each query sees the keys at or before its own
+  position with its segment id.
+
+  Args:
+    query: ``[batch, seq, heads, head_dim]``.
+    key, value: ``[batch, seq, kv_heads, head_dim]`` (grouped-query attention: ``heads`` a
+      multiple of ``kv_heads``; each key/value head is repeated for its group).
+    segment_ids: ``[batch, seq]`` integers: the sequence each token belongs to (padding
+      included: a padding token sees only padding, so it gets no real token's attention).
+    interpret: run the kernel interpreted by JAX (any backend) instead of compiled by Triton
+      (GPU only).
+
+  The length is padded up to a multiple of the kernel's blocks (32 up to 128 tokens, then 128)
+  with segment id ``-1``, which no real token has; the padding's outputs are dropped.
+  """
+  from jax.experimental.pallas.ops.gpu import attention as pallas_mha  # needs jax[...] only
+
+  batch, seq, heads, dim = query.shape
+  kv_heads = key.shape[2]
+  if key.shape[1] != seq or value.shape[:3] != key.shape[:3] or heads % kv_heads:
+    raise ValueError(
+      f"causal_segment_attention: query {query.shape}, key {key.shape} and value {value.shape} "
+      "need one length and heads a multiple of kv_heads"
+    )
+  if kv_heads != heads:
+    key = jnp.repeat(key, heads // kv_heads, axis=2)
+    value = jnp.repeat(value, heads // kv_heads, axis=2)
+  pad = _padded_length(seq) - seq
+  segment_ids = jnp.asarray(segment_ids, jnp.int32)
+  if pad:
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    query, key, value = (jnp.pad(x, widths) for x in (query, key, value))
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+  out = pallas_mha.mha(
+    query,
+    key,
+    value,
+    segment_ids,
+    sm_scale=dim**-0.5,
+    causal=True,
+    block_sizes=pallas_mha.BlockSizes(
+      block_q=BLOCK,
+      block_k=BLOCK,
+      block_q_dkv=BACKWARD_BLOCK,
+      block_kv_dkv=BACKWARD_BLOCK,
+      block_q_dq=BACKWARD_BLOCK,
+      block_kv_dq=BACKWARD_BLOCK,
+    ),
+    interpret=interpret,
+  )
+  return out[:, :seq]

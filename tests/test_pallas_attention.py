@@ -1,0 +1,127 @@
+"""attention_implementation="pallas": Pallas's fused causal kernel from segment ids, checked
+against XLA's attention with the dense mask. On CPU the kernel runs interpreted by JAX
+("pallas_interpret": the same kernel code); on a GPU the compiled Triton kernel is checked too."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from lora_jax.models import auto_model
+from lora_jax.models import generate
+from lora_jax.models.attention import attention
+from lora_jax.models.attention import check_implementation
+from lora_jax.models.pallas_attention import causal_segment_attention
+
+ON_GPU = jax.default_backend() == "gpu"
+MODES = [True, False] if ON_GPU else [True]  # interpret, and compiled where Triton exists
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def _reference(q, k, v, segment_ids):
+  seq = q.shape[1]
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=(causal & same)[:, None])
+
+
+def _inputs(seq, heads, kv_heads, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (2, seq, heads, 16), dtype)
+  k = jax.random.normal(keys[1], (2, seq, kv_heads, 16), dtype)
+  v = jax.random.normal(keys[2], (2, seq, kv_heads, 16), dtype)
+  cut = seq // 3
+  row0 = [1] * cut + [2] * (seq - cut - 5) + [0] * 5  # two sequences, then padding
+  row1 = [1] * seq  # one sequence
+  return q, k, v, jnp.array([row0, row1], jnp.int32)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("seq", [40, 160])  # padded to 64 and to 256 (past one 128-query block)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, interpret):
+  q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
+  kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+  got = causal_segment_attention(q, k, v, seg, interpret=interpret)
+  want = _reference(q, kr, vr, seg)
+  tol = TOL[dtype]
+  np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol)
+  cot = jax.random.normal(jax.random.key(9), got.shape, jnp.float32)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+  def fused(q, k, v):
+    return causal_segment_attention(q, k, v, seg, interpret=interpret)
+
+  def dense(q, k, v):
+    return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg)
+
+  grads = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref, strict=True):
+    r = np.float32(r)
+    np.testing.assert_allclose(np.float32(g), r, atol=tol * np.abs(r).max(), err_msg=name)
+
+
+def _config(**kw):
+  return transformers.LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, **kw,
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
+def test_decoder_logits_equal_xla_packed_and_padded(scan):
+  cfg = _config()
+  ids = jax.random.randint(jax.random.key(1), (2, 40), 0, 64)
+  xla = auto_model(cfg, attention_implementation="xla", scan_layers=scan)
+  fused = auto_model(cfg, attention_implementation="pallas_interpret", scan_layers=scan)
+  variables = xla.init(jax.random.key(0), ids[:, :4])
+  segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 40])
+  real = np.asarray(segments) > 0
+  got = fused.apply(variables, ids, segment_ids=segments)
+  want = xla.apply(variables, ids, segment_ids=segments)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+  # padded rows (right and left): the attention mask as segment ids
+  mask = jnp.array([[1] * 33 + [0] * 7, [0] * 6 + [1] * 34])
+  real = np.asarray(mask) > 0
+  got = fused.apply(variables, ids, attention_mask=mask)
+  want = xla.apply(variables, ids, attention_mask=mask)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+
+
+def test_generation_with_a_cache_gives_xla_tokens():
+  cfg = _config()
+  xla = auto_model(cfg, attention_implementation="xla")
+  fused = auto_model(cfg, attention_implementation="pallas_interpret")
+  variables = xla.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  prompts = [[3, 5, 7, 9, 11], [2, 4]]
+  want = generate(xla, variables, prompts, max_new_tokens=4)
+  assert generate(fused, variables, prompts, max_new_tokens=4) == want
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the refusal off GPUs")
+def test_compiled_kernel_off_a_gpu_is_refused_in_one_line():
+  q, k, v, seg = _inputs(40, 4, 2, jnp.float32)
+  model = auto_model(_config(), attention_implementation="pallas")
+  with pytest.raises(ValueError, match="needs a GPU; the backend is 'cpu': use 'xla'"):
+    model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+
+
+def test_dense_mask_only_and_sliding_windows_and_encoders_are_refused():
+  q, k, v, _ = _inputs(40, 4, 2, jnp.float32)
+  with pytest.raises(ValueError, match="needs the rows' segment ids"):
+    attention(q, k, v, None, implementation="pallas_interpret")
+  mistral = transformers.MistralConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+  )  # fmt: skip
+  model = auto_model(mistral, attention_implementation="pallas_interpret")
+  with pytest.raises(ValueError, match=r"has no sliding windows \(this config's: \[8\]\)"):
+    model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match="unknown attention_implementation 'pallas'; valid: "):
+    check_implementation("pallas", decoder=False)
