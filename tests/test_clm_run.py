@@ -263,3 +263,17 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_loss(tmp_pa
   # nothing of the frozen base is written: checkpoints and adapter are a fraction of it
   written = sum(f.stat().st_size for f in (tmp_path / "resumed").rglob("*") if f.is_file())
   assert written < (base / "model.safetensors").stat().st_size / 4
+
+
+def test_pallas_attention_trains_as_xla_on_packed_rows(tmp_path):
+  """The quickstart's packed batches through Pallas's kernel (interpreted on CPU): the segment
+  ids reach it from the batches, and the losses are XLA's."""
+  losses = {}
+  for impl in ("xla", "pallas_interpret"):
+    out = tmp_path / impl
+    flags = ["--attn_implementation", impl, "--max_steps", "3", "--logging_steps", "1",
+             "--eval_steps", "0", "--generation_prompts_file", ""]  # fmt: skip
+    clm_train.train_and_evaluate(_args(out, *flags))
+    losses[impl] = [r["loss"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+  assert len(losses["xla"]) == 3
+  np.testing.assert_allclose(losses["pallas_interpret"], losses["xla"], rtol=1e-5)

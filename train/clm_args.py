@@ -44,7 +44,9 @@ def build_parser() -> flags.OneLineParser:
     default="auto",
     choices=ATTENTION,
     help="auto: cuDNN's fused kernel on GPU for bf16/fp16, else XLA's; xla_chunked: XLA's, "
-    "512 queries at a time (long sequences without whole [seq, seq] scores)",
+    "512 queries at a time (long sequences without whole [seq, seq] scores); pallas (GPU): "
+    "Pallas's fused kernel from segment ids (packed rows without a dense mask); "
+    "pallas_interpret: that kernel interpreted by JAX on any backend (slow: for tests)",
   )
   g = p.add_argument_group("data")
   flags.mark_path(
