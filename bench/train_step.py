@@ -36,7 +36,7 @@ from bench import schedule  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "pallas")  # pallas: decoders on a GPU
 PEFT_IMPLS = ("eager", "compile")
 HIDDEN_ACTS = ("gelu", "gelu_new", "relu")
 PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
