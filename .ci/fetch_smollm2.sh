@@ -70,8 +70,14 @@ chat = [{"role": "user", "content": "What is the capital of France?"}]
 inputs = re_tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 check(torch.equal(inputs["input_ids"], tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
                                                                return_dict=True)["input_ids"]), "tokenizer changed on save")
+re_sd = re_model.state_dict()
+check(all(torch.equal(re_sd[k], v) for k, v in sd.items()), "reloaded weights differ from the GGUF model's")
 with torch.no_grad():
-    check(torch.equal(re_model(**inputs).logits, model(**inputs).logits), "reloaded logits differ from the GGUF model's")
+    # not bit for bit: PyTorch's CPU matmul can round differently for differently aligned copies
+    # of the same weights (1 run in 4 on an AMX Xeon); the weights above are compared exactly
+    got, want = re_model(**inputs).logits, model(**inputs).logits
+    diff = float((got - want).abs().max())
+    check(diff <= 1e-4 * float(want.abs().max()), f"reloaded logits differ from the GGUF model's by {diff}")
     ids = re_model.generate(**inputs, do_sample=False, max_new_tokens=20)
 answer = re_tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 check("Paris" in answer, f"greedy answer lacks 'Paris': {answer!r}")
