@@ -44,7 +44,7 @@ def test_other_keys_give_other_masks_and_one_key_the_same():
   assert (np.asarray(k) != np.asarray(other)).mean() > 0.3
 
 
-@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 6)])
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 6), (0, 3), (3, 0)])
 def test_any_shape(shape):
   keep = dropout.keep_mask(jax.random.key(4), 0.5, shape)
   assert keep.shape == shape and keep.dtype == jnp.bool_
@@ -98,7 +98,11 @@ def test_rates_the_masks_cannot_express_are_refused(rate):
     lora_jax.LoraRule(".*", rank=2, dropout=rate)
 
 
-def test_smallest_and_largest_expressible_rates_are_accepted():
-  assert dropout.threshold(1 / dropout.LEVELS) == 1
-  assert dropout.threshold(1 - 1 / dropout.LEVELS) == dropout.LEVELS - 1
-  lora_jax.LoraRule(".*", rank=2, dropout=2e-5)
+def test_rates_just_inside_the_stated_bounds_are_accepted():
+  half_step = 0.5 / dropout.LEVELS  # 2**-17: the message's bounds
+  assert dropout.threshold(half_step * 1.01) == 1
+  assert dropout.threshold(1 - half_step * 1.01) == dropout.LEVELS - 1
+  for rate in (half_step, 1 - half_step):
+    with pytest.raises(ValueError, match=r"above 2\*\*-17 \(7.63e-06\) and below 1 - 2\*\*-17"):
+      dropout.threshold(rate)
+  lora_jax.LoraRule(".*", rank=2, dropout=1e-5)

@@ -2,11 +2,12 @@
 
 ``jax.random.bernoulli`` draws a float32 uniform per entry, and with JAX's default
 (partitionable) threefry each 32-bit word costs a whole threefry2x32 block. LoRA dropout masks
-the input of every adapted layer, so on CPU that random-number work was a fifth of an
-all-linear SmolLM2 step (``bench/NOTES.md`` entry 27). Here each 32-bit word gives two entries
-their 16 bits: half the work, for any key implementation. The rate is rounded to a multiple of
-``2**-16`` (``0.05`` becomes ``3277 / 65536``, off by less than ``8e-6``) and the kept entries are
-divided by the rounded keep probability, so the expected output is the input exactly.
+the input of every adapted layer, so on CPU dropout 0.05 made an all-linear SmolLM2 step 26%
+slower (``bench/NOTES.md`` entry 27; 18% with these masks). Here each 32-bit word gives two
+entries their 16 bits: half the work, for any key implementation. The rate is rounded to a
+multiple of ``2**-16`` (``0.05`` becomes ``3277 / 65536``, off by less than ``8e-6``) and the kept
+entries are divided by the rounded keep probability, so the expected output is the input
+exactly.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -34,14 +35,14 @@ def threshold(rate: float) -> int:
   """``round(rate * 2**16)``: the number of the 65536 values of 16 bits that drop an entry.
 
   Raises ``ValueError`` for a rate outside ``[0, 1)`` or one that rounds to never or always
-  dropping (below about ``7.6e-6`` or above ``1 - 7.6e-6``)."""
+  dropping (from 0 to ``2**-17``, about ``7.6e-6``, or from ``1 - 2**-17``)."""
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"LoRA dropout rate {rate!r} must be in [0, 1)")
   t = round(rate * LEVELS)
   if rate > 0.0 and not 0 < t < LEVELS:
     raise ValueError(
       f"LoRA dropout rate {rate!r} rounds to {t / LEVELS} at the masks' resolution of 2**-16: "
-      f"use 0 or a rate in [{1 / LEVELS:.3g}, {1 - 1 / LEVELS:.6g}]"
+      f"use 0 or a rate above 2**-17 ({0.5 / LEVELS:.3g}) and below 1 - 2**-17"
     )
   return t
 
@@ -54,7 +55,7 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
   *lead, last = shape if shape else (1,)
   words = jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32)
   halves = lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(last / 2), 2]
-  halves = halves.reshape(*lead, -1)[..., :last].reshape(shape)
+  halves = halves.reshape(*lead, 2 * words.shape[-1])[..., :last].reshape(shape)
   return halves >= jnp.uint16(t)
 
 

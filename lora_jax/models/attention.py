@@ -129,6 +129,11 @@ def check_implementation(implementation: str | None, decoder: bool = True) -> No
   """Refuses an unknown ``attention_implementation`` (and, for encoders, the decoder-only
   :data:`SEGMENT_IMPLEMENTATIONS`) in one line naming the valid ones."""
   valid = tuple(i for i in ATTENTION_IMPLEMENTATIONS if decoder or i not in SEGMENT_IMPLEMENTATIONS)
+  if implementation in SEGMENT_IMPLEMENTATIONS and not decoder:
+    raise ValueError(
+      f"attention_implementation {implementation!r} is for decoders only; valid for encoders: "
+      f"{valid}"
+    )
   if implementation not in valid:
     raise ValueError(f"unknown attention_implementation {implementation!r}; valid: {valid}")
 

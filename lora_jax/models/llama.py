@@ -275,8 +275,10 @@ class DecoderLayer(_Base):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, distance, window, kv, cache_index):
-    if window is not None:
-      mask = SegmentMask(mask.dense & (distance < window))
+    if window is not None:  # no segment-id form: only kernels that take a dense mask
+      mask = SegmentMask(
+        (mask.dense if isinstance(mask, SegmentMask) else mask) & (distance < window)
+      )
     attn = Attention(
       self.config,
       self.dtype,
@@ -318,14 +320,16 @@ class _LayerList(_Base):
 
 
 def _segments(segment_ids, attention_mask, shape: tuple[int, int]) -> jax.Array:
-  """Segment ids that say what a decoder's uncached mask says (each token sees the tokens at or
-  before it with its id): packed rows' own; padded rows' ``attention_mask`` (1: real, 0:
-  padding); otherwise one segment."""
+  """Segment ids that say, for every real token, what a decoder's uncached dense mask says (each
+  token sees the tokens at or before it with its id): one segment, or the packed rows' ids, with
+  ``0`` wherever the dense mask hides a key (ids not above 0, ``attention_mask`` 0)."""
+  seg = jnp.ones(shape, jnp.int32)
   if segment_ids is not None:
-    return jnp.asarray(segment_ids, jnp.int32)
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    seg = jnp.where(seg > 0, seg, 0)
   if attention_mask is not None:
-    return jnp.asarray(attention_mask).astype(jnp.int32)
-  return jnp.zeros(shape, jnp.int32)
+    seg = jnp.where(jnp.asarray(attention_mask).astype(bool), seg, 0)
+  return seg
 
 
 def _scanned_layers(config: DecoderConfig, remat: bool):

@@ -26,10 +26,13 @@ BLOCK = 128  # query and key block of the forward kernel (Pallas's default)
 BACKWARD_BLOCK = 32  # blocks of the backward kernels (Pallas's defaults)
 
 
-def _padded_length(seq: int) -> int:
-  """The kernel needs the length to be a multiple of each block it uses (``min(block, seq)``)."""
-  multiple = BLOCK if seq > BLOCK else BACKWARD_BLOCK
-  return -(-seq // multiple) * multiple
+def padded_length(seq: int) -> int:
+  """The length the kernel runs at: a multiple of each block it uses (``min(block, length)``),
+  and Triton's blocks are powers of two. Up to :data:`BLOCK` tokens the next power of two (at
+  least :data:`BACKWARD_BLOCK`), beyond it the next multiple of :data:`BLOCK`."""
+  if seq > BLOCK:
+    return -(-seq // BLOCK) * BLOCK
+  return max(BACKWARD_BLOCK, 1 << (seq - 1).bit_length())
 
 
 def causal_segment_attention(
@@ -52,8 +55,9 @@ def causal_segment_attention(
     interpret: run the kernel interpreted by JAX (any backend) instead of compiled by Triton
       (GPU only).
 
-  The length is padded up to a multiple of the kernel's blocks (32 up to 128 tokens, then 128)
-  with segment id ``-1``, which no real token has; the padding's outputs are dropped.
+  The length is padded up to :func:`padded_length` with segment id ``-1``, after every real
+  token (so causality hides it); the padding's outputs are dropped. Compiled on a GPU, float32
+  inputs are multiplied in TF32 (Pallas's default precision for Triton), as cuDNN does.
   """
   from jax.experimental.pallas.ops.gpu import attention as pallas_mha  # needs jax[...] only
 
@@ -67,7 +71,7 @@ def causal_segment_attention(
   if kv_heads != heads:
     key = jnp.repeat(key, heads // kv_heads, axis=2)
     value = jnp.repeat(value, heads // kv_heads, axis=2)
-  pad = _padded_length(seq) - seq
+  pad = padded_length(seq) - seq
   segment_ids = jnp.asarray(segment_ids, jnp.int32)
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
