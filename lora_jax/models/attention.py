@@ -16,6 +16,10 @@ logger = logging.getLogger(__name__)
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
 # kernels that take segment ids and causality instead of a dense mask: decoders only
 SEGMENT_IMPLEMENTATIONS = ("pallas", "pallas_interpret")
+# the rest take the dense mask: encoders, sliding windows
+DENSE_MASK_IMPLEMENTATIONS = tuple(
+  i for i in ATTENTION_IMPLEMENTATIONS if i not in SEGMENT_IMPLEMENTATIONS
+)
 QUERY_CHUNK = 512  # queries per block of "xla_chunked"
 
 
@@ -52,10 +56,7 @@ def attention(
   interpreted by JAX on any backend (slow: for tests). Both need a :class:`SegmentMask` with
   segment ids.
   """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-      f"unknown attention implementation {implementation!r}; valid: {ATTENTION_IMPLEMENTATIONS}"
-    )
+  check_implementation(implementation)
   segment_ids = None
   if isinstance(mask, SegmentMask):
     mask, segment_ids = mask.dense, mask.segment_ids
@@ -128,7 +129,7 @@ def chunked_attention(query, key, value, mask, chunk: int = QUERY_CHUNK) -> jax.
 def check_implementation(implementation: str | None, decoder: bool = True) -> None:
   """Refuses an unknown ``attention_implementation`` (and, for encoders, the decoder-only
   :data:`SEGMENT_IMPLEMENTATIONS`) in one line naming the valid ones."""
-  valid = tuple(i for i in ATTENTION_IMPLEMENTATIONS if decoder or i not in SEGMENT_IMPLEMENTATIONS)
+  valid = ATTENTION_IMPLEMENTATIONS if decoder else DENSE_MASK_IMPLEMENTATIONS
   if implementation in SEGMENT_IMPLEMENTATIONS and not decoder:
     raise ValueError(
       f"attention_implementation {implementation!r} is for decoders only; valid for encoders: "

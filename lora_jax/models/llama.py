@@ -44,6 +44,7 @@ from flax import linen as nn
 from lora_jax.models import rope as rope_lib
 from lora_jax.models.activations import ACTIVATIONS
 from lora_jax.models.activations import activation
+from lora_jax.models.attention import DENSE_MASK_IMPLEMENTATIONS
 from lora_jax.models.attention import SEGMENT_IMPLEMENTATIONS
 from lora_jax.models.attention import SegmentMask
 from lora_jax.models.attention import attention
@@ -454,8 +455,7 @@ class Decoder(_Base):
     if self.attention_implementation in SEGMENT_IMPLEMENTATIONS and windows:
       raise ValueError(
         f"attention_implementation={self.attention_implementation!r} has no sliding windows "
-        f"(this config's: {sorted(set(windows))}); valid for it: None, 'xla', 'xla_chunked', "
-        "'cudnn'"
+        f"(this config's: {sorted(set(windows))}); valid for it: {DENSE_MASK_IMPLEMENTATIONS}"
       )
     self.model = DecoderModel(
       self.config,

@@ -85,7 +85,8 @@ def auto_model(
     remat: rematerialise each layer in the backward pass.
     scan_layers: decoders only: run the layers under ``nn.scan`` with stacked parameters (one
       layer compiled, whatever the depth).
-    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``.
+    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
+      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.attention``).
 
   Raises:
     ValueError: unsupported ``model_type``, task or setting (named, with the valid ones).
@@ -494,7 +495,8 @@ def from_config(
     rng: key or seed of the initialisation.
     remat: rematerialise each layer.
     scan_layers: decoders: stacked layers under ``nn.scan``.
-    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``.
+    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
+      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.attention``).
     quantize: a :class:`lora_jax.Quantization`: the kernels it selects are quantized after
       initialisation, as :func:`from_pretrained` does while reading.
 
@@ -568,7 +570,8 @@ def from_pretrained(
     rng: key or seed for encoder heads the checkpoint lacks.
     remat: rematerialise each layer.
     scan_layers: decoders: stacked layers under ``nn.scan`` (read from per-layer tensors).
-    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``.
+    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
+      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.attention``).
     sharding: where parameters go: a ``jax.sharding.Sharding`` for all, or a function of the
       ``"params/a/b/c"`` path and shape; each device reads only its slice from disk.
     quantize: a :class:`lora_jax.Quantization` (QLoRA's frozen base, e.g.
