@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` and ``lora_jax`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench import configs  # noqa: E402
-from lora_jax.models.attention import QUERY_CHUNK  # noqa: E402
+from lora_jax.models.layers.attention import QUERY_CHUNK  # noqa: E402
 
 GIB = 1024**3
 REPO = pathlib.Path(__file__).resolve().parent.parent

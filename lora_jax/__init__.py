@@ -26,19 +26,18 @@ from lora_jax._src.optimizer import lora_optimizer
 from lora_jax._src.partition import combine
 from lora_jax._src.partition import partition
 from lora_jax._src.partition import trainable_mask
-from lora_jax._src.peft_format import export_peft
-from lora_jax._src.peft_format import import_peft
-from lora_jax._src.quantize import Quantization
-from lora_jax._src.quantize import QuantizedArray
-from lora_jax._src.quantize import dequantize
-from lora_jax._src.quantize import quantize
 from lora_jax._src.report import param_report
 from lora_jax._src.rules import LoraRule
 from lora_jax._src.spec import LoraSpec
 from lora_jax._src.stacking import stack_layers
 from lora_jax._src.stacking import unstack_layers
-
-__version__ = "0.1.0"
+from lora_jax._src.version import __version__ as __version__
+from lora_jax.peft import export_peft
+from lora_jax.peft import import_peft
+from lora_jax.quant import Quantization
+from lora_jax.quant import QuantizedArray
+from lora_jax.quant import dequantize
+from lora_jax.quant import quantize
 
 __all__ = (
   "KernelLayout",

@@ -28,7 +28,7 @@ _LLAMA3 = {
   "high_freq_factor": 4.0,
   "original_max_position_embeddings": 16,
 }
-# One config per family difference the decoder implements (see lora_jax.models.llama).
+# One config per family difference the decoder implements (see lora_jax.models.decoder.llama).
 FAMILIES: dict[str, tuple[str, dict]] = {
   "llama-gqa-untied": ("llama", dict(tie_word_embeddings=False)),
   "llama-tied-bias-llama3": (

@@ -9,10 +9,10 @@ import pytest
 import transformers
 
 from lora_jax.models import auto_model
-from lora_jax.models.attention import QUERY_CHUNK
-from lora_jax.models.attention import attention
-from lora_jax.models.attention import chunked_attention
-from lora_jax.models.attention import same_segment
+from lora_jax.models.layers.attention import QUERY_CHUNK
+from lora_jax.models.layers.attention import attention
+from lora_jax.models.layers.attention import chunked_attention
+from lora_jax.models.layers.attention import same_segment
 
 
 def _qkv(seq: int, batch=2, heads=4, kv_heads=2, dim=8):

@@ -12,7 +12,7 @@ import transformers
 import lora_jax
 from lora_jax.models import auto_model
 from lora_jax.models import fused_cross_entropy
-from lora_jax.models import llama
+from lora_jax.models.decoder import llama
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 

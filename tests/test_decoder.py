@@ -25,7 +25,7 @@ import lora_jax
 from lora_jax.models import DecoderConfig
 from lora_jax.models import auto_model
 from lora_jax.models import from_pretrained
-from lora_jax.models import rope
+from lora_jax.models.layers import rope
 
 torch = pytest.importorskip("torch")
 
@@ -303,7 +303,7 @@ def test_loading_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
   """Each checkpoint tensor is read from disk while the device array it belongs to is built,
   and building that array costs the host no more than its own bytes: the checkpoint is never
   read whole first, nor held twice (per-layer copies of a stacked leaf included)."""
-  from lora_jax.models import files
+  from lora_jax.models.hf import checkpoint as files
 
   cfg = transformers.LlamaConfig(
     vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=4,

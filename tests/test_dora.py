@@ -544,7 +544,7 @@ def test_peft_dora_adapter_imports_to_the_same_logits_and_gradients(bert, tmp_pa
 
   # and back: the very tensors PEFT wrote
   lora_jax.export_peft(tmp_path / "again", params, base_model_name_or_path="x", config=config)
-  from lora_jax._src.peft_format import read_safetensors
+  from lora_jax._src.files import read_safetensors
 
   theirs = read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")
   mine = read_safetensors(tmp_path / "again" / "adapter_model.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,7 @@ import lora_jax
 from lora_jax.models import KVCache
 from lora_jax.models import from_pretrained
 from lora_jax.models import generate
-from lora_jax.models.generate import TRACES
-from lora_jax.models.generate import decode_step
+from lora_jax.models.decoder.generate import decode_step
 
 torch = pytest.importorskip("torch")
 PROMPTS = [[5, 9, 22, 7, 31], [3, 44], [8, 1, 2, 3, 4, 5, 6, 7, 9, 10]]
@@ -84,15 +84,24 @@ def test_cached_decoding_gives_the_full_forward_logits(ckpt):
       np.testing.assert_allclose(logits[i], full[i, n + t], atol=1e-5, rtol=1e-5)
 
 
-def test_prompts_in_one_bucket_share_one_program(ckpt):
+def _max_traces(monkeypatch, n: int) -> None:
+  """From here on, tracing the generation program more than ``n`` times fails (chex)."""
+  from lora_jax.models.decoder import generate as generation
+
+  fn = chex.assert_max_traces(generation._generate.__wrapped__, n=n)
+  jitted = jax.jit(fn, static_argnames=("module", "max_new_tokens"))
+  monkeypatch.setattr(generation, "_generate", jitted)
+
+
+def test_prompts_in_one_bucket_share_one_program(ckpt, monkeypatch):
   module, variables = from_pretrained(ckpt.folder, scan_layers=True)
+  _max_traces(monkeypatch, n=2)  # bucket 8 once, bucket 16 once
   generate(module, variables, [[1, 2, 3], [4, 5]], max_new_tokens=5)
-  before = TRACES["generate"]
   for prompts in ([[7, 8, 9, 10, 11, 12], [13]], [[14, 15], [16, 17, 18, 19, 20, 21, 22]]):
-    generate(module, variables, prompts, max_new_tokens=5)
-  assert TRACES["generate"] == before  # same batch, bucket (8) and settings: no new trace
+    generate(module, variables, prompts, max_new_tokens=5)  # same batch, bucket and settings
   generate(module, variables, [[1] * 9, [2]], max_new_tokens=5)  # bucket 16
-  assert TRACES["generate"] == before + 1
+  with pytest.raises(AssertionError, match="traced > 2 times"):
+    generate(module, variables, [[1] * 17, [2]], max_new_tokens=5)  # bucket 32: a third trace
 
 
 def test_generation_ends_at_the_first_eos(ckpt):
@@ -108,12 +117,12 @@ def test_generation_ends_at_the_first_eos(ckpt):
   assert ended[0] == theirs[0]
 
 
-def test_sampling_settings(ckpt):
+def test_sampling_settings(ckpt, monkeypatch):
   module, variables = from_pretrained(ckpt.folder, scan_layers=True)
+  _max_traces(monkeypatch, n=2)  # greedy once, and one program for every sampling setting
   greedy = generate(module, variables, PROMPTS, max_new_tokens=6)
   key = jax.random.key(7)
   kw = dict(max_new_tokens=6, rng=key)
-  before = TRACES["generate"]
   assert generate(module, variables, PROMPTS, temperature=1.0, top_k=1, **kw) == greedy
   assert generate(module, variables, PROMPTS, temperature=1.0, top_p=1e-6, **kw) == greedy
   hot = generate(module, variables, PROMPTS, temperature=5.0, **kw)
@@ -121,11 +130,10 @@ def test_sampling_settings(ckpt):
   assert hot != greedy
   assert hot != generate(module, variables, PROMPTS, temperature=5.0, max_new_tokens=6,
                          rng=jax.random.key(8))  # fmt: skip
-  assert TRACES["generate"] == before + 1  # one program for every sampling setting
 
 
 def test_sample_token_keeps_only_top_k_and_top_p():
-  from lora_jax.models.generate import sample_token
+  from lora_jax.models.decoder.generate import sample_token
 
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)

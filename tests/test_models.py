@@ -23,8 +23,8 @@ from lora_jax.models import auto_model
 from lora_jax.models import flax_to_hf
 from lora_jax.models import from_pretrained
 from lora_jax.models import hf_to_flax
-from lora_jax.models import loading
 from lora_jax.models import read_state_dict
+from lora_jax.models.hf import loading
 
 SMALL = dict(
   vocab_size=99,

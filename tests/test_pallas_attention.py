@@ -12,10 +12,10 @@ import transformers
 
 from lora_jax.models import auto_model
 from lora_jax.models import generate
-from lora_jax.models.attention import attention
-from lora_jax.models.attention import check_implementation
-from lora_jax.models.pallas_attention import causal_segment_attention
-from lora_jax.models.pallas_attention import padded_length
+from lora_jax.models.layers.attention import attention
+from lora_jax.models.layers.attention import check_implementation
+from lora_jax.models.layers.pallas_attention import causal_segment_attention
+from lora_jax.models.layers.pallas_attention import padded_length
 
 ON_GPU = jax.default_backend() == "gpu"
 MODES = [True, False] if ON_GPU else [True]  # interpret, and compiled where Triton exists

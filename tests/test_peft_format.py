@@ -21,7 +21,7 @@ from lora_jax import export_peft
 from lora_jax import import_peft
 from lora_jax import lora_init
 from lora_jax._src import paths
-from lora_jax._src.peft_format import read_safetensors
+from lora_jax._src.files import read_safetensors
 from lora_jax.models import export_merged
 from lora_jax.models import from_pretrained
 

@@ -27,9 +27,11 @@ from lora_jax import Quantization
 from lora_jax import QuantizedArray
 from lora_jax import dequantize
 from lora_jax import quantize
-from lora_jax._src import quantize as qlib
 from lora_jax.models import from_config
 from lora_jax.models import from_pretrained
+from lora_jax.quant import array as qarray
+from lora_jax.quant import kernel as qkernel
+from lora_jax.quant import nf4
 
 # (out, in) as transformers stores the weight: partial last blocks, an odd number of values,
 # a block size other than 64, more than 256 absmaxes (several double-quant blocks).
@@ -103,7 +105,7 @@ def test_nf4_double_quant_equals_bitsandbytes(shape, block_size):
   # ... and given bitsandbytes' offset, the 8-bit absmax codes and second-level absmaxes are
   # bitsandbytes' exactly.
   _, plain = _bnb_state(w, block_size, False, jnp.float32)[1:]
-  codes, absmax2, _ = qlib._absmax_quant(jnp.asarray(plain.absmax.numpy()), offset)
+  codes, absmax2, _ = nf4._absmax_quant(jnp.asarray(plain.absmax.numpy()), offset)
   np.testing.assert_array_equal(np.asarray(codes), state.absmax.numpy())
   np.testing.assert_array_equal(np.asarray(absmax2), state.state2.absmax.numpy())
   # A bitsandbytes state maps one to one onto our node and dequantizes to its values (within
@@ -120,16 +122,16 @@ def test_nf4_double_quant_equals_bitsandbytes(shape, block_size):
 def test_dynamic_map_is_bitsandbytes_map():
   functional = pytest.importorskip("bitsandbytes.functional")
   ref = functional.create_dynamic_map().numpy()
-  ulps = np.abs(qlib.DYNAMIC_MAP.view(np.int32) - ref.view(np.int32))
+  ulps = np.abs(nf4.DYNAMIC_MAP.view(np.int32) - ref.view(np.int32))
   assert ulps.max() <= 1  # each entry within one float32 rounding
   # and the 65,536-point quantization grid picks the same entries as bitsandbytes' CPU kernel
   torch = pytest.importorskip("torch")
   x = np.random.RandomState(0).uniform(-1, 1, 2**16).astype(np.float32)
   x[:2] = [1.0, -1.0]
   q, _ = functional.quantize_blockwise(torch.from_numpy(x), blocksize=256)
-  blocks, _ = qlib._blocks(jnp.asarray(x), 256)
+  blocks, _ = nf4._blocks(jnp.asarray(x), 256)
   amax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
-  np.testing.assert_array_equal(np.asarray(qlib._dynamic_codes(blocks * (1.0 / amax))).ravel(), q)
+  np.testing.assert_array_equal(np.asarray(nf4._dynamic_codes(blocks * (1.0 / amax))).ravel(), q)
 
 
 @pytest.mark.parametrize("stacked", [0, 2])
@@ -187,7 +189,7 @@ def test_low_rank_path_on_quantized_base_matches_dense_reference(kind, dtype, to
   assert isinstance(adapted["params"]["dense_1"]["kernel"], QuantizedArray)
   apply = lora_jax.lora_apply(model.apply)
   # the reference: the dense weights dequantize(W), the adapters as they are
-  dense = qlib.dequantize_tree(adapted)
+  dense = qkernel.dequantize_tree(adapted)
   got, g = _outputs_and_grads(apply, adapted, x)
   ref, gd = _outputs_and_grads(apply, dense, x)
   scale = float(jnp.abs(ref.astype(jnp.float32)).max())
@@ -217,7 +219,7 @@ def test_qlora_llama_matches_dense_reference(scan):
   q_proj = (q_proj if scan else q_proj["0"])["self_attn"]["q_proj"]["kernel"]
   assert isinstance(q_proj, QuantizedArray) and q_proj.stacked == (1 if scan else 0)
   assert not isinstance(adapted["params"]["lm_head"]["kernel"], QuantizedArray)  # all-linear
-  dense = qlib.dequantize_tree(adapted)
+  dense = qkernel.dequantize_tree(adapted)
   apply = lora_jax.lora_apply(module.apply)
   got, g = _outputs_and_grads(apply, adapted, ids)
   ref, gd = _outputs_and_grads(apply, dense, ids)
@@ -259,7 +261,7 @@ def test_from_pretrained_quantizes_while_loading(scan, tmp_path):
   assert jax.tree.structure(streamed) == jax.tree.structure(after)
   for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  kinds = [type(x).__name__ for x in jax.tree.leaves(streamed, is_leaf=qlib.is_quantized)]
+  kinds = [type(x).__name__ for x in jax.tree.leaves(streamed, is_leaf=qarray.is_quantized)]
   assert kinds.count("QuantizedArray") == (2 if scan else 2 * 3)
   with pytest.raises(ValueError, match="must be None or a lora_jax.Quantization"):
     from_pretrained(ckpt.folder, quantize="nf4")
@@ -327,7 +329,7 @@ def test_merge_export_and_report_dequantize(tmp_path):
   rule = lora_jax.LoraRule(["q_proj", "up_proj"], rank=2)
   adapted = _adapted(variables, rule, "nf4")
   merged = lora_jax.merge(adapted)
-  leaves = jax.tree.leaves(merged, is_leaf=qlib.is_quantized)
+  leaves = jax.tree.leaves(merged, is_leaf=qarray.is_quantized)
   assert not any(isinstance(x, QuantizedArray) for x in leaves)
   up = adapted["params"]["model"]["layers"]["1"]["mlp"]["up_proj"]
   s_ab = (up["lora_a"] @ up["lora_b"]) * up["lora_spec"].scale
@@ -345,7 +347,9 @@ def test_merge_export_and_report_dequantize(tmp_path):
   assert report[0] == plain[0]  # the same counts as the unquantized tree
   n_q = 3 * (64 * 64 + 64 * 96)
   stored = sum(
-    x.nbytes for x in jax.tree.leaves(adapted, is_leaf=qlib.is_quantized) if qlib.is_quantized(x)
+    x.nbytes
+    for x in jax.tree.leaves(adapted, is_leaf=qarray.is_quantized)
+    if qarray.is_quantized(x)
   )
   assert report[1].startswith(f"quantized params: {n_q:,} (nf4 block=64 dq) in {stored:,} bytes")
   assert any("kernel: nf4 block=64 dq" in line for line in report)

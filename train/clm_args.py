@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from lora_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from lora_jax.models.layers.attention import ATTENTION_IMPLEMENTATIONS
 from train import flags
 from train.flags import as_dict  # noqa: F401  (run_clm's outputs use it)
 

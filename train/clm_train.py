@@ -30,8 +30,8 @@ import optax
 
 import lora_jax
 from lora_jax import models
-from lora_jax.models import llama
-from lora_jax.models.generate import prompt_bucket
+from lora_jax.models.decoder import llama
+from lora_jax.models.decoder.generate import prompt_bucket
 from train import clm_args
 from train import clm_data
 from train import loop
@@ -68,7 +68,7 @@ def forward(apply_fn, trainable, frozen, batch, *, fused: bool = True, **kwargs)
   (:func:`train.clm_data.targets`): the next-token losses that count, none other computed.
   ``fused``: by the decoder's ``target_ids=`` (the logits a chunk at a time, never whole);
   otherwise from the ``[rows, k, vocab]`` logits (an output layer with an adapter or a
-  quantized weight, see :func:`lora_jax.models.llama.output_weight`).
+  quantized weight, see :func:`lora_jax.models.decoder.llama.output_weight`).
   """
   variables = lora_jax.combine(trainable, frozen)
   if fused:

@@ -31,17 +31,24 @@ from typing import Any
 import jax
 import numpy as np
 
+from lora_jax._src import inits
 from lora_jax._src import paths
+from lora_jax._src.adapters import check_fits
+from lora_jax._src.adapters import insert
 from lora_jax._src.finite import check_finite
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
 from lora_jax._src.partition import trainable_mask
+from lora_jax._src.paths import flatten
+from lora_jax._src.paths import module_of
+from lora_jax._src.paths import nest
 from lora_jax._src.spec import ADAPTER_LEAVES
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import LoraSpec
+from lora_jax._src.version import __version__
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
@@ -63,38 +70,6 @@ _SPEC_FIELDS = (
 )
 # fields that adapters saved before they existed lack
 _SPEC_DEFAULTS = {"stacked": 0, "init": "gaussian", "use_dora": False}
-
-
-# ---------------------------------------------------------------------------------------------
-# Trees <-> flat {"params/a/b": leaf} dicts.
-
-
-def flatten(tree: Mapping, prefix: str = paths.PARAMS) -> dict[str, Any]:
-  """``{"params/a/b": leaf}`` for every non-dict value (``LoraSpec`` included, ``None`` not)."""
-  out = {}
-  for key, value in tree.items():
-    path = paths.join(prefix, str(key))
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path))
-    elif value is not None:
-      out[path] = value
-  return out
-
-
-def nest(flat: Mapping[str, Any]) -> dict:
-  """Inverse of :func:`flatten` for paths under ``params/``: a nested dict without ``params``."""
-  out: dict = {}
-  for path, value in flat.items():
-    *keys, leaf = path.split("/")[1:]
-    node = out
-    for k in keys:
-      node = node.setdefault(k, {})
-    node[leaf] = value
-  return out
-
-
-def module_of(path: str) -> str:
-  return path.rsplit("/", 1)[0]
 
 
 def _weight_shape(spec: LoraSpec, a_shape, b_shape) -> tuple[int, ...]:
@@ -279,8 +254,6 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
   """
   import orbax.checkpoint as ocp
 
-  import lora_jax
-
   tree, _ = paths.split_params(params)
   if isinstance(extra_trainable, str):
     extra_trainable = (extra_trainable,)
@@ -314,7 +287,7 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
   info = {
     "format": FORMAT,
     "format_version": FORMAT_VERSION,
-    "lora_jax_version": lora_jax.__version__,
+    "lora_jax_version": __version__,
     "extra_trainable": list(extra_trainable),
     "adapters": adapters,
     "leaves": [
@@ -361,61 +334,6 @@ def adapter_info(directory) -> dict:
   path = _open(directory)
   with _manager(path, read_only=True) as mngr:
     return _read_info(mngr, path)[1]
-
-
-def check_fits(flat: Mapping[str, Any], adapters, leaves, source: str) -> None:
-  """Raises one ``ValueError`` listing every way the base tree ``flat`` does not fit.
-
-  ``adapters``: records with ``path`` (module), ``weight`` and ``weight_shape``; ``leaves``:
-  records with ``path`` and ``shape`` (adapter factors among them are skipped). A base
-  adapter at a module outside ``adapters`` is a mismatch too.
-  """
-  problems = []
-  saved_modules = {r["path"] for r in adapters}
-  for record in adapters:
-    weight = f"{record['path']}/{record['weight']}"
-    want = tuple(record["weight_shape"])
-    have = flat.get(weight)
-    if have is None or isinstance(have, LoraSpec):
-      problems.append(f"  {weight}: the adapter needs a weight of shape {want}, base has none")
-    elif tuple(np.shape(have)) != want:
-      problems.append(
-        f"  {weight}: the adapter needs a weight of shape {want}, base has {np.shape(have)}"
-      )
-  for record in leaves:
-    p, want = record["path"], tuple(record["shape"])
-    if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES:
-      continue
-    have = flat.get(p)
-    if have is None or isinstance(have, LoraSpec):
-      problems.append(f"  {p}: saved with shape {want}, base has no such leaf")
-    elif tuple(np.shape(have)) != want:
-      problems.append(f"  {p}: saved with shape {want}, base has {np.shape(have)}")
-  for p, v in flat.items():
-    if isinstance(v, LoraSpec) and module_of(p) not in saved_modules:
-      problems.append(
-        f"  {module_of(p)}: base carries an adapter the saved one lacks (merge or drop it first)"
-      )
-  if problems:
-    raise ValueError(
-      f"params do not fit the adapter in {source}; {len(problems)} mismatch(es):\n"
-      + "\n".join(problems)
-    )
-
-
-def insert(tree: Mapping, new: Mapping[str, Any], specs: Mapping[str, LoraSpec]) -> dict:
-  """A copy of ``tree`` with the flat ``new`` leaves put in place and ``specs`` added."""
-  by_module: dict[str, dict[str, Any]] = {}
-  for p, v in new.items():
-    by_module.setdefault(module_of(p), {})[p.rsplit("/", 1)[-1]] = v
-
-  def put(prefix: str, module: dict) -> dict:
-    module.update(by_module.get(prefix, {}))
-    if prefix in specs:
-      module[LORA_SPEC] = specs[prefix]
-    return module
-
-  return paths.map_modules(put, tree)
 
 
 def _abstract(info: Mapping, flat: Mapping[str, Any]) -> dict:
@@ -494,7 +412,7 @@ def _check_residual_base(flat: dict, specs: dict, path) -> None:
   """A PiSSA or OLoRA adapter only fits the residual weights its ``lora_init`` wrote: loading
   it into the original base would silently give another model, so that is refused."""
   for module, spec in sorted(specs.items()):
-    if not spec.init.startswith(("pissa", "olora")):
+    if not inits.parse(spec.init).rewrites_base:
       continue
     have = flat.get(f"{module}/{LORA_SPEC}")
     if not isinstance(have, LoraSpec) or have.init != spec.init:

@@ -26,7 +26,6 @@ per output unit by ``m / ||W + s A B||`` (the norm detached), as PEFT's ``DoraLi
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import math
 import re
@@ -40,23 +39,23 @@ from lora_jax._src import dora
 from lora_jax._src import dropout
 from lora_jax._src import layouts
 from lora_jax._src import paths
-from lora_jax._src import quantize as quantization
 from lora_jax._src.merge import merge
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import LoraSpec
+from lora_jax.quant import kernel as quant_kernel
+from lora_jax.quant import linen as quant_linen
 
 STRATEGIES = ("low_rank", "merge")
 DROPOUT_RNG = "lora_dropout"
 
-# Whether the current call enables LoRA dropout; set by the wrapper for the duration of one call.
-_dropout_on: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_dropout_on", default=False)
-
 
 def _dropout(x, rate: float, module: nn.Module):
-  if rate == 0.0 or not _dropout_on.get():
+  # On when the call has a "lora_dropout" rng stream (the wrapper withholds it from
+  # deterministic calls).
+  if rate == 0.0 or not module.has_rng(DROPOUT_RNG):
     return x
   return dropout.apply(module.make_rng(DROPOUT_RNG), rate, x)
 
@@ -149,10 +148,10 @@ def _dora(module, args, kwargs, base, spec: LoraSpec, a, b, path: str):
       f"module {path!r} ({type(module).__name__}) carries a DoRA adapter, but DoRA supports "
       "nn.Dense and nn.DenseGeneral only"
     )
-  w = quantization.materialize(module.get_variable("params", spec.weight))  # QLoRA: dequantized
+  w = quant_kernel.materialize(module.get_variable("params", spec.weight))  # QLoRA: dequantized
   r = dora.ratio(spec, w, a, b, module.get_variable("params", LORA_MAGNITUDE))
   x = _input(args, kwargs, "inputs")
-  if spec.dropout > 0.0 and _dropout_on.get():
+  if spec.dropout > 0.0 and module.has_rng(DROPOUT_RNG):
     x = _dropout(x, spec.dropout, module)
     # the module itself, without its bias, on the dropped-out input
     plain = module.clone(parent=None, name=None, use_bias=False)
@@ -185,9 +184,9 @@ def _check_layout(module: nn.Module, spec: LoraSpec, path: str, args, kwargs):
 
 def _interceptor(next_fun, args, kwargs, context):
   module, method = context.module, context.method_name
-  if method in ("__call__", "attend") and quantization.holds_quantized(module):
+  if method in ("__call__", "attend") and quant_linen.holds_quantized(module):
     # QLoRA: the module runs on its dequantized weight, formed here, inside the step.
-    next_fun = functools.partial(quantization.run_dequantized, module, method)
+    next_fun = functools.partial(quant_linen.run_dequantized, module, method)
   if method not in ("__call__", "attend") or not module.has_variable("params", LORA_SPEC):
     return next_fun(*args, **kwargs)
   path = paths.join(paths.PARAMS, *module.scope.path)
@@ -208,11 +207,16 @@ def _interceptor(next_fun, args, kwargs, context):
   return base + _low_rank(module, method, args, kwargs, base, spec, a, b).astype(base.dtype)
 
 
-def _wants_dropout(kwargs: Mapping) -> bool:
+def _without_dropout_rng(kwargs: Mapping) -> Mapping:
+  """``kwargs`` of a ``deterministic=True`` call minus the ``"lora_dropout"`` stream: no
+  dropout in evaluation, whatever rngs the caller passes."""
   rngs = kwargs.get("rngs")
-  return (
-    isinstance(rngs, Mapping) and DROPOUT_RNG in rngs and kwargs.get("deterministic") is not True
-  )
+  if kwargs.get("deterministic") is not True or not isinstance(rngs, Mapping):
+    return kwargs
+  if DROPOUT_RNG not in rngs:
+    return kwargs
+  rest = {k: v for k, v in rngs.items() if k != DROPOUT_RNG}
+  return {**kwargs, "rngs": rest or None}
 
 
 def lora_apply(apply_fn: Callable, *, strategy: str = "low_rank") -> Callable:
@@ -250,11 +254,7 @@ def lora_apply(apply_fn: Callable, *, strategy: str = "low_rank") -> Callable:
 
   @functools.wraps(apply_fn)
   def low_rank_apply(variables, *args, **kwargs):
-    token = _dropout_on.set(_wants_dropout(kwargs))
-    try:
-      with nn.intercept_methods(_interceptor):
-        return apply_fn(variables, *args, **kwargs)
-    finally:
-      _dropout_on.reset(token)
+    with nn.intercept_methods(_interceptor):
+      return apply_fn(variables, *args, **_without_dropout_rng(kwargs))
 
   return low_rank_apply

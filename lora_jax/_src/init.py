@@ -10,19 +10,20 @@ import jax.numpy as jnp
 
 from lora_jax._src import dora
 from lora_jax._src import paths
-from lora_jax._src import quantize
 from lora_jax._src import svd_init
 from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import default_layout
 from lora_jax._src.rules import LoraRule
 from lora_jax._src.rules import as_rules
-from lora_jax._src.rules import closest
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import WEIGHT_NAMES
 from lora_jax._src.spec import LoraSpec
+from lora_jax._src.targets import assign
+from lora_jax.quant.array import QuantizedArray
+from lora_jax.quant.kernel import materialize
 
 
 def _weight_name(module: Mapping) -> str | None:
@@ -46,24 +47,15 @@ def _is_linear(module: Mapping, layout: KernelLayout | None) -> bool:
 
 def _assign(params, rules, layouts) -> dict[str, LoraRule]:
   """Maps each adapted module path to the first rule that matches it; checks every target hits."""
-  modules = [(p, m) for p, m in paths.iter_modules(params) if _own_leaves(m)]
-  chosen: dict[str, LoraRule] = {}
-  for path, module in modules:
-    linear = _is_linear(module, layouts.get(path))
-    for rule in rules:
-      if rule.matches(path, linear):
-        chosen[path] = rule
-        break
-  module_paths = [p for p, _ in modules]
-  for rule in rules:
-    for target in rule.targets():
-      probe = rule if len(rule.targets()) == 1 else LoraRule((target,), rule.rank)
-      if not any(probe.matches(p, _is_linear(m, layouts.get(p))) for p, m in modules):
-        raise ValueError(
-          f"LoRA rule target {target!r} (rule {rule.describe()}) matches no module; closest "
-          f"module paths: {closest(target, module_paths)}"
-        )
-  return chosen
+  modules = [
+    (p, _is_linear(m, layouts.get(p))) for p, m in paths.iter_modules(params) if _own_leaves(m)
+  ]
+  chosen = assign(
+    modules,
+    [rule.selector for rule in rules],
+    lambda i, target: f"LoRA rule target {target!r} (rule {rules[i].describe()})",
+  )
+  return {path: rules[i] for path, i in chosen.items()}
 
 
 def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
@@ -122,7 +114,7 @@ def _spec_for(path: str, module: Mapping, rule: LoraRule, layouts) -> LoraSpec:
     use_dora=rule.use_dora,
   )
   if svd_init.is_svd_init(spec.init):
-    if isinstance(module[name], quantize.QuantizedArray):
+    if isinstance(module[name], QuantizedArray):
       raise ValueError(
         f"{path}/{name} is quantized, and init={spec.init!r} rewrites the weight it starts from; "
         "run lora_init on the float base first, then lora_jax.quantize the residual weights"
@@ -200,7 +192,7 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
     if spec.use_dora:  # m = ||W + s A B|| per output unit, so that W' = W + s A B at step 0
       w = out[spec.weight]
       if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(w)):
-        w = quantize.materialize(w)  # a QLoRA base: the norm of the dequantized weight
+        w = materialize(w)  # a QLoRA base: the norm of the dequantized weight
       out[LORA_MAGNITUDE] = dora.init_magnitude(spec, w, a, b)
     return out
 

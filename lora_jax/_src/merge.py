@@ -9,12 +9,12 @@ import numpy as np
 
 from lora_jax._src import dora
 from lora_jax._src import paths
-from lora_jax._src import quantize
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import delta
+from lora_jax.quant.kernel import materialize
 
 
 def _is_concrete(x) -> bool:
@@ -51,7 +51,7 @@ def merge(params, *, check_finite: bool = True):
 
   def fold(path: str, module: dict) -> dict:
     # A quantized (QLoRA) weight is dequantized, adapted or not.
-    module = {k: quantize.materialize(v) for k, v in module.items()}
+    module = {k: materialize(v) for k, v in module.items()}
     spec = module.get(LORA_SPEC)
     if spec is None:
       return module
@@ -136,7 +136,7 @@ def unmerge(merged, adapted):
       )
     seen.add(path)
     if spec.use_dora:
-      base = quantize.materialize(own.get(spec.weight))
+      base = materialize(own.get(spec.weight))
       if base is None or isinstance(base, jax.ShapeDtypeStruct):
         raise ValueError(
           f"unmerge: the DoRA adapter at {path} needs adapted's base weight {spec.weight!r} (the "

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import jax
 
 from lora_jax._src import paths
-from lora_jax._src.quantize import is_quantized
 from lora_jax._src.spec import ADAPTER_LEAVES
+from lora_jax.quant.array import is_quantized
 
 
 def compile_patterns(extra_trainable: Sequence[str]) -> tuple[re.Pattern, ...]:

@@ -86,3 +86,31 @@ def keypath_str(keypath) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
+
+
+def flatten(tree: Mapping, prefix: str = PARAMS) -> dict[str, Any]:
+  """``{"params/a/b": leaf}`` for every non-dict value (``LoraSpec`` included, ``None`` not)."""
+  out = {}
+  for key, value in tree.items():
+    path = join(prefix, str(key))
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path))
+    elif value is not None:
+      out[path] = value
+  return out
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+  """Inverse of :func:`flatten` for paths under ``params/``: a nested dict without ``params``."""
+  out: dict = {}
+  for path, value in flat.items():
+    *keys, leaf = path.split("/")[1:]
+    node = out
+    for k in keys:
+      node = node.setdefault(k, {})
+    node[leaf] = value
+  return out
+
+
+def module_of(path: str) -> str:
+  return path.rsplit("/", 1)[0]

@@ -11,8 +11,8 @@ import numpy as np
 from lora_jax._src import paths
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
-from lora_jax._src.quantize import is_quantized
 from lora_jax._src.spec import LORA_SPEC
+from lora_jax.quant.array import is_quantized
 
 
 def _size(leaf) -> int:

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import paths
-from lora_jax._src import quantize
-from lora_jax._src.quantize import QuantizedArray
 from lora_jax._src.spec import LoraSpec
+from lora_jax.quant.array import QuantizedArray
+from lora_jax.quant.array import stack as stack_quantized
 
 
 def _node(tree: Mapping, container: str) -> Mapping:
@@ -159,7 +159,7 @@ def stack_layers(params, container: str):
     if isinstance(x, np.ndarray):
       return np.stack(xs)
     if isinstance(x, QuantizedArray):
-      return quantize.stack(list(xs))
+      return stack_quantized(list(xs))
     return jnp.stack(xs)
 
   columns = zip(*(leaves for leaves, _ in flat), strict=True)

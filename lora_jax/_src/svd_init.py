@@ -30,28 +30,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._src import inits
 from lora_jax._src.spec import LoraSpec
 
-_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 OVERSAMPLE = 8  # extra random columns of the range finder, dropped after the small SVD
 _HIGHEST = lax.Precision.HIGHEST
 
 
 def is_svd_init(init: str) -> bool:
   """Whether ``init`` rewrites the base weight (PiSSA, its fast variant, OLoRA)."""
-  return init in ("pissa", "olora") or _NITER.fullmatch(init) is not None
-
-
-def niter(init: str) -> int | None:
-  """``K`` of ``"pissa_niter_K"``, else ``None``."""
-  m = _NITER.fullmatch(init)
-  return int(m.group(1)) if m else None
+  return inits.parse(init).rewrites_base
 
 
 def check(path: str, spec: LoraSpec, shape) -> None:
@@ -125,7 +118,7 @@ def _layer(spec: LoraSpec, init: str, w, key):
       u, sv, vh = jnp.linalg.svd(wt, full_matrices=False)
       u, sv, vh = u[:, :r], sv[:r], vh[:r]
     else:
-      u, sv, vh = randomized_svd(wt, r, niter(init), key)
+      u, sv, vh = randomized_svd(wt, r, inits.parse(init).niter, key)
     root = jnp.sqrt(sv / s)
     b_t, a_t = u * root, root[:, None] * vh
   residual = wt - s * jnp.matmul(b_t, a_t, precision=_HIGHEST)

@@ -18,32 +18,36 @@ parameters named after the Hugging Face modules, so PEFT's target names mean the
   >>> shapes = jax.eval_shape(auto_model(cfg).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
   >>> shapes["params"]["model"]["layers"]["1"]["self_attn"]["q_proj"]["kernel"].shape
   (8, 8)
+
+Layout: :mod:`.layers` (attention kernels, RoPE, activations, the fused cross-entropy), one
+folder per family (:mod:`.encoder`, :mod:`.decoder` with its generation) and :mod:`.hf`
+(checkpoint files, name conversion, the family registry, ``from_pretrained``, merged export).
 """
 
-from lora_jax.models.bert import Bert
-from lora_jax.models.bert import BertAttention
-from lora_jax.models.bert import BertEmbeddings
-from lora_jax.models.bert import BertEncoder
-from lora_jax.models.bert import BertIntermediate
-from lora_jax.models.bert import BertLayer
-from lora_jax.models.bert import BertResidualOutput
-from lora_jax.models.bert import BertSelfAttention
-from lora_jax.models.bert import EncoderConfig
-from lora_jax.models.cross_entropy import fused_cross_entropy
-from lora_jax.models.export import export_merged
-from lora_jax.models.generate import generate
-from lora_jax.models.heads import BertPooler
-from lora_jax.models.heads import RobertaClassificationHead
-from lora_jax.models.llama import Decoder
-from lora_jax.models.llama import DecoderConfig
-from lora_jax.models.llama import DecoderLayer
-from lora_jax.models.llama import KVCache
-from lora_jax.models.loading import auto_model
-from lora_jax.models.loading import flax_to_hf
-from lora_jax.models.loading import from_config
-from lora_jax.models.loading import from_pretrained
-from lora_jax.models.loading import hf_to_flax
-from lora_jax.models.loading import read_state_dict
+from lora_jax.models.decoder.generate import generate
+from lora_jax.models.decoder.llama import Decoder
+from lora_jax.models.decoder.llama import DecoderConfig
+from lora_jax.models.decoder.llama import DecoderLayer
+from lora_jax.models.decoder.llama import KVCache
+from lora_jax.models.encoder.bert import Bert
+from lora_jax.models.encoder.bert import BertAttention
+from lora_jax.models.encoder.bert import BertEmbeddings
+from lora_jax.models.encoder.bert import BertEncoder
+from lora_jax.models.encoder.bert import BertIntermediate
+from lora_jax.models.encoder.bert import BertLayer
+from lora_jax.models.encoder.bert import BertResidualOutput
+from lora_jax.models.encoder.bert import BertSelfAttention
+from lora_jax.models.encoder.bert import EncoderConfig
+from lora_jax.models.encoder.heads import BertPooler
+from lora_jax.models.encoder.heads import RobertaClassificationHead
+from lora_jax.models.hf.checkpoint import read_state_dict
+from lora_jax.models.hf.convert import flax_to_hf
+from lora_jax.models.hf.convert import hf_to_flax
+from lora_jax.models.hf.export import export_merged
+from lora_jax.models.hf.loading import auto_model
+from lora_jax.models.hf.loading import from_config
+from lora_jax.models.hf.loading import from_pretrained
+from lora_jax.models.layers.cross_entropy import fused_cross_entropy
 
 __all__ = [
   "Bert",

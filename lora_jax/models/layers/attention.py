@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.pallas_attention import causal_segment_attention
+from lora_jax.models.layers.pallas_attention import causal_segment_attention
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def attention(
   scores recomputed in the backward pass (:func:`chunked_attention`).
 
   ``"pallas"``: Pallas's fused Triton kernel from the mask's segment ids, causal, no dense mask
-  (GPU; :mod:`lora_jax.models.pallas_attention`); ``"pallas_interpret"`` runs that kernel
+  (GPU; :mod:`lora_jax.models.layers.pallas_attention`); ``"pallas_interpret"`` runs that kernel
   interpreted by JAX on any backend (slow: for tests). Both need a :class:`SegmentMask` with
   segment ids.
   """

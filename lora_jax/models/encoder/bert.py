@@ -2,7 +2,7 @@
 
 One implementation serves both families: they differ only in how position ids are made
 (BERT: ``0..T-1``; RoBERTa: ``pad_token_id + cumsum(input_ids != pad_token_id)``, padding keeps
-``pad_token_id``) and in the sequence-classification head (see :mod:`lora_jax.models.heads`).
+``pad_token_id``) and in the sequence-classification head (see :mod:`.heads`).
 
 Every parameter lives in a plain ``nn.Dense`` / ``nn.Embed`` / ``nn.LayerNorm`` named after the
 Hugging Face module it mirrors (``encoder/layer/0/attention/self/query/kernel`` is
@@ -23,14 +23,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lora_jax.models import heads
-from lora_jax.models.activations import ACTIVATIONS
-from lora_jax.models.activations import activation
-from lora_jax.models.activations import gelu_exact  # noqa: F401  (its home before activations)
-from lora_jax.models.attention import attention
-from lora_jax.models.attention import check_implementation
-from lora_jax.models.attention import same_segment
-from lora_jax.models.attention import segment_positions
+from lora_jax.models.encoder import heads
+from lora_jax.models.layers.activations import ACTIVATIONS
+from lora_jax.models.layers.activations import activation
+from lora_jax.models.layers.activations import gelu_exact  # noqa: F401  (its home before activations)
+from lora_jax.models.layers.attention import attention
+from lora_jax.models.layers.attention import check_implementation
+from lora_jax.models.layers.attention import same_segment
+from lora_jax.models.layers.attention import segment_positions
+from lora_jax.models.layers.block import Block
 
 TASKS = ("base", "sequence-classification")
 MODEL_TYPES = ("bert", "roberta")
@@ -146,21 +147,8 @@ def packed_position_ids(config: EncoderConfig, segment_ids: jax.Array) -> jax.Ar
   return offset
 
 
-class _Base(nn.Module):
-  """Fields shared by every module of the encoder."""
-
-  config: EncoderConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def dense(self, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
-      features,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
+class _Base(Block):
+  """An encoder module (``config`` an :class:`EncoderConfig`)."""
 
   def layer_norm(self, name: str = "LayerNorm") -> nn.LayerNorm:
     return nn.LayerNorm(
@@ -269,13 +257,7 @@ class _LayerStack(_Base):
     # ``deterministic`` is argument 3 counting ``self``; remat must see it as a Python bool.
     layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     for i in range(self.config.num_hidden_layers):
-      layer = layer_cls(
-        self.config,
-        self.dtype,
-        self.param_dtype,
-        attention_implementation=self.attention_implementation,
-        name=str(i),
-      )
+      layer = self.child(layer_cls, str(i), attention_implementation=self.attention_implementation)
       x = layer(x, mask, deterministic)
     return x
 

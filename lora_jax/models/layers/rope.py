@@ -35,7 +35,8 @@ class Rope:
   original_max_position_embeddings: int = 8192
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
+def config_value(config: Any, name: str, default: Any = None) -> Any:
+  """``config.name`` of a transformers config object, or ``config[name]`` of its dict form."""
   if isinstance(config, Mapping):
     return config.get(name, default)
   return getattr(config, name, default)
@@ -56,21 +57,21 @@ def rope_settings(config: Any) -> Rope:
     >>> rope_settings({"rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}).theta
     100000.0
   """
-  params = _get(config, "rope_parameters")
+  params = config_value(config, "rope_parameters")
   if isinstance(params, Mapping) and "rope_theta" in params:
     where = "rope_parameters"
     scaling = dict(params)
     theta = scaling.pop("rope_theta")
   else:
     where = "rope_scaling"
-    theta = _get(config, "rope_theta", 10000.0)
-    scaling = dict(_get(config, "rope_scaling") or {})
+    theta = config_value(config, "rope_theta", 10000.0)
+    scaling = dict(config_value(config, "rope_scaling") or {})
   rope_type = scaling.get("rope_type", scaling.get("type", "default"))
   if rope_type not in ROPE_TYPES:
     raise ValueError(
       f"unsupported RoPE type {rope_type!r} (config {where}); supported: {', '.join(ROPE_TYPES)}"
     )
-  partial = scaling.get("partial_rotary_factor", _get(config, "partial_rotary_factor", 1.0))
+  partial = scaling.get("partial_rotary_factor", config_value(config, "partial_rotary_factor", 1.0))
   if partial not in (None, 1, 1.0):
     raise ValueError(f"unsupported partial_rotary_factor {partial!r} (config); supported: 1.0")
   kw: dict[str, Any] = {}

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.apply import lora_apply
-from lora_jax.models.llama import Decoder
-from lora_jax.models.llama import KVCache
+from lora_jax.models.decoder.llama import Decoder
+from lora_jax.models.decoder.llama import KVCache
 
 _MIN_BUCKET = 8
-TRACES = {"generate": 0}  # how often the generation program was traced (tests check reuse)
 
 
 def prompt_bucket(length: int) -> int:
@@ -84,7 +83,6 @@ def decode_step(module: Decoder, variables, token, position, cache: KVCache, val
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
 def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max_new_tokens: int):
-  TRACES["generate"] += 1
   batch, bucket = ids.shape
   slots = bucket + max_new_tokens
   cache = KVCache.zeros(module.config, batch, slots, module.dtype)

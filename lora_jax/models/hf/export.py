@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax._src import paths
+from lora_jax._src.files import publish
+from lora_jax._src.files import write_safetensors
 from lora_jax._src.merge import merge
-from lora_jax._src.peft_format import publish
-from lora_jax._src.peft_format import write_safetensors
-from lora_jax.models import loading
+from lora_jax.models.hf.checkpoint import SAFETENSORS
+from lora_jax.models.hf.convert import flax_to_hf
+from lora_jax.models.hf.family import family_of
 
 
 def export_merged(directory, params, *, config: Any, tokenizer: Any = None) -> Path:
@@ -56,16 +58,16 @@ def export_merged(directory, params, *, config: Any, tokenizer: Any = None) -> P
     >>> type(transformers.AutoModel.from_pretrained(folder)).__name__
     'BertModel'
   """
-  family = loading.family(config)
+  family = family_of(config)
   tree, _ = paths.split_params(merge(params))
   config = copy.deepcopy(config)
   config.architectures = [family.architecture(tree, config)]
-  state = loading.flax_to_hf(tree, config)
+  state = flax_to_hf(tree, config)
 
   def write(tmp: Path) -> None:
     config.save_pretrained(tmp)
-    write_safetensors(state, tmp / loading.SAFETENSORS, {"format": "pt"})
+    write_safetensors(state, tmp / SAFETENSORS, {"format": "pt"})
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
 
-  return publish(directory, write)
+  return publish(directory, write, last=("config.json",))

@@ -1,7 +1,7 @@
 """Llama-family decoders (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2, Qwen3) in Flax linen.
 
 One implementation, read from a transformers config by ``model_type``: grouped-query attention
-with rotary embeddings (:mod:`lora_jax.models.rope`), RMSNorm, a SwiGLU MLP, and the family
+with rotary embeddings (:mod:`lora_jax.models.layers.rope`), RMSNorm, a SwiGLU MLP, and the family
 differences as config fields: q/k/v biases (Qwen2, Llama's ``attention_bias``), RMSNorm on each
 query and key head (Qwen3), sliding-window layers (Mistral, Qwen2/3 where configured), tied or
 untied embeddings.
@@ -25,7 +25,7 @@ compiled once however deep the model is; :func:`lora_jax.unstack_layers` and
 :func:`lora_jax.stack_layers` convert between the two layouts (``"model/layers"``).
 
 Generation uses an explicit key/value cache (:class:`KVCache`), passed in and returned, so
-prefill and each decode step are pure functions (see :mod:`lora_jax.models.generate`).
+prefill and each decode step are pure functions (see :mod:`lora_jax.models.decoder.generate`).
 """
 
 from __future__ import annotations
@@ -41,17 +41,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from lora_jax.models import rope as rope_lib
-from lora_jax.models.activations import ACTIVATIONS
-from lora_jax.models.activations import activation
-from lora_jax.models.attention import DENSE_MASK_IMPLEMENTATIONS
-from lora_jax.models.attention import SEGMENT_IMPLEMENTATIONS
-from lora_jax.models.attention import SegmentMask
-from lora_jax.models.attention import attention
-from lora_jax.models.attention import check_implementation
-from lora_jax.models.attention import same_segment
-from lora_jax.models.attention import segment_positions
-from lora_jax.models.cross_entropy import fused_cross_entropy
+from lora_jax.models.layers import rope as rope_lib
+from lora_jax.models.layers.activations import ACTIVATIONS
+from lora_jax.models.layers.activations import activation
+from lora_jax.models.layers.attention import DENSE_MASK_IMPLEMENTATIONS
+from lora_jax.models.layers.attention import SEGMENT_IMPLEMENTATIONS
+from lora_jax.models.layers.attention import SegmentMask
+from lora_jax.models.layers.attention import attention
+from lora_jax.models.layers.attention import check_implementation
+from lora_jax.models.layers.attention import same_segment
+from lora_jax.models.layers.attention import segment_positions
+from lora_jax.models.layers.block import Block
+from lora_jax.models.layers.cross_entropy import fused_cross_entropy
+from lora_jax.models.layers.rope import config_value
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +64,10 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 _DROPOUT_RNGS = ("params", "dropout", "lora_dropout")
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
-  if isinstance(config, Mapping):
-    return config.get(name, default)
-  return getattr(config, name, default)
-
-
 def _windows(config: Any, model_type: str, layers: int) -> tuple[int | None, ...]:
   """Each layer's sliding window (``None``: full causal attention), as transformers reads it."""
-  window = _get(config, "sliding_window")
-  layer_types = _get(config, "layer_types")
+  window = config_value(config, "sliding_window")
+  layer_types = config_value(config, "layer_types")
   if layer_types is not None:
     bad = sorted({t for t in layer_types if t not in _LAYER_TYPES})
     if bad:
@@ -81,8 +77,8 @@ def _windows(config: Any, model_type: str, layers: int) -> tuple[int | None, ...
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
   if model_type == "mistral":
     return (window,) * layers
-  if model_type in ("qwen2", "qwen3") and _get(config, "use_sliding_window", False):
-    first = _get(config, "max_window_layers", layers)
+  if model_type in ("qwen2", "qwen3") and config_value(config, "use_sliding_window", False):
+    first = config_value(config, "max_window_layers", layers)
     return tuple(window if i >= first else None for i in range(layers))
   return (None,) * layers
 
@@ -125,51 +121,54 @@ class DecoderConfig:
       >>> c.head_dim, c.qkv_bias, c.o_bias, c.qk_norm
       (16, True, False, False)
     """
-    model_type = _get(config, "model_type")
+    model_type = config_value(config, "model_type")
     if model_type not in MODEL_TYPES:
       raise ValueError(
         f"unsupported model_type {model_type!r} for a decoder; supported: {', '.join(MODEL_TYPES)}"
       )
     where = f"{model_type} config"
-    act = _get(config, "hidden_act", "silu")
+    act = config_value(config, "hidden_act", "silu")
     activation(act, where)
-    hidden, heads = int(_get(config, "hidden_size")), int(_get(config, "num_attention_heads"))
-    kv_heads = int(_get(config, "num_key_value_heads") or heads)
+    hidden, heads = (
+      int(config_value(config, "hidden_size")),
+      int(config_value(config, "num_attention_heads")),
+    )
+    kv_heads = int(config_value(config, "num_key_value_heads") or heads)
     if heads % kv_heads:
       raise ValueError(
         f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads} ({where})"
       )
-    head_dim = _get(config, "head_dim") or hidden // heads
-    if not _get(config, "head_dim") and hidden % heads:
+    head_dim = config_value(config, "head_dim") or hidden // heads
+    if not config_value(config, "head_dim") and hidden % heads:
       raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    if float(_get(config, "attention_dropout", 0.0) or 0.0):
+    if float(config_value(config, "attention_dropout", 0.0) or 0.0):
       logger.warning(
         "%s: attention_dropout=%s is not applied (jax.nn.dot_product_attention has none)",
         where,
-        _get(config, "attention_dropout"),
+        config_value(config, "attention_dropout"),
       )
-    layers = int(_get(config, "num_hidden_layers"))
-    attention_bias = bool(_get(config, "attention_bias", False))
+    layers = int(config_value(config, "num_hidden_layers"))
+    attention_bias = bool(config_value(config, "attention_bias", False))
     qwen2 = model_type == "qwen2"
     return cls(
       model_type=model_type,
-      vocab_size=int(_get(config, "vocab_size")),
+      vocab_size=int(config_value(config, "vocab_size")),
       hidden_size=hidden,
-      intermediate_size=int(_get(config, "intermediate_size")),
+      intermediate_size=int(config_value(config, "intermediate_size")),
       num_hidden_layers=layers,
       num_attention_heads=heads,
       num_key_value_heads=kv_heads,
       head_dim=int(head_dim),
       hidden_act=act,
-      rms_norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
+      rms_norm_eps=float(config_value(config, "rms_norm_eps", 1e-6)),
       rope=rope_lib.rope_settings(config),
-      tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
+      tie_word_embeddings=bool(config_value(config, "tie_word_embeddings", False)),
       qkv_bias=qwen2 or attention_bias,
       o_bias=attention_bias and not qwen2,
-      mlp_bias=bool(_get(config, "mlp_bias", False)),
+      mlp_bias=bool(config_value(config, "mlp_bias", False)),
       qk_norm=model_type == "qwen3",
       sliding_windows=_windows(config, model_type, layers),
-      initializer_range=float(_get(config, "initializer_range", 0.02)),
+      initializer_range=float(config_value(config, "initializer_range", 0.02)),
     )
 
 
@@ -204,20 +203,8 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-class _Base(nn.Module):
-  config: DecoderConfig
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  def dense(self, features: int, use_bias: bool, name: str) -> nn.Dense:
-    return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=nn.initializers.normal(self.config.initializer_range),
-      name=name,
-    )
+class _Base(Block):
+  """A decoder module (``config`` a :class:`DecoderConfig`)."""
 
   def norm(self, name: str) -> RMSNorm:
     return RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, name=name)
@@ -233,9 +220,9 @@ class Attention(_Base):
     cfg = self.config
     batch, seq, _ = x.shape
     heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = self.dense(heads * dim, cfg.qkv_bias, "q_proj")(x).reshape(batch, seq, heads, dim)
-    k = self.dense(kv_heads * dim, cfg.qkv_bias, "k_proj")(x).reshape(batch, seq, kv_heads, dim)
-    v = self.dense(kv_heads * dim, cfg.qkv_bias, "v_proj")(x).reshape(batch, seq, kv_heads, dim)
+    q = self.dense(heads * dim, "q_proj", cfg.qkv_bias)(x).reshape(batch, seq, heads, dim)
+    k = self.dense(kv_heads * dim, "k_proj", cfg.qkv_bias)(x).reshape(batch, seq, kv_heads, dim)
+    v = self.dense(kv_heads * dim, "v_proj", cfg.qkv_bias)(x).reshape(batch, seq, kv_heads, dim)
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head, before the rotation
       q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
     q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
@@ -248,7 +235,7 @@ class Attention(_Base):
     if kv is not None and implementation in SEGMENT_IMPLEMENTATIONS:
       implementation = "xla"  # cached decoding: queries against cache slots, no segment ids
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation)
-    return self.dense(cfg.hidden_size, cfg.o_bias, "o_proj")(out.reshape(batch, seq, -1)), kv
+    return self.dense(cfg.hidden_size, "o_proj", cfg.o_bias)(out.reshape(batch, seq, -1)), kv
 
 
 class MLP(_Base):
@@ -257,9 +244,9 @@ class MLP(_Base):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    gate = self.dense(cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
-    up = self.dense(cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-    return self.dense(cfg.hidden_size, cfg.mlp_bias, "down_proj")(
+    gate = self.dense(cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
+    up = self.dense(cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
+    return self.dense(cfg.hidden_size, "down_proj", cfg.mlp_bias)(
       ACTIVATIONS[cfg.hidden_act](gate) * up
     )
 
@@ -280,12 +267,8 @@ class DecoderLayer(_Base):
       mask = SegmentMask(
         (mask.dense if isinstance(mask, SegmentMask) else mask) & (distance < window)
       )
-    attn = Attention(
-      self.config,
-      self.dtype,
-      self.param_dtype,
-      attention_implementation=self.attention_implementation,
-      name="self_attn",
+    attn = self.child(
+      Attention, "self_attn", attention_implementation=self.attention_implementation
     )
     y, kv = attn(self.norm("input_layernorm")(x), cos, sin, mask, kv, cache_index)
     x = x + y
@@ -304,13 +287,7 @@ class _LayerList(_Base):
     layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     ks, vs = [], []
     for i in range(self.config.num_hidden_layers):
-      layer = layer_cls(
-        self.config,
-        self.dtype,
-        self.param_dtype,
-        attention_implementation=self.attention_implementation,
-        name=str(i),
-      )
+      layer = self.child(layer_cls, str(i), attention_implementation=self.attention_implementation)
       window = None if windows is None else windows[i]
       kv = None if cache is None else (cache.k[i], cache.v[i])
       x, kv = layer(x, cos, sin, mask, distance, window, kv, cache_index)
@@ -466,7 +443,7 @@ class Decoder(_Base):
       remat=self.remat,
     )
     if self.task == "causal-lm" and not self.config.tie_word_embeddings:
-      self.lm_head = self.dense(self.config.vocab_size, False, "lm_head")
+      self.lm_head = self.dense(self.config.vocab_size, "lm_head", use_bias=False)
 
   def __call__(
     self,

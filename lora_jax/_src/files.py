@@ -1,30 +1,28 @@
-"""Checkpoint files: a local folder or Hub repo, and its tensors read lazily from disk.
+"""Tensor files and atomic folders: the I/O every lora_jax writer and reader shares.
 
-:func:`open_checkpoint` maps every tensor name of a Hugging Face checkpoint to a
-:class:`LazyTensor`: its shape and dtype come from the file header, and its values are a
-memory-mapped view of the file, read only when (and as far as) they are indexed. A loader can
-therefore turn one tensor at a time into a device array, or read only the slice one device
-holds, and a checkpoint never sits in host memory twice. ``model.safetensors`` and sharded
-``model.safetensors.index.json`` are read this way, every safetensors dtype included
-(bfloat16 and float8 through ``ml_dtypes``); ``pytorch_model.bin`` files need torch and are
-read whole.
+* safetensors files read lazily (:class:`LazyTensor`: shape and dtype from the header, values a
+  memory-mapped view read when indexed), every dtype included (bfloat16 and float8 through
+  ``ml_dtypes``), or whole; written from numpy-convertible arrays;
+* ``pytorch_model.bin`` / ``adapter_model.bin`` files read with ``torch.load(weights_only=True)``
+  (needs torch);
+* :func:`publish`: a folder's files written into a temporary sibling and moved in one by one,
+  so that each appears complete or not at all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
+from collections.abc import Callable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN = "pytorch_model.bin"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 
 _DTYPES = {
   "F64": "<f8",
@@ -40,6 +38,8 @@ _DTYPES = {
   "U64": "<u8",
   "BOOL": "?",
 }
+
+
 _ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
@@ -148,74 +148,45 @@ def read_torch_file(path: Path) -> dict[str, np.ndarray]:
   }
 
 
-def _shards(folder: Path, index_name: str) -> list[Path]:
-  weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-  return [folder / shard for shard in sorted(set(weight_map.values()))]
+def write_safetensors(tensors: Mapping[str, Any], path, metadata: Mapping[str, str]) -> None:
+  """Writes numpy-convertible ``tensors`` to ``path`` (bfloat16 included)."""
+  from safetensors.numpy import save_file
+
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=dict(metadata))
 
 
-def open_checkpoint(folder: str | Path) -> Mapping[str, LazyTensor | np.ndarray]:
-  """Every tensor of the checkpoint in ``folder`` by Hugging Face name, read lazily.
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file; a damaged file raises a ``ValueError`` naming it."""
+  try:
+    return read_safetensors_file(Path(path))
+  except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError, ...
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    raise ValueError(
+      f"{str(path)!r} ({size} bytes) is not a readable safetensors file; it is probably "
+      f"truncated or corrupted (re-download or re-export it): {type(e).__name__}: {e}"
+    ) from None
 
-  Looks for, in order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
-  ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (the last two need torch and are
-  read into memory).
 
-  Raises:
-    FileNotFoundError: no weights file in ``folder`` (the files present are listed).
+def publish(directory, write: Callable[[Path], None], *, last: Sequence[str] = ()) -> Path:
+  """Runs ``write(tmp)`` into a fresh sibling of ``directory``, then moves each file in.
+
+  Every file appears complete or not at all (``os.replace``); a failed ``write`` leaves
+  ``directory`` as it was. Files named in ``last`` (configs) move in after the others, so a
+  reader that finds the new config also finds the new weights.
   """
-  folder = Path(folder)
-  if (folder / SAFETENSORS).exists():
-    return safetensors_header(folder / SAFETENSORS)
-  if (folder / SAFETENSORS_INDEX).exists():
-    out: dict = {}
-    for shard in _shards(folder, SAFETENSORS_INDEX):
-      out.update(safetensors_header(shard))
-    return out
-  if (folder / TORCH_BIN).exists():
-    return read_torch_file(folder / TORCH_BIN)
-  if (folder / TORCH_BIN_INDEX).exists():
-    out = {}
-    for shard in _shards(folder, TORCH_BIN_INDEX):
-      out.update(read_torch_file(shard))
-    return out
-  present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-  raise FileNotFoundError(
-    f"no checkpoint in {str(folder)!r}: expected one of {list(WEIGHT_FILES)}; found {present}"
-  )
-
-
-def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
-  """All tensors of the checkpoint in ``folder``, by Hugging Face name, as numpy arrays.
-
-  Safetensors tensors are read-only memory-mapped views (see :func:`open_checkpoint`).
-  """
-  return {name: np.asarray(t) for name, t in open_checkpoint(folder).items()}
-
-
-def resolve_folder(
-  name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | None = None
-) -> Path:
-  """A local model folder, or a Hub repo id downloaded (config + weights only) to the HF cache.
-
-  Safetensors weights are fetched when the repo has them, else ``pytorch_model*.bin``.
-  """
-  if Path(name_or_path).is_dir():
-    return Path(name_or_path)
-  name = str(name_or_path)
-  if name.startswith(("/", ".", "~")) or Path(name).exists():
-    raise FileNotFoundError(f"{name!r} is not a model folder (and not a Hub repo id)")
-  import huggingface_hub
-
-  kw = dict(repo_id=name, revision=revision, cache_dir=cache_dir)
-  folder = Path(
-    huggingface_hub.snapshot_download(
-      **kw, allow_patterns=["config.json", "model*.safetensors", SAFETENSORS_INDEX]
-    )
-  )
-  if not any((folder / f).exists() for f in (SAFETENSORS, SAFETENSORS_INDEX)):
-    folder = Path(
-      huggingface_hub.snapshot_download(
-        **kw, allow_patterns=["config.json", "pytorch_model*.bin", TORCH_BIN_INDEX]
-      )
-    )
-  return folder
+  directory = Path(directory).expanduser()
+  if directory.exists() and not directory.is_dir():
+    raise NotADirectoryError(f"cannot export to {str(directory)!r}: it is a file")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  try:
+    write(tmp)
+    directory.mkdir(exist_ok=True)
+    files = [Path(root) / name for root, _, names in os.walk(tmp) for name in names]
+    for src in sorted(files, key=lambda f: (f.name in last, str(f))):
+      dst = directory / src.relative_to(tmp)
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(src, dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory

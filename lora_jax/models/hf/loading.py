@@ -1,13 +1,9 @@
-"""Hugging Face checkpoints <-> Flax parameters for every model family, and ``from_pretrained``.
+"""``from_pretrained`` and ``from_config``: a model family's Flax module and its parameters.
 
-A config's ``model_type`` picks the family: BERT/RoBERTa encoders
-(:mod:`lora_jax.models.bert_names`) or Llama-family decoders
-(:mod:`lora_jax.models.llama_names`). Each family maps transformers' tensor names to Flax
-``"a/b/c"`` paths; this module adds what they share: a Linear's ``weight`` is stored
-transposed (``kernel [in, out]``), scanned layers are stacked from (and split into)
-transformers' per-layer tensors, and checkpoints are read tensor by tensor from memory-mapped
-files (:mod:`lora_jax.models.files`), straight into device arrays of the requested dtype and
-sharding, so that a checkpoint never sits in host memory twice.
+A config's ``model_type`` picks the family (:mod:`.family`); checkpoints are read tensor by
+tensor from memory-mapped files (:mod:`.checkpoint`), named by the family's mapping
+(:mod:`.convert`), straight into device arrays of the requested dtype and sharding, so that a
+checkpoint never sits in host memory twice.
 
 :func:`from_config` builds the same modules with random weights and no checkpoint.
 """
@@ -26,41 +22,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lora_jax._src import quantize as quantization
-from lora_jax._src import stacking
 from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import kernel_layouts
-from lora_jax._src.quantize import Quantization
-from lora_jax.models import bert_names
-from lora_jax.models import llama_names
-from lora_jax.models.files import SAFETENSORS  # noqa: F401  (re-exported)
-from lora_jax.models.files import open_checkpoint
-from lora_jax.models.files import read_safetensors_file  # noqa: F401  (re-exported)
-from lora_jax.models.files import read_state_dict  # noqa: F401  (re-exported)
-from lora_jax.models.files import read_torch_file  # noqa: F401  (re-exported)
-from lora_jax.models.files import resolve_folder
+from lora_jax.models.hf.checkpoint import open_checkpoint
+from lora_jax.models.hf.checkpoint import resolve_folder
+from lora_jax.models.hf.convert import flax_shape
+from lora_jax.models.hf.convert import path_to_hf_name
+from lora_jax.models.hf.convert import to_flax_layout
+from lora_jax.models.hf.family import family_of
+from lora_jax.quant import tree as quantization
+from lora_jax.quant.array import stack as stack_quantized
+from lora_jax.quant.tree import Quantization
 
 logger = logging.getLogger(__name__)
 
-_FAMILIES = (bert_names, llama_names)
 Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
-
-
-def family(config: Any):
-  """The name-mapping module of ``config``'s model family (by ``model_type``).
-
-  Raises:
-    ValueError: a ``model_type`` no family implements (the supported ones are listed).
-  """
-  model_type = getattr(config, "model_type", None)
-  for fam in _FAMILIES:
-    if model_type in fam.MODEL_TYPES:
-      return fam
-  supported = [t for fam in _FAMILIES for t in fam.MODEL_TYPES]
-  raise ValueError(
-    f"unsupported model_type {model_type!r} (from {type(config).__name__}); "
-    f"supported: {', '.join(supported)}"
-  )
 
 
 def auto_model(
@@ -86,7 +62,7 @@ def auto_model(
     scan_layers: decoders only: run the layers under ``nn.scan`` with stacked parameters (one
       layer compiled, whatever the depth).
     attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
-      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.attention``).
+      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.layers.attention``).
 
   Raises:
     ValueError: unsupported ``model_type``, task or setting (named, with the valid ones).
@@ -103,7 +79,7 @@ def auto_model(
     >>> sum(x.size for x in jax.tree.leaves(shapes))
     6738415616
   """
-  return family(config).build(
+  return family_of(config).build(
     config,
     task,
     dtype=dtype,
@@ -112,156 +88,6 @@ def auto_model(
     scan_layers=scan_layers,
     attention_implementation=attention_implementation,
   )
-
-
-# ---------------------------------------------------------------------------------------------
-# Names and layouts.
-
-
-def hf_name_to_path(name: str, config: Any) -> str | None:
-  """A transformers tensor name as the Flax ``"a/b/c"`` params path (no ``params/``).
-
-  ``None`` for buffers that are not parameters. Names of modules the model lacks still map.
-
-  Example:
-    >>> import transformers
-    >>> hf_name_to_path("model.layers.3.self_attn.q_proj.weight", transformers.LlamaConfig())
-    'model/layers/3/self_attn/q_proj/kernel'
-  """
-  return family(config).hf_name_to_path(name, config)
-
-
-def path_to_hf_name(path: str, config: Any, prefix: str = "") -> str:
-  """Inverse of :func:`hf_name_to_path`; ``prefix`` (e.g. ``"bert."``) goes on base modules.
-
-  Raises:
-    ValueError: for a leaf that is not a plain weight (e.g. ``lora_a``: merge adapters first).
-  """
-  fam = family(config)
-  leaf = path.rsplit("/", 1)[-1]
-  if leaf not in fam.HF_LEAF:
-    raise ValueError(
-      f"parameter {path!r} has no Hugging Face name: leaf {leaf!r} is not one of "
-      f"{sorted(fam.HF_LEAF)} (merge LoRA adapters into the weights before exporting)"
-    )
-  return fam.path_to_hf_name(path, config, prefix)
-
-
-def _is_kernel(path: str, ndim: int) -> bool:
-  return path.endswith("/kernel") and ndim == 2
-
-
-def _to_flax_layout(path: str, array):
-  return array.T if _is_kernel(path, np.ndim(array)) else array
-
-
-def _flax_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(reversed(shape)) if _is_kernel(path, len(shape)) else tuple(shape)
-
-
-def stacked_layers(tree: Mapping, config: Any) -> str | None:
-  """The container of ``tree``'s scanned (stacked) layers, or ``None`` if they are per layer."""
-  container = family(config).LAYERS
-  if container is None or not stacking.is_stacked(tree, container):
-    return None
-  return container
-
-
-def per_layer(tree: Mapping, config: Any) -> Mapping:
-  """``tree`` (bare params) with scanned layers split per layer, as transformers names them."""
-  container = stacked_layers(tree, config)
-  return tree if container is None else stacking.unstack_layers(tree, container)
-
-
-def hf_to_flax(state_dict: Mapping[str, Any], config: Any) -> dict:
-  """A transformers state dict (name -> array) as a nested Flax params dict of numpy arrays.
-
-  Every tensor is converted, whether the model uses it or not; layers come out unscanned
-  (``model/layers/0/...``: :func:`lora_jax.stack_layers` stacks them). See
-  :func:`from_pretrained` for checking against a model.
-
-  Example:
-    >>> import numpy as np, transformers
-    >>> sd = {"bert.pooler.dense.weight": np.zeros((4, 3)), "classifier.bias": np.zeros(2)}
-    >>> p = hf_to_flax(sd, transformers.BertConfig())
-    >>> p["pooler"]["dense"]["kernel"].shape, sorted(p["classifier"])
-    ((3, 4), ['bias'])
-  """
-  flat = {}
-  for name, array in state_dict.items():
-    path = hf_name_to_path(name, config)
-    if path is not None:
-      flat[path] = _to_flax_layout(path, np.asarray(array))
-  return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def default_prefix(params: Mapping, config: Any) -> str:
-  """The base-model prefix :func:`flax_to_hf` uses by default for ``params``.
-
-  ``"bert."`` / ``"roberta."`` when an encoder's tree has a ``classifier`` (a
-  ``*ForSequenceClassification`` model), else ``""`` (decoder paths carry ``model/`` already).
-
-  Example:
-    >>> import transformers
-    >>> default_prefix({"classifier": {}, "encoder": {}}, transformers.BertConfig())
-    'bert.'
-  """
-  if "params" in params and isinstance(params["params"], Mapping):
-    params = params["params"]
-  return family(config).default_prefix(params, config)
-
-
-def flax_to_hf(params: Mapping, config: Any, *, prefix: str | None = None) -> dict:
-  """Flax params (or ``{"params": ...}``) as a transformers state dict of numpy arrays.
-
-  Scanned layers are split into transformers' per-layer tensors.
-
-  Args:
-    params: the model's params tree (LoRA adapters merged).
-    config: the transformers config of the model.
-    prefix: put before base-model names, e.g. ``"roberta."``; by default
-      :func:`default_prefix`.
-
-  Example:
-    >>> import numpy as np, transformers
-    >>> cfg = transformers.RobertaConfig()
-    >>> p = {"classifier": {"out_proj": {"kernel": np.zeros((3, 2))}},
-    ...      "encoder": {"layer": {"0": {"output": {"LayerNorm": {"scale": np.ones(3)}}}}}}
-    >>> {k: v.shape for k, v in flax_to_hf(p, cfg).items()}
-    {'classifier.out_proj.weight': (2, 3), 'roberta.encoder.layer.0.output.LayerNorm.weight': (3,)}
-  """
-  if "params" in params and isinstance(params["params"], Mapping):
-    params = params["params"]
-  if prefix is None:
-    prefix = default_prefix(params, config)
-  out = {}
-  flat = traverse_util.flatten_dict(per_layer(params, config), sep="/")
-  for path, leaf in flat.items():
-    out[path_to_hf_name(path, config, prefix)] = _to_flax_layout(path, np.asarray(leaf))
-  return out
-
-
-def hf_module_name(module_path: str, config: Any, prefix: str = "") -> str:
-  """A Flax module path (no ``params/``) as the transformers module name, e.g. for PEFT.
-
-  Example:
-    >>> import transformers
-    >>> hf_module_name("encoder/layer/0/attention/self/query", transformers.BertConfig(), "bert.")
-    'bert.encoder.layer.0.attention.self.query'
-  """
-  # Only leaf names differ between the two namings, so any weight leaf stands in for the module.
-  return path_to_hf_name(f"{module_path}/kernel", config, prefix).removesuffix(".weight")
-
-
-def hf_module_to_path(name: str, config: Any) -> str:
-  """Inverse of :func:`hf_module_name`: ``"bert.encoder.layer.0.output.dense"`` -> Flax path.
-
-  Example:
-    >>> import transformers
-    >>> hf_module_to_path("bert.embeddings.word_embeddings", transformers.BertConfig())
-    'embeddings/word_embeddings'
-  """
-  return hf_name_to_path(f"{name}.weight", config).rsplit("/", 1)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +119,7 @@ def _device_array(path: str, tensors: list, stacked: bool, shape, dtype, shardin
   dtype = np.dtype(dtype)
 
   def view(tensor, index) -> np.ndarray:
-    return _to_flax_layout(path, np.asarray(tensor))[index]
+    return to_flax_layout(path, np.asarray(tensor))[index]
 
   def host(index):
     if not stacked:
@@ -345,7 +171,7 @@ def _quantized_array(path: str, tensors: list, stacked: bool, shape, dtype, quan
     )
     for t in tensors
   ]
-  return quantization.stack(parts) if stacked else parts[0]
+  return stack_quantized(parts) if stacked else parts[0]
 
 
 def load_params(
@@ -362,8 +188,8 @@ def load_params(
   """Checks a transformers state dict against ``module`` and returns its params.
 
   ``state_dict`` maps transformers names to arrays or lazy tensors
-  (:func:`lora_jax.models.files.open_checkpoint`); each parameter is read into a device array
-  of ``param_dtype`` on ``sharding`` (a ``jax.sharding.Sharding``, or a function of the
+  (:func:`.checkpoint.open_checkpoint`); each parameter is read into a device array of
+  ``param_dtype`` on ``sharding`` (a ``jax.sharding.Sharding``, or a function of the
   ``"params/a/b/c"`` path and shape returning one; default: the first device), stacked from
   per-layer tensors when ``module`` scans its layers; with ``quantize``, the kernels it selects
   are quantized one layer at a time as they are read (:func:`lora_jax.quantize`). Encoder heads
@@ -371,7 +197,7 @@ def load_params(
   reported in one warning; tensors the model does not use, likewise. Any other missing tensor or
   any shape mismatch raises one error listing all of them.
   """
-  fam = family(config)
+  fam = family_of(config)
   dummy = jnp.zeros((1, 1), jnp.int32)
   key = jax.random.key(rng) if isinstance(rng, int) else rng
   expected = traverse_util.flatten_dict(jax.eval_shape(module.init, key, dummy)["params"], sep="/")
@@ -381,9 +207,9 @@ def load_params(
     path = fam.hf_name_to_path(name, config)
     if path is not None:
       found[path], names[path] = tensor, name
-  base = fam.BASE_PREFIX.get(config.model_type)
+  base = fam.base_prefix.get(config.model_type)
   prefix = f"{base}." if base and any(n.startswith(f"{base}.") for n in names.values()) else ""
-  container = fam.LAYERS if getattr(module, "scan_layers", False) else None
+  container = fam.layers if getattr(module, "scan_layers", False) else None
   sources = {p: _sources(p, s.shape, container) for p, s in expected.items()}
 
   stacked = {p: len(sources[p]) > 1 or sources[p] != [p] for p in expected}
@@ -397,11 +223,11 @@ def load_params(
         else:
           problems.append(
             f"  {path_to_hf_name(src, config, prefix)} ({src}): expected "
-            f"{_flax_shape(src, layer_shape)}, missing"
+            f"{flax_shape(src, layer_shape)}, missing"
           )
-      elif _flax_shape(src, found[src].shape) != tuple(layer_shape):
+      elif flax_shape(src, found[src].shape) != tuple(layer_shape):
         problems.append(
-          f"  {names[src]} ({src}): expected {_flax_shape(src, layer_shape)}, "
+          f"  {names[src]} ({src}): expected {flax_shape(src, layer_shape)}, "
           f"got {tuple(found[src].shape)}"
         )
   model_name = f"{config.model_type} (task={module.task!r})"
@@ -457,7 +283,7 @@ def _init_subset(module, key: jax.Array, dummy: jax.Array, paths: list[str]) -> 
 def _with_labels(config: Any, num_labels: int | None, copy_config: bool) -> Any:
   if num_labels is None:
     return config
-  if family(config) is not bert_names:
+  if not family_of(config).classifies:
     raise ValueError(
       f"num_labels={num_labels} is for sequence-classification encoders; a "
       f"{config.model_type!r} decoder has no classification head here"
@@ -474,11 +300,11 @@ def from_config(
   dtype: Any = jnp.float32,
   param_dtype: Any = jnp.float32,
   *,
+  quantize: Quantization | None = None,
   rng: jax.Array | int = 0,
   remat: bool = False,
   scan_layers: bool = False,
   attention_implementation: str | None = None,
-  quantize: Quantization | None = None,
 ) -> tuple[Any, dict]:
   """A new Flax module and randomly initialised variables for a transformers config.
 
@@ -496,7 +322,7 @@ def from_config(
     remat: rematerialise each layer.
     scan_layers: decoders: stacked layers under ``nn.scan``.
     attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
-      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.attention``).
+      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.layers.attention``).
     quantize: a :class:`lora_jax.Quantization`: the kernels it selects are quantized after
       initialisation, as :func:`from_pretrained` does while reading.
 
@@ -516,15 +342,10 @@ def from_config(
     ((2, 3), 2)
   """
   config = _with_labels(config, num_labels, copy_config=True)
-  module = auto_model(
-    config,
-    task,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    remat=remat,
-    scan_layers=scan_layers,
-    attention_implementation=attention_implementation,
+  options = dict(
+    remat=remat, scan_layers=scan_layers, attention_implementation=attention_implementation
   )
+  module = auto_model(config, task, dtype=dtype, param_dtype=param_dtype, **options)
   key = jax.random.key(rng) if isinstance(rng, int) else rng
   variables = {"params": jax.jit(module.init)(key, jnp.zeros((1, 1), jnp.int32))["params"]}
   if quantize is not None:
@@ -571,7 +392,7 @@ def from_pretrained(
     remat: rematerialise each layer.
     scan_layers: decoders: stacked layers under ``nn.scan`` (read from per-layer tensors).
     attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
-      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.attention``).
+      also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.layers.attention``).
     sharding: where parameters go: a ``jax.sharding.Sharding`` for all, or a function of the
       ``"params/a/b/c"`` path and shape; each device reads only its slice from disk.
     quantize: a :class:`lora_jax.Quantization` (QLoRA's frozen base, e.g.
@@ -599,7 +420,7 @@ def from_pretrained(
 
     >>> import tempfile, transformers
     >>> from safetensors.numpy import save_file
-    >>> from lora_jax.models import auto_model
+    >>> from lora_jax.models import auto_model, flax_to_hf
     >>> cfg = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
     ...                               num_attention_heads=2, intermediate_size=16)
     >>> folder = tempfile.mkdtemp()
@@ -616,15 +437,10 @@ def from_pretrained(
   folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir)
   config = transformers.AutoConfig.from_pretrained(folder, **config_overrides)
   config = _with_labels(config, num_labels, copy_config=False)
-  module = auto_model(
-    config,
-    task,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    remat=remat,
-    scan_layers=scan_layers,
-    attention_implementation=attention_implementation,
+  options = dict(
+    remat=remat, scan_layers=scan_layers, attention_implementation=attention_implementation
   )
+  module = auto_model(config, task, dtype=dtype, param_dtype=param_dtype, **options)
   params = load_params(
     module,
     config,
