@@ -11,7 +11,8 @@ An adapter directory is an Orbax ``CheckpointManager`` directory holding one ste
                                       rslora, dropout, weight, in_axes, out_axes, rule,
                                       stacked, init, use_dora) and
                                       weight shape, each saved leaf's path, shape and dtype,
-                                      the lora_jax version, extra_trainable and metadata
+                                      a CRC-32 of each saved array, the lora_jax version,
+                                      extra_trainable and metadata
 
 The frozen base is never written. Each :func:`save_adapter` writes step ``n + 1`` into a
 temporary directory that Orbax renames into place once complete, and only then deletes step
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -286,6 +288,7 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
 
   info = {
     "format": FORMAT,
+    "crc32": _checksums(leaves),
     "format_version": FORMAT_VERSION,
     "lora_jax_version": __version__,
     "extra_trainable": list(extra_trainable),
@@ -325,7 +328,8 @@ def adapter_info(directory) -> dict:
 
   Keys: ``adapters`` (one record per adapter: path, rank, alpha, rslora, dropout, weight,
   in_axes, out_axes, rule, stacked, weight_shape), ``leaves`` (path, shape, dtype of each saved
-  leaf), ``extra_trainable``, ``metadata``, ``lora_jax_version``, ``format``, ``format_version``.
+  leaf), ``crc32`` (of each saved array, by path), ``extra_trainable``, ``metadata``,
+  ``lora_jax_version``, ``format``, ``format_version``.
 
   Raises:
     FileNotFoundError: ``directory`` does not exist.
@@ -334,6 +338,28 @@ def adapter_info(directory) -> dict:
   path = _open(directory)
   with _manager(path, read_only=True) as mngr:
     return _read_info(mngr, path)[1]
+
+
+def _checksums(leaves: Mapping[str, Any]) -> dict[str, int]:
+  """CRC-32 of each saved leaf's bytes (arrays this process holds whole), by path."""
+  return {
+    p: zlib.crc32(np.ascontiguousarray(np.asarray(v)))
+    for p, v in leaves.items()
+    if getattr(v, "is_fully_addressable", True)
+  }
+
+
+def _check_checksums(info: Mapping, restored: Mapping[str, Any], where) -> None:
+  """Refuses restored leaves whose bytes differ from the CRC-32 saved with them (adapters
+  written before checksums were kept have none to compare)."""
+  bad = sorted(
+    p for p, crc in _checksums(restored).items() if info.get("crc32", {}).get(p, crc) != crc
+  )
+  if bad:
+    raise ValueError(
+      f"the adapter arrays in {str(where)!r} fail their CRC-32 check at {bad[:5]}: the files "
+      "are damaged (bit rot, an interrupted copy); save or copy the adapter again"
+    )
 
 
 def _abstract(info: Mapping, flat: Mapping[str, Any]) -> dict:
@@ -365,8 +391,8 @@ def load_adapter(directory, params):
   Raises:
     FileNotFoundError: ``directory`` does not exist.
     ValueError: ``directory`` is not a lora_jax adapter, its files cannot be read (corrupted or
-      truncated), or ``params`` does not fit it: one message lists every missing leaf and
-      shape mismatch.
+      truncated) or hold arrays that fail their saved CRC-32 (a flipped bit), or ``params``
+      does not fit it: one message lists every missing leaf and shape mismatch.
 
   Example:
     >>> import tempfile, flax.linen as nn, jax, jax.numpy as jnp
@@ -403,9 +429,11 @@ def load_adapter(directory, params):
         f"damaged (corrupted or truncated files): {detail[:400]}"
       ) from e
 
+  restored = flatten(restored)
+  _check_checksums(info, restored, path / str(step) / ADAPTER_ITEM)
   specs = {r["path"]: _spec_from_record(r) for r in info["adapters"]}
   _check_residual_base(flat, specs, path)
-  return rebuild(insert(tree, flatten(restored), specs))
+  return rebuild(insert(tree, restored, specs))
 
 
 def _check_residual_base(flat: dict, specs: dict, path) -> None:
