@@ -82,3 +82,36 @@ def test_bad_pairs_are_refused():
   other["params"]["out"]["kernel"] = jnp.zeros((16, 7))
   with pytest.raises(ValueError, match=r"params/out/kernel is shape \(16, 7\) in merged"):
     unmerge(other, adapted)
+
+
+def test_unmerging_another_adapter_or_twice_is_refused():
+  base = MLP().init(jax.random.key(0), jnp.ones((1, 8)))
+  task_1, task_2 = trained(base, 1), trained(base, 2)
+  deployed = merge(task_1)
+  with pytest.raises(
+    ValueError,
+    match=r"differ from adapted's base weights beyond rounding \(params/hidden/kernel by ",
+  ):
+    unmerge(deployed, task_2)  # task 1 was merged, not task 2
+  restored = unmerge(deployed, task_1)
+  with pytest.raises(ValueError, match="another adapter, or unmerged already"):
+    unmerge(restored, task_1)
+  # Merged one after another, each unmerged in turn, with the check off.
+  on_1 = jax.tree.map(lambda v: v, task_2)
+  for name in ("hidden", "out"):
+    on_1["params"][name]["kernel"] = deployed["params"][name]["kernel"]
+  both = merge(on_1)
+  back = unmerge(unmerge(both, task_2, check=False), task_1)
+  for name in ("hidden", "out"):
+    np.testing.assert_allclose(
+      back["params"][name]["kernel"], base["params"][name]["kernel"], atol=1e-5
+    )
+
+
+def test_the_check_holds_under_jit_without_a_concrete_base():
+  base = MLP().init(jax.random.key(0), jnp.ones((1, 8)))
+  task_1 = trained(base, 1)
+  restored = jax.jit(unmerge)(merge(task_1), task_1)  # traced: nothing to compare, no error
+  np.testing.assert_allclose(
+    restored["params"]["out"]["kernel"], base["params"]["out"]["kernel"], atol=1e-5
+  )

@@ -73,7 +73,7 @@ def merge(params, *, check_finite: bool = True):
   return rebuild(paths.map_modules(fold, tree))
 
 
-def unmerge(merged, adapted):
+def unmerge(merged, adapted, *, check: bool = True):
   """Subtracts ``adapted``'s adapters from weights they were merged into: PEFT's ``unmerge``.
 
   A deployed model keeps one set of plain weights and switches tasks without reloading its
@@ -90,15 +90,20 @@ def unmerge(merged, adapted):
   Args:
     merged: a variables dict or bare params tree without adapter leaves (:func:`merge`'s
       output, or any tree the adapters' weights were merged into).
-    adapted: the tree carrying the adapters that were merged (from :func:`lora_init`; its own
-      base weights are used only for DoRA adapters, as said above).
+    adapted: the tree carrying the adapters that were merged (from :func:`lora_init`, with the
+      base weights they were merged into).
+    check: compare each restored weight with ``adapted``'s own base weight (where ``adapted``
+      holds a concrete array of that shape) and refuse a difference beyond rounding: the
+      weights held another adapter, or this one was unmerged already. ``check=False``
+      subtracts anyway (e.g. one of several adapters merged one after another).
 
   Returns:
     ``merged`` with each adapted weight restored; the same structure, shapes and dtypes.
 
   Raises:
-    ValueError: ``adapted`` carries no adapters, or an adapter's module or weight is missing
-      from ``merged`` or has another shape there.
+    ValueError: ``adapted`` carries no adapters, an adapter's module or weight is missing
+      from ``merged`` or has another shape there, or (``check``) a restored weight is not
+      ``adapted``'s base weight.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
@@ -119,7 +124,7 @@ def unmerge(merged, adapted):
   }
   if not adapters:
     raise ValueError("adapted carries no LoRA adapters: nothing to unmerge")
-  seen = set()
+  seen, off = set(), {}
 
   def subtract(path: str, module: dict) -> dict:
     if path not in adapters:
@@ -142,15 +147,43 @@ def unmerge(merged, adapted):
           f"unmerge: the DoRA adapter at {path} needs adapted's base weight {spec.weight!r} (the "
           "norm ||W + s*A@B|| it was merged with), but adapted holds no array there"
         )
-      w_new = dora.unmerged_weight(spec, w, base, a, b, own[LORA_MAGNITUDE])
-      return {**module, spec.weight: w_new.astype(w.dtype)}
-    return {**module, spec.weight: (w.astype(jnp.float32) - d).astype(w.dtype)}
+      w_new = dora.unmerged_weight(spec, w, base, a, b, own[LORA_MAGNITUDE]).astype(w.dtype)
+    else:
+      w_new = (w.astype(jnp.float32) - d).astype(w.dtype)
+    if check:
+      off[f"{path}/{spec.weight}"] = _off_base(w, w_new, materialize(own.get(spec.weight)))
+    return {**module, spec.weight: w_new}
 
   out = paths.map_modules(subtract, tree)
   missing = sorted(set(adapters) - seen)
   if missing:
     raise ValueError(f"unmerge: merged has no module {missing[0]!r} (adapted: {sorted(adapters)})")
+  bad = {p: d for p, d in sorted(off.items()) if d > 0}
+  if bad:
+    worst = ", ".join(f"{p} by {d:.3g}" for p, d in list(bad.items())[:3])
+    raise ValueError(
+      f"unmerge: after subtracting the adapter, weights differ from adapted's base weights beyond "
+      f"rounding ({worst}): merged does not hold this adapter merged into that base (another "
+      "adapter, or unmerged already); pass check=False to subtract anyway"
+    )
   return rebuild(out)
+
+
+def _off_base(merged, restored, base) -> float:
+  """How far ``restored`` is from ``base`` beyond the roundings of a merge and an unmerge (the
+  largest excess; <= 0 within them, or where there is no concrete base to compare)."""
+  arrays = (merged, restored, base)
+  if any(isinstance(x, jax.core.Tracer) or not hasattr(x, "dtype") for x in arrays):
+    return 0.0  # under jit, or no base weight in adapted: nothing concrete to compare
+  if np.shape(base) != np.shape(restored) or isinstance(base, jax.ShapeDtypeStruct):
+    return 0.0
+  m, r, w = (np.asarray(x, np.float32) for x in arrays)
+  dtype = np.asarray(restored).dtype
+  # a merge and an unmerge round twice in the weight's dtype; DoRA's norms add float32 error
+  ulp = np.spacing(np.maximum(np.abs(w), np.abs(m)).astype(dtype)).astype(np.float32)
+  tol = 4 * ulp + 1e-6 * float(np.max(np.abs(w), initial=0.0))
+  excess = np.abs(r - w) - tol
+  return float(np.max(np.abs(r - w))) if np.any(excess > 0) else 0.0
 
 
 def unload(params):
