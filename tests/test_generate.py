@@ -157,6 +157,8 @@ def test_bad_arguments_are_named(ckpt):
     (dict(temperature=0.7), "temperature=0.7 samples tokens: pass rng="),
     (dict(top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k=-1 must be an int >= 0"),
+    (dict(prompts=[[5, 9], [5, 211]]), r"prompts\[1\] holds token id 211, outside .* of 211"),
+    (dict(prompts=[[-5, 9]]), r"prompts\[0\] holds token id -5, outside .* \(ids 0\.\.210\)"),
   ]
   for kw, message in cases:
     kw = {"prompts": PROMPTS, "max_new_tokens": 4, **kw}

@@ -122,6 +122,17 @@ def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max
   return out, t
 
 
+def _check_ids(prompts, vocab_size: int) -> None:
+  """Token ids outside the embedding table would read no row (NaN, or zeros): refused."""
+  for i, p in enumerate(prompts):
+    bad = [t for t in p if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(
+        f"prompts[{i}] holds token id {bad[0]}, outside the model's vocabulary of {vocab_size} "
+        f"(ids 0..{vocab_size - 1}): was it tokenized with another model's tokenizer?"
+      )
+
+
 def _check(prompts, max_new_tokens, temperature, top_k, top_p, rng) -> None:
   if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not prompts:
     raise ValueError(f"prompts must be a non-empty list of token-id lists, got {prompts!r:.80}")
@@ -171,7 +182,8 @@ def generate(
     One list of new token ids per prompt, in order.
 
   Raises:
-    ValueError: malformed prompts or settings (named), or a module that is not a causal LM.
+    ValueError: malformed prompts or settings (named), token ids outside the vocabulary, or a
+      module that is not a causal LM.
 
   Example:
     >>> import jax, transformers
@@ -188,6 +200,7 @@ def generate(
       f"generate needs a lora_jax.models.Decoder with task='causal-lm', got {module!r:.120}"
     )
   _check(prompts, max_new_tokens, temperature, top_k, top_p, rng)
+  _check_ids(prompts, module.config.vocab_size)
   bucket = prompt_bucket(max(len(p) for p in prompts))
   ids = np.zeros((len(prompts), bucket), np.int32)
   valid = np.zeros((len(prompts), bucket), np.int32)
