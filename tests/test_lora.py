@@ -450,3 +450,44 @@ def test_initial_factors_follow_their_distribution(init):
       assert a.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
   a, b = np.asarray(params["embed"]["lora_a"]), np.asarray(params["embed"]["lora_b"])
   assert not a.any() and b.std() == pytest.approx(1.0, rel=0.05)
+
+
+class _AttentionBlock(nn.Module):
+  """flax's own attention (DenseGeneral q/k/v [in, heads, dim], out [heads, dim, out]) + MLP."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="attn")(x)
+    return nn.Dense(4, name="head")(nn.relu(nn.Dense(16, name="up")(x)))
+
+
+def test_all_linear_never_skips_a_multi_axis_kernel_silently():
+  model, x = _AttentionBlock(), jnp.ones((1, 3, 8))
+  base = model.init(jax.random.key(0), x)
+  with pytest.raises(
+    ValueError, match=r"'all-linear'.*params/attn/key/kernel \(8, 2, 4\).*kernel_layouts"
+  ):
+    lora_jax.lora_init(base, LoraRule("all-linear", rank=2), rng=jax.random.key(1))
+  layouts = lora_jax.kernel_layouts(model, x)
+  adapted = lora_jax.lora_init(
+    base, LoraRule("all-linear", rank=2), rng=jax.random.key(1), layouts=layouts
+  )
+  modules = sorted({p.rsplit("/", 1)[0] for p in adapter_paths(adapted)})
+  assert modules == [f"params/attn/{n}" for n in ("key", "out", "query", "value")] + [
+    "params/head",
+    "params/up",
+  ]
+  # excluding the attention kernels is the other way to say what all-linear should reach
+  mlp_only = lora_jax.lora_init(
+    base, LoraRule("all-linear", rank=2, exclude="params/attn/.*"), rng=jax.random.key(1)
+  )
+  assert sorted({p.rsplit("/", 1)[0] for p in adapter_paths(mlp_only)}) == [
+    "params/head",
+    "params/up",
+  ]
+
+
+def test_all_linear_on_scanned_layers_names_the_layouts():
+  stacked = {"params": {"layers": {"dense": {"kernel": jnp.ones((3, 8, 8))}}}}
+  with pytest.raises(ValueError, match=r"params/layers/dense/kernel \(3, 8, 8\).*scanned layers"):
+    lora_jax.lora_init(stacked, LoraRule("all-linear", rank=2), rng=jax.random.key(1))

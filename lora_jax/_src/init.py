@@ -45,11 +45,34 @@ def _is_linear(module: Mapping, layout: KernelLayout | None) -> bool:
   return len(module["kernel"].shape) == 2
 
 
+def _check_all_linear_layouts(modules, rules, layouts) -> None:
+  """``"all-linear"`` cannot tell a linear kernel of more than two axes (``DenseGeneral``,
+  ``Einsum``, scanned layers) from a convolution by its shape: such kernels are refused, not
+  skipped, until their layouts are known."""
+  unknown = [
+    f"{p}/kernel {tuple(m['kernel'].shape)}"
+    for p, m in modules
+    if "kernel" in m
+    and not isinstance(m["kernel"], Mapping)
+    and len(m["kernel"].shape) > 2
+    and p not in layouts
+    and any(r.all_linear and r.matches(p, True) for r in rules)
+  ]
+  if unknown:
+    raise ValueError(
+      f"LoraRule('all-linear') reaches kernels of more than two axes whose inputs and outputs "
+      f"are not known from their shapes ({', '.join(unknown[:3])}"
+      f"{', ...' if len(unknown) > 3 else ''}; multi-axis Dense, Einsum, scanned layers or "
+      "convolutions): pass layouts=lora_jax.kernel_layouts(model, *example_inputs), or exclude="
+      "them"
+    )
+
+
 def _assign(params, rules, layouts) -> dict[str, LoraRule]:
   """Maps each adapted module path to the first rule that matches it; checks every target hits."""
-  modules = [
-    (p, _is_linear(m, layouts.get(p))) for p, m in paths.iter_modules(params) if _own_leaves(m)
-  ]
+  owned = [(p, m) for p, m in paths.iter_modules(params) if _own_leaves(m)]
+  _check_all_linear_layouts(owned, rules, layouts)
+  modules = [(p, _is_linear(m, layouts.get(p))) for p, m in owned]
   chosen = assign(
     modules,
     [rule.selector for rule in rules],
