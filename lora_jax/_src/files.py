@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Callable
@@ -167,18 +169,43 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     ) from None
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)  # the only way to read it is to set it: put it back at once
+  os.umask(mask)
+  return mask
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+  """Removes ``<prefix><pid>-*`` folders whose process (on this machine) no longer runs."""
+  for tmp in parent.glob(f"{glob.escape(prefix)}*"):
+    pid = tmp.name[len(prefix) :].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(tmp, ignore_errors=True)
+    except PermissionError:
+      pass  # another user's live process
+
+
 def publish(directory, write: Callable[[Path], None], *, last: Sequence[str] = ()) -> Path:
   """Runs ``write(tmp)`` into a fresh sibling of ``directory``, then moves each file in.
 
   Every file appears complete or not at all (``os.replace``); a failed ``write`` leaves
   ``directory`` as it was. Files named in ``last`` (configs) move in after the others, so a
-  reader that finds the new config also finds the new weights.
+  reader that finds the new config also finds the new weights. Files get the permissions of
+  the user's umask (writers such as safetensors create them ``0600``), and temporary siblings
+  that a killed export of this machine left behind are removed.
   """
   directory = Path(directory).expanduser()
   if directory.exists() and not directory.is_dir():
     raise NotADirectoryError(f"cannot export to {str(directory)!r}: it is a file")
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+  prefix = f".{directory.name}.tmp-{socket.gethostname()}-"
+  _remove_abandoned(directory.parent, prefix)
+  tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=directory.parent))
+  mode = 0o666 & ~_umask()
   try:
     write(tmp)
     directory.mkdir(exist_ok=True)
@@ -186,6 +213,7 @@ def publish(directory, write: Callable[[Path], None], *, last: Sequence[str] = (
     for src in sorted(files, key=lambda f: (f.name in last, str(f))):
       dst = directory / src.relative_to(tmp)
       dst.parent.mkdir(parents=True, exist_ok=True)
+      os.chmod(src, mode)
       os.replace(src, dst)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
