@@ -112,6 +112,11 @@ def test_peft_made_adapter_imports_to_peft_logits(qwen3, scan, tmp_path):
         p.normal_(0.0, 0.3)
   peft_model.eval().save_pretrained(tmp_path)
   module, variables = from_pretrained(qwen3.folder, scan_layers=scan)
+  if scan:  # PEFT names each layer: a scanned model without config= is told to pass it
+    with pytest.raises(
+      ValueError, match=r"^'.*' names each layer's modules \('params/model/layers/0/"
+    ):
+      lora_jax.import_peft(tmp_path, variables)
   params = lora_jax.import_peft(tmp_path, variables, config=qwen3.config)
   ids, mask = mixed_batch(qwen3.config)
   ours = lora_jax.lora_apply(module.apply)(params, ids, mask)

@@ -19,6 +19,7 @@ from lora_jax._src.adapters import insert
 from lora_jax._src.files import read_safetensors
 from lora_jax._src.files import read_torch_file
 from lora_jax._src.paths import flatten
+from lora_jax._src.paths import module_of
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
@@ -130,6 +131,19 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
         "linear layers only"
       )
   return factors, others
+
+
+def _stacked_in(flat: Mapping[str, Any], modules: list[str]) -> tuple[str, str] | None:
+  """``(module, container)`` where a per-layer module path (``.../layers/3/q_proj``) is missing
+  but the tree has it without the layer index (``.../layers/q_proj``): scanned layers."""
+  weights = {module_of(p) for p in flat}
+  for module in modules:
+    parts = module.split("/")
+    for i, part in enumerate(parts):
+      if part.isdigit() and module not in weights:
+        if "/".join(parts[:i] + parts[i + 1 :]) in weights:
+          return module, "/".join(parts[:i])
+  return None
 
 
 def import_peft(
@@ -251,6 +265,13 @@ def import_peft(
   except ValueError as e:
     if config is not None:
       raise
+    stacked = _stacked_in(flat, [r["path"] for r in records])
+    if stacked:
+      raise ValueError(
+        f"{source} names each layer's modules ({stacked[0]!r}, ...), but params hold scanned "
+        f"(stacked) layers at {stacked[1]!r}: pass config=<the model's transformers config> "
+        "(lora_jax then splits and restacks the layers), or unstack_layers first"
+      ) from None
     raise ValueError(
       f"{e}\n(without config=, names were read as Flax paths; for an adapter made with PEFT on "
       "a transformers model, pass config=the model's transformers config)"
