@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import pty
 import shutil
+import subprocess
 import sys
 from fnmatch import fnmatch
 from typing import Any
@@ -447,3 +450,38 @@ def test_roberta_base_param_counts_match_peft_own_count():
   ours_trainable, ours_total = count_params(shapes, extra_trainable=("classifier",))
   head = sum(x.size for x in jax.tree.leaves(shapes["params"]["classifier"]))
   assert (ours_trainable, ours_total + head) == (trainable, total)
+
+
+def test_a_checkpoint_never_runs_its_own_code(tmp_path):
+  """trust_remote_code is False, not unset: on a terminal transformers would ask whether to run
+  the checkpoint's Python file; here it refuses at once and the file is never imported."""
+  marker = tmp_path / "ran"
+  (tmp_path / "configuration_evil.py").write_text(
+    f"import pathlib\npathlib.Path({str(marker)!r}).write_text('yes')\n"
+    "from transformers import PretrainedConfig\n"
+    "class EvilConfig(PretrainedConfig):\n  model_type = 'evil'\n"
+  )
+  (tmp_path / "config.json").write_text(
+    json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}})
+  )
+  script = (
+    "import sys\nfrom lora_jax.models import from_pretrained\n"
+    f"try:\n  from_pretrained({str(tmp_path)!r})\n"
+    "except ValueError as e:\n  print('REFUSED', 'trust_remote_code' in str(e))\n"
+  )
+  primary, secondary = pty.openpty()  # a terminal, where transformers would prompt
+  try:
+    out = subprocess.run(
+      [sys.executable, "-c", script],
+      stdin=secondary,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+  finally:
+    os.close(primary)
+    os.close(secondary)
+  assert "REFUSED True" in out.stdout, out.stdout + out.stderr[-2000:]
+  assert "Do you wish to run the custom code" not in out.stdout + out.stderr
+  assert not marker.exists()

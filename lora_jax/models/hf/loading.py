@@ -435,7 +435,11 @@ def from_pretrained(
   import transformers
 
   folder = resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir)
-  config = transformers.AutoConfig.from_pretrained(folder, **config_overrides)
+  # No code from the checkpoint runs (and transformers never asks on a terminal): the families
+  # here are lora_jax's own.
+  config = transformers.AutoConfig.from_pretrained(
+    folder, **{"trust_remote_code": False, **config_overrides}
+  )
   config = _with_labels(config, num_labels, copy_config=False)
   options = dict(
     remat=remat, scan_layers=scan_layers, attention_implementation=attention_implementation
