@@ -30,6 +30,41 @@ SHARED = pathlib.Path(os.environ.get("LORA_JAX_SHARED", REPO.parent / "shared"))
 REQUIRE_DATA = os.environ.get("LORA_JAX_REQUIRE_DATA") == "1"
 
 
+# What the [test,torch] extras install (import names). In CI a test that skips because one of
+# them cannot be imported fails instead: a green run must have run everything.
+EXTRAS = ("torch", "peft", "gguf", "bitsandbytes", "hypothesis", "datasets", "sklearn", "yaml")
+
+
+def _missing_extra(report) -> str | None:
+  """The extra a skipped report's ``importorskip`` could not import, if any."""
+  if not report.skipped or not isinstance(report.longrepr, tuple):
+    return None
+  reason = str(report.longrepr[2])
+  return next((m for m in EXTRAS if f"could not import '{m}'" in reason), None)
+
+
+def _fail_missing_extra(report) -> None:
+  missing = _missing_extra(report) if REQUIRE_DATA else None
+  if missing:
+    report.outcome = "failed"
+    report.longrepr = (
+      f"skipped for want of {missing!r}, which the [test,torch] extras install "
+      "(LORA_JAX_REQUIRE_DATA=1: a missing package fails)"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  _fail_missing_extra(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  outcome = yield
+  _fail_missing_extra(outcome.get_result())
+
+
 def require(path: pathlib.Path, what: str, how: str) -> pathlib.Path:
   """``path`` if it exists; else skip, or fail where LORA_JAX_REQUIRE_DATA=1."""
   if not path.exists():

@@ -27,8 +27,6 @@ from lora_jax.models import auto_model
 from lora_jax.models import from_pretrained
 from lora_jax.models.layers import rope
 
-torch = pytest.importorskip("torch")
-
 
 @pytest.fixture(scope="module")
 def ckpt(request, tmp_path_factory):
@@ -93,6 +91,7 @@ def test_sliding_window_changes_what_long_rows_see(tmp_path):
 
 
 def test_bfloat16_is_as_accurate_as_transformers_bfloat16(llama_ckpt):
+  torch = pytest.importorskip("torch")
   """bf16 keeps 8 significant bits, so every matmul, norm and residual add rounds at about
   2^-9 relative; the honest bar for our bf16 forward is transformers' own bf16 forward of the
   same weights, both measured against float32: ours may be at most 1.5x its error (+0.02)."""
@@ -124,6 +123,7 @@ def test_rope_settings_read_from_both_config_spellings():
 
 @pytest.mark.parametrize("name", ["llama-tied-bias-llama3", "llama-linear-rope", "qwen2-bias"])
 def test_inverse_frequencies_match_transformers(name):
+  pytest.importorskip("torch")  # transformers computes its frequencies in torch
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
   cfg = config(name)
@@ -284,6 +284,7 @@ def _packed_loss(module, params, ids, segs, targets):
 
 
 def test_bfloat16_and_sharded_checkpoints_load(llama_ckpt, tmp_path):
+  torch = pytest.importorskip("torch")
   model = copy.deepcopy(llama_ckpt.torch_model)
   model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="100KB")
   model = copy.deepcopy(llama_ckpt.torch_model)  # the bf16-rounded weights, in float32

@@ -18,7 +18,6 @@ from lora_jax.models import from_pretrained
 from lora_jax.models import generate
 from lora_jax.models.decoder.generate import decode_step
 
-torch = pytest.importorskip("torch")
 PROMPTS = [[5, 9, 22, 7, 31], [3, 44], [8, 1, 2, 3, 4, 5, 6, 7, 9, 10]]
 
 
@@ -30,6 +29,7 @@ def ckpt(tmp_path_factory):
 
 
 def _transformers_greedy(model, prompts, max_new_tokens, eos=None):
+  torch = pytest.importorskip("torch")
   out = []
   for p in prompts:
     ids = torch.tensor([p])
