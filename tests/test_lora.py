@@ -491,3 +491,13 @@ def test_all_linear_on_scanned_layers_names_the_layouts():
   stacked = {"params": {"layers": {"dense": {"kernel": jnp.ones((3, 8, 8))}}}}
   with pytest.raises(ValueError, match=r"params/layers/dense/kernel \(3, 8, 8\).*scanned layers"):
     lora_jax.lora_init(stacked, LoraRule("all-linear", rank=2), rng=jax.random.key(1))
+
+
+def test_stacking_orders_layers_by_number_not_as_strings():
+  """With 11 or more layers "10" sorts before "2" as a string: a scanned model would get its
+  layers (and PEFT adapters imported into it) in the wrong order."""
+  tree = {"layers": {str(i): {"w": np.full((2,), i, np.float32)} for i in range(12)}}
+  stacked = lora_jax.stack_layers(tree, "layers")
+  np.testing.assert_array_equal(stacked["layers"]["w"][:, 0], np.arange(12))
+  back = lora_jax.unstack_layers(stacked, "layers")
+  assert [float(back["layers"][str(i)]["w"][0]) for i in range(12)] == list(range(12))
