@@ -1,6 +1,7 @@
-"""attention_implementation="pallas": Pallas's fused causal kernel from segment ids, checked
-against XLA's attention with the dense mask. On CPU the kernel runs interpreted by JAX
-("pallas_interpret": the same kernel code); on a GPU the compiled Triton kernel is checked too."""
+"""attention_implementation="pallas": Pallas's fused causal kernels from segment ids (Triton on
+GPUs, Mosaic on TPUs), checked against XLA's attention with the dense mask. On CPU the kernels
+run interpreted by JAX (the same kernel code); on a GPU the compiled Triton kernel is checked
+too; both lower for their accelerator from this CPU (jax.export)."""
 
 import functools
 
@@ -9,13 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from jax.experimental.pallas import tpu as pltpu
 
+import lora_jax
 from lora_jax.models import auto_model
 from lora_jax.models import generate
 from lora_jax.models.layers.attention import attention
 from lora_jax.models.layers.attention import check_implementation
 from lora_jax.models.layers.pallas_attention import causal_segment_attention
 from lora_jax.models.layers.pallas_attention import padded_length
+from lora_jax.models.layers.pallas_attention import tpu_causal_segment_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 MODES = [True, False] if ON_GPU else [True]  # interpret, and compiled where Triton exists
@@ -126,12 +130,114 @@ def test_generation_with_a_cache_runs_xla_attention():
   assert generate(fused, variables, prompts, max_new_tokens=4) == want
 
 
-@pytest.mark.skipif(ON_GPU, reason="checks the refusal off GPUs")
-def test_compiled_kernel_off_a_gpu_is_refused_in_one_line():
-  q, k, v, seg = _inputs(40, 4, 2, jnp.float32)
-  model = auto_model(_config(), attention_implementation="pallas")
-  with pytest.raises(ValueError, match="needs a GPU; the backend is 'cpu': use 'xla'"):
-    model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+def test_pallas_off_a_gpu_or_tpu_is_xlas_attention():
+  """ "pallas" is chosen per platform when the program is lowered: on this CPU, XLA's attention
+  with the dense mask, the same numbers as "xla"."""
+  cfg = _config()
+  ids = jax.random.randint(jax.random.key(1), (2, 40), 0, 64)
+  xla = auto_model(cfg, attention_implementation="xla")
+  variables = xla.init(jax.random.key(0), ids[:, :4])
+  segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 40])
+  got = auto_model(cfg, attention_implementation="pallas").apply(
+    variables, ids, segment_ids=segments
+  )
+  want = xla.apply(variables, ids, segment_ids=segments)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TPU kernel (Mosaic), interpreted on this CPU.
+
+TPU_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("seq", [40, 160])  # padded to 128 and 256 (past one block)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype):
+  q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
+  cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+  def fused(q, k, v):
+    return tpu_causal_segment_attention(q, k, v, seg)
+
+  def dense(q, k, v):
+    return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg)
+
+  tol = TPU_TOL[dtype]
+  with pltpu.force_tpu_interpret_mode():
+    got = fused(q, k, v)
+    grads = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2))(q, k, v)
+  want = dense(q, k, v)
+  np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol)
+  ref = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref, strict=True):
+    r = np.float32(r)
+    np.testing.assert_allclose(np.float32(g), r, atol=tol * np.abs(r).max(), err_msg=name)
+
+
+def test_decoder_logits_with_the_tpu_kernel_equal_xla(monkeypatch):
+  """The decoder's wiring into the TPU kernel (packed rows, GQA), the kernel chosen for this
+  CPU in place of XLA's attention and interpreted."""
+  from lora_jax.models.layers import attention as attention_lib
+
+  tpu = attention_lib.FUSED_SEGMENT_KERNELS["tpu"]
+  monkeypatch.setitem(attention_lib.FUSED_SEGMENT_KERNELS, "default", tpu)
+  cfg = _config()
+  ids = jax.random.randint(jax.random.key(1), (2, 40), 0, 64)
+  xla = auto_model(cfg, attention_implementation="xla", scan_layers=True)
+  fused = auto_model(cfg, attention_implementation="pallas", scan_layers=True)
+  variables = xla.init(jax.random.key(0), ids[:, :4])
+  segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 40])
+  real = np.asarray(segments) > 0
+  with pltpu.force_tpu_interpret_mode():
+    got = fused.apply(variables, ids, segment_ids=segments)
+  want = xla.apply(variables, ids, segment_ids=segments)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering for absent accelerators.
+
+CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_the_scanned_bf16_lora_step_with_pallas_lowers_for_gpu_and_tpu(platform):
+  """A decoder with "pallas", LoRA on every linear layer, scanned, rematted, a bf16 base,
+  packed rows: its training step lowers for each accelerator with that accelerator's kernel."""
+  cfg = _config()
+  module = auto_model(
+    cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True, remat=True,
+    attention_implementation="pallas",
+  )  # fmt: skip
+  ids = jnp.ones((2, 40), jnp.int32)
+  segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 40])
+  variables = jax.eval_shape(module.init, jax.random.key(0), ids)
+  layouts = lora_jax.kernel_layouts(module, ids)
+  params = lora_jax.lora_init(
+    variables, lora_jax.LoraRule("all-linear", rank=4), rng=jax.random.key(1), layouts=layouts
+  )
+  trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params))
+  apply = lora_jax.lora_apply(module.apply)
+
+  def step(trainable, frozen, ids, segments):
+    def loss(t):
+      logits = apply(lora_jax.combine(t, frozen), ids, segment_ids=segments)
+      return jnp.mean(logits.astype(jnp.float32) ** 2)
+
+    return jax.grad(loss)(trainable)
+
+  checks = [jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALLS[platform])]
+  exported = jax.export.export(jax.jit(step), platforms=(platform,), disabled_checks=checks)(
+    trainable, frozen, ids, segments
+  )
+  text = exported.mlir_module()
+  assert CUSTOM_CALLS[platform] in text, f"the {platform} program has no fused attention kernel"
+  other = CUSTOM_CALLS["tpu" if platform == "cuda" else "cuda"]
+  assert other not in text
 
 
 def test_dense_mask_only_and_sliding_windows_and_encoders_are_refused():

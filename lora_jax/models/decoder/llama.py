@@ -415,9 +415,10 @@ class Decoder(_Base):
     remat: rematerialise each layer in the backward pass.
     attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``,
       ``"xla_chunked"`` (XLA's, a block of queries at a time), ``"cudnn"``, ``"pallas"``
-      (Pallas's fused Triton kernel from segment ids: packed and padded rows without a dense
-      mask; GPU; calls with a cache use XLA's attention; no sliding windows) or
-      ``"pallas_interpret"`` (that kernel interpreted by JAX, any backend, slow: for tests).
+      (Pallas's fused kernel from segment ids: packed and padded rows without a dense mask;
+      Triton on GPUs, Mosaic on TPUs, XLA elsewhere, chosen when the program is lowered; calls
+      with a cache use XLA's attention; no sliding windows) or ``"pallas_interpret"`` (the
+      Triton kernel interpreted by JAX, any backend, slow: for tests).
   """
 
   task: str = "causal-lm"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.models.layers.pallas_attention import causal_segment_attention
+from lora_jax.models.layers.pallas_attention import tpu_causal_segment_attention
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +52,18 @@ def attention(
   ``"xla_chunked"``: XLA's attention :data:`QUERY_CHUNK` queries at a time, each block's
   scores recomputed in the backward pass (:func:`chunked_attention`).
 
-  ``"pallas"``: Pallas's fused Triton kernel from the mask's segment ids, causal, no dense mask
-  (GPU; :mod:`lora_jax.models.layers.pallas_attention`); ``"pallas_interpret"`` runs that kernel
-  interpreted by JAX on any backend (slow: for tests). Both need a :class:`SegmentMask` with
-  segment ids.
+  ``"pallas"``: Pallas's fused kernel from the mask's segment ids, causal, no dense mask, for the
+  platform the program is lowered for: Triton on GPUs, Mosaic on TPUs
+  (:mod:`lora_jax.models.layers.pallas_attention`), XLA's attention with the dense mask on other
+  platforms. ``"pallas_interpret"`` runs the Triton kernel interpreted by JAX on any backend
+  (slow: for tests). Both need a :class:`SegmentMask` with segment ids.
   """
   check_implementation(implementation)
   segment_ids = None
   if isinstance(mask, SegmentMask):
     mask, segment_ids = mask.dense, mask.segment_ids
   if implementation in SEGMENT_IMPLEMENTATIONS:
-    return _segment_attention(query, key, value, segment_ids, implementation)
+    return _segment_attention(query, key, value, segment_ids, mask, implementation)
   if implementation == "xla_chunked":
     return chunked_attention(query, key, value, mask)
   call = functools.partial(jax.nn.dot_product_attention, query, key, value, mask=mask)
@@ -75,19 +77,34 @@ def attention(
   return call(implementation="xla")
 
 
-def _segment_attention(query, key, value, segment_ids, implementation: str) -> jax.Array:
+def _segment_attention(query, key, value, segment_ids, dense, implementation: str) -> jax.Array:
   if segment_ids is None:
     raise ValueError(
       f"attention implementation {implementation!r} needs the rows' segment ids (a decoder "
       "call without a cache or sliding windows); this call has a dense mask only"
     )
-  interpret = implementation == "pallas_interpret"
-  if not interpret and jax.default_backend() != "gpu":
-    raise ValueError(
-      f"attention implementation 'pallas' compiles a Triton kernel, which needs a GPU; the "
-      f"backend is {jax.default_backend()!r}: use 'xla', 'xla_chunked' or 'pallas_interpret'"
-    )
-  return causal_segment_attention(query, key, value, segment_ids, interpret=interpret)
+  if implementation == "pallas_interpret":
+    return causal_segment_attention(query, key, value, segment_ids, interpret=True)
+  # The fused kernel of the platform the program is lowered for (chosen at lowering, so a CPU
+  # machine exports GPU and TPU programs), XLA's attention with the dense mask elsewhere.
+  return jax.lax.platform_dependent(query, key, value, segment_ids, dense, **FUSED_SEGMENT_KERNELS)
+
+
+def _xla_with_dense_mask(query, key, value, segment_ids, dense):
+  del segment_ids
+  return jax.nn.dot_product_attention(query, key, value, mask=dense, implementation="xla")
+
+
+def _without_dense(kernel):
+  return lambda query, key, value, segment_ids, dense: kernel(query, key, value, segment_ids)
+
+
+# attention_implementation="pallas": the kernel for each platform (jax.lax.platform_dependent)
+FUSED_SEGMENT_KERNELS = {
+  "cuda": _without_dense(causal_segment_attention),
+  "tpu": _without_dense(tpu_causal_segment_attention),
+  "default": _xla_with_dense_mask,
+}
 
 
 def chunked_attention(query, key, value, mask, chunk: int = QUERY_CHUNK) -> jax.Array:
