@@ -15,9 +15,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from train import clm_args
-from train import flags
-from train import glue_args
+from train.cli import flags
+from train.tasks.clm import args as clm_args
+from train.tasks.glue import args as glue_args
 
 CONFIGS = REPO / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
