@@ -481,17 +481,15 @@ import sys
 sys.path.insert(0, {repo!r})
 import jax, numpy as np, optax
 from test_run_faults import corrupt_arrays
-from train import checkpoints, trainer
-checkpoints.quiet_closed_event_loops()
+from train.engine import checkpoints, state as state_lib
 state = jax.tree.map(np.asarray, state_lib.init_state({{"a": np.ones((4, 3), np.float32)}},
-                                                     optax.adam(1e-3), 0))
+                                                       optax.adam(1e-3), 0))
 ckpt = checkpoints.Checkpointer({folder!r}, {{"run": 1}})
 ckpt.save(1, state)
 ckpt.save(2, state)
 ckpt.wait()
 corrupt_arrays(ckpt.directory / "2")
-with checkpoints.quiet_closed_event_loops():
-  print(checkpoints.Checkpointer({folder!r}, {{"run": 1}}).restore_latest(state)[0])
+print(checkpoints.Checkpointer({folder!r}, {{"run": 1}}).restore_latest(state)[0])
 """
 
 

@@ -176,6 +176,10 @@ class Checkpointer:
     Raises:
       NoIntactCheckpoint: checkpoints exist, and all are damaged.
     """
+    with quiet_closed_event_loops():  # a failed read leaves Orbax's callbacks behind
+      return self._restore_latest(template)
+
+  def _restore_latest(self, template: TrainState) -> tuple[int, TrainState, dict] | None:
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       path = self.directory / str(step)
