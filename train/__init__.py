@@ -5,5 +5,6 @@
   checkpoints, the run directory and its outputs; it knows no task.
 * :mod:`train.data`: data files, buckets and epoch order, packing; GLUE's and causal-LM data.
 * :mod:`train.tasks`: GLUE classification (with its metrics) and causal-LM fine-tuning (with its
-  sampler), each with its flags and its run end to end; the model setup they share.
+  sampler), each with its flags and its run end to end; the model setup they share; the
+  synthetic seed experiment (``python -m train.run_synthetic``).
 """
