@@ -18,8 +18,8 @@ from __future__ import annotations
 import sys
 
 from bench import measure
-from train import clm_args
-from train import flags
+from train.cli.main import run_script
+from train.tasks.clm import args as clm_args
 
 
 def main(argv=None) -> int:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if step < total:
       baton.wait()
 
-  code = flags.run_script("run_clm.py", clm_args.parse_args, "train.clm_train", argv, take_turn)
+  code = run_script("run_clm.py", clm_args.parse_args, "train.tasks.clm.pipeline", argv, take_turn)
   measure.emit({"exit": code})  # the parent's end of the run (the figures are in the files)
   return code
 

@@ -54,8 +54,8 @@ NO_SAMPLES = ["--generation_prompts_file", "", "--no-eval_on_start"]
 def write_initial_adapter(config: str, folder: pathlib.Path) -> None:
   """lora_jax's initial adapter for ``config`` (``run_clm.py``'s own ``load_model``), as PEFT."""
   import lora_jax
-  from train import clm_args
-  from train import clm_train
+  from train.tasks.clm import args as clm_args
+  from train.tasks.clm import pipeline as clm_train
 
   args = clm_args.parse_args(["--config", config])
   _, params, hf_config = clm_train.load_model(args)
@@ -117,7 +117,7 @@ def peft_run(config: str, adapter: str, extra: list[str]) -> dict:
 def lockstep_pair(config: str, adapter: str, out: str, extra: list[str], timeout: float = 3600):
   """``(lora_jax row, PEFT row)``: ``run_clm.py`` (``bench/clm_lockstep.py``) and PEFT's loop
   from ``adapter`` with the same ``extra`` flags, their optimizer steps alternating."""
-  from train import clm_args
+  from train.tasks.clm import args as clm_args
 
   steps = clm_args.parse_args(["--config", config, *extra]).max_steps
   peft_script = str(REPO / "bench" / "peft_clm_recipe.py")
@@ -172,7 +172,7 @@ def transformers_answers(model_path: str, adapter: str, prompts: list[str], max_
   import torch
   import transformers
 
-  from train import clm_data
+  from train.data import clm as clm_data
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
   base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -196,7 +196,7 @@ def transformers_answers(model_path: str, adapter: str, prompts: list[str], max_
 def check_export(config: str, out: str) -> dict:
   """The packed run's ``adapter/`` in transformers + PEFT: greedy answers equal to lora_jax's
   final samples?"""
-  from train import clm_args
+  from train.tasks.clm import args as clm_args
 
   args = clm_args.parse_args(["--config", config])
   rows = [json.loads(x) for x in (pathlib.Path(out) / "samples.jsonl").read_text().splitlines()]

@@ -2,13 +2,13 @@
 
 The PEFT side of ``bench/clm_recipe.py``. It reads the same ``run_clm.py`` flags (``--config``
 and overrides), so data, loss masks and batches are built by the same code
-(``train.clm_train.load_data``, ``train.clm_data.Batcher`` with ``packed=False``: each batch
-padded to the length bucket of its longest conversation). It starts from a PEFT adapter folder
+(``train.tasks.clm.pipeline.load_data``, ``train.data.clm.Batcher`` with ``packed=False``: each
+batch padded to the length bucket of its longest conversation). It starts from a PEFT adapter folder
 (``--adapter``; ``bench/clm_recipe.py`` writes one from lora_jax's initialisation and gives it
 to both sides), and trains it the way ``run_clm.py`` does: AdamW (decoupled weight decay on
 every adapter leaf), gradients clipped to ``--max_grad_norm``, the same warmup-and-decay
-schedule (evaluated by ``train.trainer.make_schedule``), the loss summed over the target tokens
-of the whole batch and divided by their count.
+schedule (evaluated by ``train.engine.state.make_schedule``), the loss summed over the target
+tokens of the whole batch and divided by their count.
 
 Prints one JSON row (``bench.measure.emit``): each step's seconds (``step_s``: the whole
 iteration, from taking the batch to the updated weights, as ``run_clm.py`` times its steps) and
@@ -38,11 +38,11 @@ import torch
 import transformers
 
 from bench import measure
-from train import clm_args
-from train import clm_data
-from train import clm_train
-from train import loop
-from train import trainer
+from train.data import clm as clm_data
+from train.engine import run
+from train.engine import state as state_lib
+from train.tasks.clm import args as clm_args
+from train.tasks.clm import pipeline as clm_train
 
 
 def _torch(batch: dict) -> dict:
@@ -50,7 +50,7 @@ def _torch(batch: dict) -> dict:
 
 
 def token_loss_sums(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-  """``(sum of weighted next-token losses, sum of weights)``, as ``clm_train.loss_terms``
+  """``(sum of weighted next-token losses, sum of weights)``, as ``train.tasks.clm.task.loss_terms``
   (padded rows: one sequence per row, so every next token is in the same sequence)."""
   b = _torch(batch)
   logits = model(input_ids=b["input_ids"].long(), attention_mask=b["attention_mask"]).logits
@@ -76,9 +76,9 @@ def train(args: argparse.Namespace, adapter: str, baton: measure.Baton | None = 
   data = clm_train.load_data(args, tokenizer)
   batcher = clm_data.Batcher(data.train, args.max_seq_length, False, pad_id)
   rows = args.per_device_train_batch_size
-  total = loop.total_steps(batcher.rows, rows, 1, args.num_train_epochs, args.max_steps)
+  total = run.total_steps(batcher.rows, rows, 1, args.num_train_epochs, args.max_steps)
   warmup = int(np.ceil(args.warmup_ratio * total))
-  schedule = trainer.make_schedule(args.lr_scheduler_type, args.learning_rate, total, warmup)
+  schedule = state_lib.make_schedule(args.lr_scheduler_type, args.learning_rate, total, warmup)
   rates = [float(schedule(i)) for i in range(total)]
 
   base = transformers.AutoModelForCausalLM.from_pretrained(

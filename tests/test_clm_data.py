@@ -1,4 +1,4 @@
-"""train/clm_data.py: columns, chat templates and completion masks, truncation, batches; and the
+"""train/data/clm.py: columns, chat templates and completion masks, truncation, batches; and the
 next-token loss over packed rows against padded ones."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import transformers
 
 import lora_jax
 from lora_jax import models
-from train import clm_data
-from train import clm_train
+from train.data import clm as clm_data
+from train.tasks.clm import task as clm_task
 
 QUICKSTART = "configs/clm_quickstart"
 
@@ -139,7 +139,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tokenizer, model, completi
   sums = {}
   for packed in (True, False):
     batcher = clm_data.Batcher(seqs, 64, packed=packed, pad_id=0)
-    task = clm_train.CausalLM(apply_fn, batcher, batcher, global_rows=8, eval_rows=8, seed=0)
+    task = clm_task.CausalLM(apply_fn, batcher, batcher, global_rows=8, eval_rows=8, seed=0)
     step = jax.jit(task.eval_step)
     out = np.concatenate([step(trainable, frozen, b) for b in batcher.eval_batches(24)])
     sums[packed] = out.sum(axis=0)
@@ -167,8 +167,8 @@ def test_the_loss_over_listed_targets_is_the_whole_next_token_loss(
   )
   nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
   w = batch["weights"][:, 1:] * ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0))
-  nll_listed = clm_train.forward(apply_fn, trainable, frozen, batch, fused=fused)
-  total, weight = clm_train.loss_terms(nll_listed, batch)
+  nll_listed = clm_task.forward(apply_fn, trainable, frozen, batch, fused=fused)
+  total, weight = clm_task.loss_terms(nll_listed, batch)
   assert float(weight) == w.sum() > 0
   np.testing.assert_allclose(float(total), float((nll * w).sum()), rtol=1e-5)
   k = batch["target_positions"].shape[1]

@@ -19,13 +19,14 @@ import pytest
 import transformers
 from conftest import REPO
 
-from train import clm_args
-from train import clm_train
-from train import make_clm_quickstart
-from train import make_dates_recipe
-from train import outputs
+from configs.tools import make_clm_quickstart
+from configs.tools import make_dates_recipe
 from train import run_clm
 from train import run_glue
+from train.engine import outputs
+from train.tasks.clm import args as clm_args
+from train.tasks.clm import pipeline as clm_train
+from train.tasks.clm import sampler as clm_sampler
 
 CONFIG = str(REPO / "configs" / "clm_quickstart.yaml")
 FOLDER = REPO / "configs" / "clm_quickstart"
@@ -122,7 +123,7 @@ def test_a_prompts_file_with_completions_on_some_rows_is_refused(tmp_path):
   file = tmp_path / "p.jsonl"
   file.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
   with pytest.raises(ValueError, match="some rows have a 'completion' and some do not"):
-    clm_train.read_prompts(str(file))
+    clm_sampler.read_prompts(str(file))
 
 
 def _main(capsys, *argv) -> tuple[int, list[str]]:

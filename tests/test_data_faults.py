@@ -1,5 +1,5 @@
 """Bad data is refused before training, in one line naming the split, its file and what is valid
-(issue 14): GLUE files (train/glue_data.py) and causal-LM files (train/clm_data.py).
+(issue 14): GLUE files (train/data/glue.py) and causal-LM files (train/data/clm.py).
 
 Most tests call the data functions directly (fast); one run per script checks the whole path:
 exit status 2, one line on stderr, nothing written.
@@ -15,10 +15,10 @@ import datasets
 import pytest
 import transformers
 
-from train import clm_data
-from train import glue_data
 from train import run_clm
 from train import run_glue
+from train.data import clm as clm_data
+from train.data import glue as glue_data
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 GLUE = REPO / "configs" / "quickstart"

@@ -5,6 +5,7 @@ that are not finite, ``--do_predict`` without a test split; ``--help`` shows eve
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import pathlib
@@ -15,9 +16,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from train import clm_args
-from train import flags
-from train import glue_args
+from train.cli import flags
+from train.tasks.clm import args as clm_args
+from train.tasks.glue import args as glue_args
 
 CONFIGS = REPO / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
@@ -304,3 +305,97 @@ def test_the_log_is_the_projects_not_its_libraries(quickstart_elsewhere):
   assert "Training new model from scratch" in proc.stderr
   assert "PyTorch was not found" not in proc.stderr
   assert "backend 'tpu'" not in proc.stderr.lower() and "jax._src" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing flags imports no jax (issue 26): --help is instant, and the lists of names the flags
+# offer are copies of the library's, checked here instead of imported at parse time.
+
+
+@pytest.mark.parametrize("how", ["file", "module"])
+@pytest.mark.parametrize("script", ["run_clm", "run_glue"])
+def test_help_imports_no_jax(script, how):
+  """``python train/run_clm.py --help`` (and ``-m train.run_clm``): every module the process
+  imported (``-X importtime``), and none of them jax or lora_jax."""
+  target = [f"train/{script}.py"] if how == "file" else ["-m", f"train.{script}"]
+  proc = subprocess.run(
+    [sys.executable, "-X", "importtime", *target, "--help"],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
+  assert proc.returncode == 0 and "--model_name_or_path" in proc.stdout, proc.stderr[-2000:]
+  imported = {
+    line.rsplit("|", 1)[1].strip()
+    for line in proc.stderr.splitlines()
+    if line.startswith("import time:") and "|" in line
+  }
+  assert {"train.cli.flags", f"train.tasks.{script[4:]}.args"} <= imported, sorted(imported)
+  heavy = sorted(m for m in imported if m.split(".")[0] in ("jax", "jaxlib", "lora_jax", "flax"))
+  assert heavy == [], heavy
+
+
+def test_help_imports_no_jax_checked_in_sys_modules():
+  """The same, read from ``sys.modules`` at exit of a process that parses ``--help``."""
+  script = (
+    "import sys\n"
+    "from train.tasks.clm import args as clm_args\n"
+    "from train.tasks.glue import args as glue_args\n"
+    "for parse in (clm_args.parse_args, glue_args.parse_args):\n"
+    "  try:\n"
+    "    parse(['--help'])\n"
+    "  except SystemExit as e:\n"
+    "    assert e.code == 0, e.code\n"
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'lora_jax', 'flax')))\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
+
+
+def _listed(error: Exception) -> list[str]:
+  """The list a library error names as valid: ``... is not one of ['a', 'b'] ...``."""
+  text = str(error)
+  return ast.literal_eval(text[text.index("[") : text.index("]") + 1])
+
+
+def test_the_quantize_kinds_are_the_librarys():
+  import lora_jax
+
+  with pytest.raises(ValueError) as e:
+    lora_jax.Quantization("all-linear", kind="int4")
+  assert _listed(e.value) == list(flags.QUANTIZE_KINDS)
+  for kind in flags.QUANTIZE_KINDS:
+    assert lora_jax.Quantization("all-linear", kind=kind).kind == kind
+
+
+def test_the_lora_inits_are_the_librarys_in_peft_spelling():
+  import lora_jax
+
+  with pytest.raises(ValueError) as e:
+    lora_jax.LoraRule(".*", rank=4, init="xavier")
+  spelled = [x if x == "pissa_niter_K" else flags.lora_init_kind(x) for x in flags.LORA_INITS]
+  assert spelled == _listed(e.value)
+
+
+def test_the_attention_choices_are_the_librarys():
+  from lora_jax.models.layers.attention import ATTENTION_IMPLEMENTATIONS
+
+  assert clm_args.ATTENTION == ("auto", *(a for a in ATTENTION_IMPLEMENTATIONS if a is not None))
+
+
+def test_the_engines_names_are_what_it_builds():
+  """The engine's lists (train.engine.kinds) are the schedules, modes and dtypes it accepts."""
+  from train.engine import kinds
+  from train.engine import parallel
+  from train.engine import state
+
+  for kind in kinds.LR_SCHEDULERS:
+    assert float(state.make_schedule(kind, 1.0, 10, 2)(2)) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="valid: linear, cosine, constant"):
+    state.make_schedule("step", 1.0, 10, 2)
+  assert parallel.MODES == kinds.PARALLEL_MODES
+  assert [state.jnp_dtype(d).__name__ for d in kinds.DTYPES] == list(kinds.DTYPES)

@@ -1,4 +1,4 @@
-"""train/glue_args.py: flags, YAML configs, one-line errors for bad values."""
+"""train/tasks/glue/args.py: flags, YAML configs, one-line errors for bad values."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from train import glue_args
-from train import setup
+from train.tasks import setup
+from train.tasks.glue import args as glue_args
 
 
 def parse_error(capsys, argv) -> str:
@@ -47,7 +47,7 @@ def test_config_file_then_command_line(tmp_path):
 
 
 def test_embedded_configs_parse():
-  configs = pathlib.Path(setup.__file__).resolve().parent.parent / "configs"
+  configs = pathlib.Path(__file__).resolve().parent.parent / "configs"
   for name in ("sst2_minilm", "roberta-base/sst2", "roberta-large/sst2"):
     args = glue_args.parse_args(["--config", str(configs / f"{name}.yaml")])
     assert args.task_name == "sst2" and args.lora_r == 8

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from train import glue_args
+from train.tasks.glue import args as glue_args
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ("roberta-base", "roberta-large")

@@ -1,4 +1,4 @@
-"""train/glue_data.py: local files and the Hub path, tokenising, buckets, deterministic batches."""
+"""train/data/glue.py: local files and the Hub path, tokenising, buckets, deterministic batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import transformers
 
-from train import glue_data
+from train.data import batching
+from train.data import glue as glue_data
 
 SST2 = glue_data.TASKS["sst2"]
 
@@ -89,10 +90,10 @@ def test_out_of_range_labels_are_refused(sst2_examples):
 
 
 def test_buckets():
-  assert glue_data.bucket_lengths(64) == (16, 24, 32, 48, 64)
-  assert glue_data.bucket_lengths(100) == (16, 24, 32, 48, 64, 96, 100)
-  assert glue_data.bucket_lengths(16) == (16,)
-  assert [glue_data.bucket_for(n, (16, 32, 64)) for n in (1, 16, 17, 64)] == [16, 16, 32, 64]
+  assert batching.bucket_lengths(64) == (16, 24, 32, 48, 64)
+  assert batching.bucket_lengths(100) == (16, 24, 32, 48, 64, 96, 100)
+  assert batching.bucket_lengths(16) == (16,)
+  assert [batching.bucket_for(n, (16, 32, 64)) for n in (1, 16, 17, 64)] == [16, 16, 32, 64]
 
 
 def test_tokenised_rows_match_the_tokenizer(sst2_examples, sst2_dir, tokenizer):
@@ -104,11 +105,11 @@ def test_tokenised_rows_match_the_tokenizer(sst2_examples, sst2_dir, tokenizer):
 
 
 def test_batches_are_padded_to_a_bucket_with_filler_rows(sst2_examples):
-  buckets = glue_data.bucket_lengths(64)
+  buckets = batching.bucket_lengths(64)
   rows = np.array([3, 5, 7])
   batch = glue_data.make_batch(sst2_examples, rows, buckets, 4)
   longest = int(sst2_examples.lengths[rows].max())
-  width = glue_data.bucket_for(longest, buckets)
+  width = batching.bucket_for(longest, buckets)
   assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, width)
   np.testing.assert_array_equal(batch["attention_mask"][:3].sum(1), sst2_examples.lengths[rows])
   np.testing.assert_array_equal(batch["weights"], [1, 1, 1, 0])
@@ -116,7 +117,7 @@ def test_batches_are_padded_to_a_bucket_with_filler_rows(sst2_examples):
 
 
 def test_train_stream_is_deterministic_and_resumable(sst2_examples):
-  buckets = glue_data.bucket_lengths(64)
+  buckets = batching.bucket_lengths(64)
   per_epoch = len(sst2_examples) // 100  # 8 batches of 100, the last 72 rows dropped
 
   def take(stream, n):
@@ -128,8 +129,8 @@ def test_train_stream_is_deterministic_and_resumable(sst2_examples):
   for x, y in zip(a[5:], b, strict=True):
     np.testing.assert_array_equal(x, y)
   assert a[0].shape != c[0].shape or (a[0] != c[0]).any()  # another seed, another order
-  order0 = glue_data.epoch_order(len(sst2_examples), 1, 0)
-  order1 = glue_data.epoch_order(len(sst2_examples), 1, 1)
+  order0 = batching.epoch_order(len(sst2_examples), 1, 0)
+  order1 = batching.epoch_order(len(sst2_examples), 1, 1)
   assert sorted(order0) == list(range(len(sst2_examples))) and (order0 != order1).any()
   first_of_epoch1 = sst2_examples.input_ids[order1[:100], : a[per_epoch].shape[1]]
   np.testing.assert_array_equal(a[per_epoch], first_of_epoch1)
@@ -139,7 +140,7 @@ def test_train_stream_is_deterministic_and_resumable(sst2_examples):
 
 def test_eval_batches_cover_every_row_once_in_few_shapes(sst2_examples):
   seen, shapes = [], set()
-  for rows, batch in glue_data.eval_batches(sst2_examples, 128, glue_data.bucket_lengths(64)):
+  for rows, batch in glue_data.eval_batches(sst2_examples, 128, batching.bucket_lengths(64)):
     seen += rows.tolist()
     shapes.add(batch["input_ids"].shape)
     assert batch["weights"].sum() == len(rows)

@@ -1,11 +1,11 @@
-"""train/glue_metrics.py: each task's GLUE metrics on small hand-checked cases."""
+"""train/tasks/glue/metrics.py: each task's GLUE metrics on small hand-checked cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from train import glue_metrics
+from train.tasks.glue import metrics as glue_metrics
 
 
 def one_hot_logits(preds, n=2):

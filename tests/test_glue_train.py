@@ -1,4 +1,4 @@
-"""The training machinery (train/trainer.py, train/loop.py) and train/glue_train.py on a tiny
+"""The training machinery (train/engine/) and train/tasks/glue/pipeline.py on a tiny
 random BERT and a few dozen SST-2 rows.
 
 * the three parallel modes (jit, pmap, mesh with replicated or sharded frozen weights) give the
@@ -22,14 +22,14 @@ from safetensors.numpy import save_file
 
 import lora_jax
 from lora_jax import models
-from train import checkpoints
-from train import glue_args
-from train import glue_data
-from train import glue_task
-from train import glue_train
-from train import outputs
-from train import setup
-from train import trainer
+from train.data import glue as glue_data
+from train.engine import checkpoints
+from train.engine import outputs
+from train.engine import parallel
+from train.tasks import setup
+from train.tasks.glue import args as glue_args
+from train.tasks.glue import pipeline as glue_train
+from train.tasks.glue import task as glue_task
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -157,8 +157,8 @@ def test_parallel_modes_give_the_same_losses(tiny_bert, tiny_bert_no_dropout, ss
 
 def test_fsdp_spec_shards_the_largest_divisible_axis():
   big = jax.ShapeDtypeStruct((100, 1024), np.float32)
-  assert trainer._fsdp_spec(big, 8) == trainer.P(None, "data")
-  assert trainer._fsdp_spec(jax.ShapeDtypeStruct((32,), np.float32), 8) == trainer.P()
+  assert parallel._fsdp_spec(big, 8) == parallel.P(None, "data")
+  assert parallel._fsdp_spec(jax.ShapeDtypeStruct((32,), np.float32), 8) == parallel.P()
 
 
 def final_state(output_dir: pathlib.Path) -> dict:
@@ -421,16 +421,16 @@ def test_loss_fn_weights_and_regression():
 def test_distributed_initialize_only_for_multi_process_jobs(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-  assert not trainer.maybe_initialize_distributed({})
-  assert not trainer.maybe_initialize_distributed({"SLURM_NTASKS": "1"})
+  assert not parallel.maybe_initialize_distributed({})
+  assert not parallel.maybe_initialize_distributed({"SLURM_NTASKS": "1"})
   assert calls == []
   env = {
     "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
     "JAX_NUM_PROCESSES": "2",
     "JAX_PROCESS_ID": "1",
   }
-  assert trainer.maybe_initialize_distributed(env)
-  assert trainer.maybe_initialize_distributed({"SLURM_NTASKS": "4"})
+  assert parallel.maybe_initialize_distributed(env)
+  assert parallel.maybe_initialize_distributed({"SLURM_NTASKS": "4"})
   assert calls == [{"num_processes": 2, "process_id": 1}, {}]
 
 

@@ -23,12 +23,12 @@ from test_glue_train import write_tiny_bert
 
 import lora_jax
 from lora_jax import models
-from train import clm_args
-from train import clm_train
-from train import glue_args
-from train import glue_data
-from train import glue_train
-from train import outputs
+from train.data import glue as glue_data
+from train.engine import outputs
+from train.tasks.clm import args as clm_args
+from train.tasks.clm import pipeline as clm_train
+from train.tasks.glue import args as glue_args
+from train.tasks.glue import pipeline as glue_train
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -1,4 +1,4 @@
-"""train/packing.py and the model's packed rows: a packed batch gives the padded batch's logits
+"""train/data/packing.py and the model's packed rows: a packed batch gives the padded batch's logits
 and gradients, for BERT and RoBERTa, on one group or several (data-parallel shards)."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import transformers
 
 import lora_jax
 from lora_jax import models
-from train import glue_data
-from train import glue_task
-from train import packing
+from train.data import batching
+from train.data import packing
+from train.tasks.glue import task as glue_task
 
 PAD = 1
 
 
 def row_counts(size: int, groups: int) -> tuple[int, ...]:
-  return glue_data.bucket_lengths(size // groups, smallest=1)  # as glue_data.batch_for
+  return batching.bucket_lengths(size // groups, smallest=1)  # as glue_data.batch_for
 
 
 def test_first_fit_decreasing_places_every_sequence_once():

@@ -17,8 +17,10 @@ from helpers import with_numpy_adapters
 
 import lora_jax
 from lora_jax import models
-from train import glue_task
-from train import trainer
+from train.engine import parallel
+from train.engine import state as state_lib
+from train.engine import step as step_lib
+from train.tasks.glue import task as glue_task
 
 EXTRA = ("classifier",)
 
@@ -48,7 +50,7 @@ def _parallel(setup, mode: str, shard_frozen: bool = False):
   apply_fn = lora_jax.lora_apply(module.apply)
   tx = lora_jax.lora_optimizer(optax.sgd(1.0), params, EXTRA)
   trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params, EXTRA))
-  axis = trainer.AXIS if mode == "pmap" else None
+  axis = parallel.AXIS if mode == "pmap" else None
 
   def loss(trainable, frozen, batch, rngs):
     logits = glue_task.forward(apply_fn, trainable, frozen, batch, deterministic=False, rngs=rngs)
@@ -57,8 +59,8 @@ def _parallel(setup, mode: str, shard_frozen: bool = False):
   def eval_step(trainable, frozen, batch):
     return glue_task.forward(apply_fn, trainable, frozen, batch)
 
-  par = trainer.Parallel(
-    mode, trainer.make_train_step(loss, tx, axis), eval_step, shard_frozen=shard_frozen
+  par = parallel.Parallel(
+    mode, step_lib.make_train_step(loss, tx, axis), eval_step, shard_frozen=shard_frozen
   )
   return par, trainable, frozen, tx
 
@@ -67,7 +69,7 @@ def _sgd_update(setup, mode: str, shard_frozen: bool = False):
   par, trainable, frozen, tx = _parallel(setup, mode, shard_frozen)
   batch = setup[2]
   before = jax.tree.map(np.array, trainable)  # the step donates (deletes) the state it gets
-  state = par.put_state(trainer.init_state(jax.tree.map(jnp.array, trainable), tx, seed=0))
+  state = par.put_state(state_lib.init_state(jax.tree.map(jnp.array, trainable), tx, seed=0))
   state, metrics = par.train(state, par.put_frozen(frozen), par.put_batch(batch))
   update = jax.tree.map(lambda a, b: np.asarray(a) - b, par.host(state.trainable), before)
   return float(metrics["loss"]), update
@@ -86,12 +88,12 @@ def test_one_sgd_step_updates_the_same_in_every_mode(setup):
 
 @pytest.mark.parametrize("mode", ["none", "pmap", "mesh"])
 def test_the_step_compiles_once(setup, mode):
-  """State from the host (as train.loop puts it), frozen weights already on a device (as
+  """State from the host (as train.engine.run puts it), frozen weights already on a device (as
   ``from_pretrained`` loads them): later steps, fed the step's own outputs, reuse the first
   compilation."""
   par, trainable, frozen, tx = _parallel(setup, mode)
   frozen = par.put_frozen(jax.device_put(frozen, jax.devices()[0]))
-  host = jax.tree.map(np.asarray, trainer.init_state(trainable, tx, seed=0))
+  host = jax.tree.map(np.asarray, state_lib.init_state(trainable, tx, seed=0))
   state = par.put_state(host)
   state, _ = par.train(state, frozen, par.put_batch(setup[2]))  # compiles
   compiled = []

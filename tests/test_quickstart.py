@@ -1,7 +1,7 @@
 """The README's first command: ``run_glue.py --config configs/quickstart.yaml``, offline.
 
 A small BERT built from ``configs/quickstart/config.json`` (``--config_name``: random weights,
-"from scratch") learns the synthetic sentiment task written by ``train/make_quickstart.py``.
+"from scratch") learns the synthetic sentiment task written by ``configs/tools/make_quickstart.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from test_glue_run import run
 
 import lora_jax
 from lora_jax import models
-from train import glue_args
 from train import run_glue
+from train.tasks.glue import args as glue_args
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FOLDER = REPO / "configs" / "quickstart"
@@ -33,7 +33,7 @@ def read_tsv(name: str) -> list[list[str]]:
 
 def test_generator_reproduces_the_committed_files(tmp_path):
   proc = subprocess.run(
-    [sys.executable, str(REPO / "train" / "make_quickstart.py"), str(tmp_path)],
+    [sys.executable, str(REPO / "configs" / "tools" / "make_quickstart.py"), str(tmp_path)],
     capture_output=True,
     text=True,
     timeout=60,

@@ -32,11 +32,11 @@ from test_glue_train import run_args
 from test_glue_train import write_tiny_bert
 
 import lora_jax
-from train import checkpoints
-from train import glue_train
-from train import loop
-from train import outputs
-from train import rundir
+from train.engine import checkpoints
+from train.engine import loop
+from train.engine import outputs
+from train.engine import rundir
+from train.tasks.glue import pipeline as glue_train
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,22 @@ class FakeParallel:
     return types.SimpleNamespace(step=step), {"loss": np.float32(loss), "grad_norm": 1.0}
 
 
+class Record(loop.Hook):
+  """A hook that keeps the logged rows and the saved steps."""
+
+  def __init__(self):
+    self.logged, self.saved = [], []
+
+  def on_log(self, row):
+    self.logged.append(row)
+
+  def on_save(self, step, state):
+    self.saved.append(step)
+
+
 @pytest.mark.parametrize("logging_steps", [1, 5])
 def test_fit_stops_at_the_first_non_finite_step_and_saves_nothing_from_it(logging_steps):
-  logged, saved = [], []
+  record = Record()
   config = loop.LoopConfig(10, 1, logging_steps, 0, 2, progress=False)
   with pytest.raises(loop.Diverged, match=r"^the training loss is nan at step 5 \(learning rate"):
     loop.fit(
@@ -85,30 +98,29 @@ def test_fit_stops_at_the_first_non_finite_step_and_saves_nothing_from_it(loggin
       None,
       iter(lambda: {}, None),
       config,
+      [record],
       schedule=lambda i: 0.1,
-      log=logged.append,
       counts=lambda b: (1, 1),
-      save=lambda step, state: saved.append(step),
     )
-  assert saved == [2, 4]
-  assert [r["step"] for r in logged] == ([1, 2, 3, 4] if logging_steps == 1 else [])
+  assert record.saved == [2, 4]
+  assert [r["step"] for r in record.logged] == ([1, 2, 3, 4] if logging_steps == 1 else [])
 
 
 @pytest.mark.parametrize("logging_steps", [1, 2])
 def test_fit_leaves_the_on_step_hook_out_of_the_logged_step_times(logging_steps):
   # bench/clm_recipe.py's lockstep waits for its turn in on_step: not training time
-  logged = []
+  record = Record()
   loop.fit(
     FakeParallel(bad_step=100),
     types.SimpleNamespace(step=0),
     None,
     iter(lambda: {}, None),
     loop.LoopConfig(4, 1, logging_steps, 0, 0, progress=False),
+    [record, loop.StepCallback(lambda step: time.sleep(0.25))],
     schedule=lambda i: 0.1,
-    log=logged.append,
     counts=lambda b: (1, 1),
-    on_step=lambda step: time.sleep(0.25),
   )
+  logged = record.logged
   assert [r["step"] for r in logged] == [1, 2, 3, 4][logging_steps - 1 :: logging_steps]
   assert all(r["s_per_step"] < 0.05 for r in logged), logged
 
@@ -244,7 +256,8 @@ def test_no_intact_checkpoint_is_one_line_naming_the_folder(tiny_bert, sst2_dir,
 KILL_IN_METRICS_WRITE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from train import outputs, run_glue
+from train import run_glue
+from train.engine import outputs
 
 write = outputs.MetricsLog.write
 
@@ -282,7 +295,7 @@ def test_sigkill_in_the_middle_of_a_metrics_write_resumes(tiny_bert, sst2_dir, t
 HOLD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from train import rundir
+from train.engine import rundir
 with rundir.claim({out!r}):
   print("held", flush=True)
   time.sleep(120)
@@ -468,10 +481,9 @@ import sys
 sys.path.insert(0, {repo!r})
 import jax, numpy as np, optax
 from test_run_faults import corrupt_arrays
-from train import checkpoints, trainer
-checkpoints.quiet_closed_event_loops()
-state = jax.tree.map(np.asarray, trainer.init_state({{"a": np.ones((4, 3), np.float32)}},
-                                                     optax.adam(1e-3), 0))
+from train.engine import checkpoints, state as state_lib
+state = jax.tree.map(np.asarray, state_lib.init_state({{"a": np.ones((4, 3), np.float32)}},
+                                                       optax.adam(1e-3), 0))
 ckpt = checkpoints.Checkpointer({folder!r}, {{"run": 1}})
 ckpt.save(1, state)
 ckpt.save(2, state)

@@ -6,8 +6,9 @@ cores, nothing but ``pip install -e .``):
 
   python train/run_clm.py --config configs/clm_quickstart.yaml
 
-The work happens in :func:`train.clm_train.train_and_evaluate`; this file parses the flags
-(before jax is imported, so a bad flag costs no startup) and turns errors into one line.
+Also ``python -m train.run_clm [flags]``. The work happens in
+:func:`train.tasks.clm.pipeline.train_and_evaluate`; this file parses the flags (before jax is
+imported, so a bad flag or ``--help`` costs no startup) and turns errors into one line.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from __future__ import annotations
 import pathlib
 import sys
 
-if __package__ in (None, ""):  # `python train/run_clm.py`: make `train` and `lora_jax` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python train/run_clm.py`: sys.path[0] is train/; make it
+  # the repository root, as `python -m train.run_clm` has it, so `train` is a package
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
-from train import clm_args  # noqa: E402  (light: flags are checked before jax is imported)
-from train import flags  # noqa: E402
+from train.cli.main import run_script  # noqa: E402
+from train.tasks.clm import args  # noqa: E402  (light: flags are checked before jax is imported)
 
 
 def main(argv=None) -> int:
-  return flags.run_script("run_clm.py", clm_args.parse_args, "train.clm_train", argv)
+  return run_script("run_clm.py", args.parse_args, "train.tasks.clm.pipeline", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Usage:
 
 Outputs in ``--output_dir``: metrics.jsonl, eval_results.json, curves.png, checkpoints/,
 predict_results.tsv (``--do_predict``), adapter/ (PEFT format), merged/ (``--export_merged``).
-See ``python train/run_glue.py --help`` for every flag.
+See ``python train/run_glue.py --help`` for every flag; ``python -m train.run_glue`` runs the same.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from __future__ import annotations
 import pathlib
 import sys
 
-if __package__ in (None, ""):  # `python train/run_glue.py`: make `train` and `lora_jax` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # `python train/run_glue.py`: sys.path[0] is train/; make it
+  # the repository root, as `python -m train.run_glue` has it, so `train` is a package
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
-from train import flags  # noqa: E402
-from train import glue_args  # noqa: E402  (light: flags are checked before jax is imported)
+from train.cli.main import run_script  # noqa: E402
+from train.tasks.glue import args  # noqa: E402  (light: flags are checked before jax is imported)
 
 
 def main(argv=None) -> int:
-  return flags.run_script("run_glue.py", glue_args.parse_args, "train.glue_train", argv)
+  return run_script("run_glue.py", args.parse_args, "train.tasks.glue.pipeline", argv)
 
 
 if __name__ == "__main__":

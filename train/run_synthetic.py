@@ -1,4 +1,5 @@
-"""The seed experiment of the LoRA write-ups, end to end through lora_jax.
+"""The seed experiment of the LoRA write-ups, end to end through lora_jax
+(:mod:`train.tasks.synthetic`).
 
 1. Data ``y = X @ theta`` (theta of shape (1001, 1000), 10,000 rows). Pretrain a bias-free
    linear layer with Adam until its MSE is below 1e-2.
@@ -9,95 +10,19 @@
 Usage:
   python train/run_synthetic.py    # the full experiment (minutes on 2 CPU cores)
   python train/run_synthetic.py --n_in 101 --n_out 100 --rows 2000   # scaled down
+  python -m train.run_synthetic    # the same
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import pathlib
 import sys
-import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import optax
-
-import lora_jax
-
-
-def _fit(loss_fn, params, tx, x, y, *, batch: int, steps: int, target: float, key):
-  """Adam on minibatches of ``batch`` rows until the full-data loss is below ``target``.
-
-  ``loss_fn(params, x, y)``; the data is passed in, never closed over, so XLA neither embeds
-  it in the program nor constant-folds products of it.
-  """
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(p, s, k, x, y):
-    idx = jax.random.choice(k, x.shape[0], (batch,), replace=False)
-    g = jax.grad(loss_fn)(p, x[idx], y[idx])
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  full = jax.jit(loss_fn)
-  state = tx.init(params)
-  for i in range(steps):
-    params, state = step(params, state, jax.random.fold_in(key, i), x, y)
-    if i % 25 == 24 and float(full(params, x, y)) < target:
-      break
-  return params, i + 1
-
-
-def run(
-  n_in: int = 1001,
-  n_out: int = 1000,
-  rows: int = 10_000,
-  rank: int = 1,
-  target: float = 1e-2,
-  max_steps: int = 3000,
-  lr: float = 1e-2,
-  seed: int = 0,
-  batch: int = 1000,
-) -> dict:
-  """Runs the three phases and returns their figures as a dict."""
-  kx, kt, kinit, klora, kfit = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.normal(kx, (rows, n_in))
-  theta = jax.random.normal(kt, (n_in, n_out))
-  y, y_shifted = x @ theta, x @ (theta + 1.0)
-  model = nn.Dense(n_out, use_bias=False)
-  apply = lora_jax.lora_apply(model.apply)
-
-  def mse(variables, xs, ys):
-    return jnp.mean((apply(variables, xs) - ys) ** 2)
-
-  fit = functools.partial(_fit, batch=min(batch, rows), steps=max_steps, target=target, key=kfit)
-  t0 = time.perf_counter()
-  variables = model.init(kinit, x[:1])
-  variables, pre_steps = fit(mse, variables, optax.adam(lr), x, y)
-  pretrained_mse = float(mse(variables, x, y))
-  shifted_mse = float(mse(variables, x, y_shifted))
-
-  adapted = lora_jax.lora_init(variables, lora_jax.LoraRule(".*", rank=rank), rng=klora)
-  trainable, frozen = lora_jax.partition(adapted, lora_jax.trainable_mask(adapted))
-  tx = lora_jax.lora_optimizer(optax.adam(lr), adapted)
-  lora_mse_fn = lambda t, xs, ys: mse(lora_jax.combine(t, frozen), xs, ys)  # noqa: E731
-  trainable, lora_steps = fit(lora_mse_fn, trainable, tx, x, y_shifted)
-  adapted = lora_jax.combine(trainable, frozen)
-  lora_mse = float(mse(adapted, x, y_shifted))
-  p = adapted["params"]
-  update = p["lora_spec"].scale * p["lora_a"] @ p["lora_b"]
-  return {
-    "pretrained_mse": pretrained_mse,
-    "pretrain_steps": pre_steps,
-    "shifted_mse_frozen": shifted_mse,
-    "lora_mse": lora_mse,
-    "lora_steps": lora_steps,
-    "update_vs_ones_mae": float(jnp.mean(jnp.abs(update - 1.0))),
-    "param_report": lora_jax.param_report(adapted).splitlines()[0],
-    "seconds": round(time.perf_counter() - t0, 1),
-  }
+if __package__ in (None, ""):  # `python train/run_synthetic.py`: sys.path[0] is train/; make it
+  # the repository root, as `python -m train.run_synthetic` has it, so `train` is a package
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
 
 def main(argv=None) -> int:
@@ -113,7 +38,9 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch", type=int, default=1000, help="rows per Adam step")
   args = parser.parse_args(argv)
-  result = run(
+  from train.tasks import synthetic  # jax: after the flags
+
+  result = synthetic.run(
     args.n_in,
     args.n_out,
     args.rows,

@@ -3,32 +3,34 @@
 * :func:`load_raw` reads ``datasets.load_dataset("nyu-mll/glue", task)`` by default, or local
   TSV / CSV / JSON files (TSV is read with quoting disabled, as GLUE's files need).
 * Bad input is refused before any training, in one line naming the split, its file and what
-  is valid: an empty file, a file of a header only (:func:`check_has_rows`), a missing text or
+  is valid: an empty file, a file of a header only (:func:`train.data.files.check_has_rows`), a
+  missing text or
   label column, labels outside ``0..num_labels-1`` (:func:`check_splits`; test splits need no
   labels), a ``max_seq_length`` too small for the tokenizer (:func:`check_max_seq_length`).
 * :func:`tokenize` runs the checkpoint's tokenizer through ``Dataset.map(batched=True)`` with
   truncation and no padding; :func:`to_examples` turns the result into numpy arrays.
-* Batches are padding-free (:mod:`train.packing`: sequences share rows of ``max_seq_length``)
-  or padded to the smallest of a few bucket lengths (:func:`bucket_lengths`: powers of two and
-  their midpoints up to ``max_seq_length``); either way a run compiles a handful of shapes, not
-  one per batch.
-* :func:`train_batches` is a deterministic stream: micro-batch ``m`` is a function of ``seed``
-  and ``m`` alone (each epoch a fresh permutation from ``(seed, epoch)``; the last partial
-  batch of an epoch is dropped), so a resumed run continues with exactly the batches it
-  would have seen.
+* Batches are padding-free (:mod:`train.data.packing`: sequences share rows of
+  ``max_seq_length``) or padded to the smallest of a few bucket lengths
+  (:func:`train.data.batching.bucket_lengths`); either way a run compiles a handful of shapes,
+  not one per batch.
+* :func:`train_batches` is the deterministic stream of :func:`train.data.batching.epoch_batches`:
+  a resumed run continues with exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Iterator
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
-from train import packing
+from train.data import files
+from train.data import packing
+from train.data.batching import batches_per_epoch
+from train.data.batching import bucket_for
+from train.data.batching import bucket_lengths
+from train.data.batching import epoch_batches
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -79,62 +81,18 @@ TASKS: dict[str, GlueTask] = {
 }
 
 _BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+_OPTIONS = {  # GLUE's TSVs hold bare quote characters: no CSV quoting.
+  ".tsv": dict(delimiter="\t", quoting=3, keep_default_na=False),
+  ".csv": dict(keep_default_na=False),
+}
+
+
+def _load_file(path: str, split: str):
+  return files.load_file(path, split, _BUILDERS, _OPTIONS)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading.
-
-
-LINE_FORMATS = {".tsv": True, ".csv": True, ".jsonl": False}  # suffix: has a header line
-
-
-def check_has_rows(path: str) -> None:
-  """A 0-byte or blank file is refused as ``empty``; a CSV / TSV with a header line and no row
-  after it as ``has a header but no rows`` (line formats are read up to their second row only).
-  """
-  file = pathlib.Path(path)
-  if file.stat().st_size == 0:
-    raise ValueError(f"data file {path!r} is empty")
-  suffix = file.suffix.lower()
-  if suffix not in LINE_FORMATS:
-    return
-  with open(file, encoding="utf-8", errors="replace") as f:
-    lines = (line for line in f if line.strip())  # pandas and JSON lines skip blank lines
-    if next(lines, None) is None:
-      raise ValueError(f"data file {path!r} is empty (blank lines only)")
-    if LINE_FORMATS[suffix] and next(lines, None) is None:
-      raise ValueError(f"data file {path!r} has a header but no rows")
-
-
-def load_dataset_file(builder: str, path: str, split: str, **kwargs):
-  """``datasets.load_dataset(builder, data_files={split: path})[split]``; a file that cannot be
-  parsed, or that holds no row, is a one-line ``ValueError`` naming it."""
-  import datasets
-
-  try:
-    return datasets.load_dataset(builder, data_files={split: path}, **kwargs)[split]
-  except ValueError as e:  # datasets: 'Instruction "train" corresponds to no data!'
-    if "corresponds to no data" not in str(e):
-      raise
-    raise ValueError(f"data file {path!r} holds no rows") from e
-  except datasets.exceptions.DatasetGenerationError as e:
-    cause = " ".join(str(e.__cause__ or e).split())
-    raise ValueError(f"data file {path!r} could not be read as {builder}: {cause}") from e
-
-
-def _load_file(path: str, split: str):
-  suffix = pathlib.Path(path).suffix.lower()
-  if suffix not in _BUILDERS:
-    raise ValueError(f"data file {path!r} has extension {suffix!r}; supported: {sorted(_BUILDERS)}")
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"data file {path!r} does not exist")
-  check_has_rows(path)
-  kwargs: dict[str, Any] = {}
-  if suffix == ".tsv":  # GLUE's TSVs hold bare quote characters: no CSV quoting.
-    kwargs = dict(delimiter="\t", quoting=3, keep_default_na=False)
-  elif suffix == ".csv":
-    kwargs = dict(keep_default_na=False)
-  return load_dataset_file(_BUILDERS[suffix], path, split, **kwargs)
 
 
 def load_raw(
@@ -156,15 +114,15 @@ def load_raw(
   """
   import datasets
 
-  files = {"train": train_file, "validation": validation_file, "test": test_file}
-  if not any(files.values()):
+  sources = {"train": train_file, "validation": validation_file, "test": test_file}
+  if not any(sources.values()):
     raw = datasets.load_dataset(HUB_DATASET, task.name)
     check_splits(raw, task, {s: f"{HUB_DATASET} {task.name}" for s in raw})
     return raw
   raw = datasets.DatasetDict(
-    {split: _load_file(path, split) for split, path in files.items() if path}
+    {split: _load_file(path, split) for split, path in sources.items() if path}
   )
-  check_splits(raw, task, files)
+  check_splits(raw, task, sources)
   return raw
 
 
@@ -392,31 +350,6 @@ def check_labels(examples: Examples, num_labels: int, source: str) -> None:
 # Buckets and batches.
 
 
-def bucket_lengths(max_seq_length: int, smallest: int = 16) -> tuple[int, ...]:
-  """Powers of two from ``smallest`` and the midpoints between them (x1.5), then the maximum.
-
-  At most 1.5x padding over a batch's longest row, from about two shapes per doubling.
-
-  Packed batches use the same steps for their row counts, from 1.
-
-  Example:
-    >>> bucket_lengths(128), bucket_lengths(100), bucket_lengths(8)
-    ((16, 24, 32, 48, 64, 96, 128), (16, 24, 32, 48, 64, 96, 100), (8,))
-    >>> bucket_lengths(32, smallest=1)
-    (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-  """
-  out, n = [], smallest
-  while n < max_seq_length:
-    out += [m for m in (n, n + n // 2) if m < max_seq_length]
-    n *= 2
-  return (*dict.fromkeys(out), max_seq_length)  # from 1, the first midpoint repeats 1
-
-
-def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
-  """The smallest bucket that holds ``length`` tokens."""
-  return next((b for b in buckets if b >= length), buckets[-1])
-
-
 def make_batch(examples: Examples, rows: np.ndarray, buckets: tuple[int, ...], size: int) -> dict:
   """Rows ``rows`` padded to a bucket length, and with zero-weight rows up to ``size`` rows.
 
@@ -447,22 +380,13 @@ def batch_for(
   examples: Examples, rows: np.ndarray, buckets: tuple[int, ...], size: int, pack: int
 ) -> dict:
   """``pack`` = 0: :func:`make_batch` (padded rows); ``pack`` = G > 0: a padding-free batch of
-  ``G`` groups (:func:`train.packing.packed_batch`)."""
+  ``G`` groups (:func:`train.data.packing.packed_batch`)."""
   if not pack:
     return make_batch(examples, rows, buckets, size)
   ex, row_counts = examples, bucket_lengths(size // pack, smallest=1)
   return packing.packed_batch(
     ex.input_ids, ex.token_type_ids, ex.lengths, ex.labels, rows, size, pack, ex.pad_id, row_counts
   )
-
-
-def batches_per_epoch(n: int, batch_size: int) -> int:
-  return n // batch_size
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-  """The row order of one epoch: a permutation that depends on ``(seed, epoch)`` only."""
-  return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def train_batches(
@@ -475,20 +399,12 @@ def train_batches(
 ) -> Iterator[dict]:
   """Micro-batches ``start, start + 1, ...`` of the endless deterministic stream (``pack``: see
   :func:`batch_for`)."""
-  per_epoch = batches_per_epoch(len(examples), batch_size)
-  if per_epoch == 0:
+  if batches_per_epoch(len(examples), batch_size) == 0:
     raise ValueError(
       f"the training set has {len(examples)} rows, fewer than one global batch of {batch_size}"
     )
-  m = start
-  epoch, order = -1, None
-  while True:
-    e, i = divmod(m, per_epoch)
-    if e != epoch:
-      epoch, order = e, epoch_order(len(examples), seed, e)
-    rows = order[i * batch_size : (i + 1) * batch_size]
+  for rows in epoch_batches(len(examples), batch_size, seed, start):
     yield batch_for(examples, rows, buckets, batch_size, pack)
-    m += 1
 
 
 def eval_batches(

@@ -10,7 +10,7 @@
 * **Sequences** (:class:`Sequences`): token ids and a per-token loss weight (``1``: this token
   is predicted and counts), truncated to ``max_seq_length`` (counted, never dropped silently).
 * **Bad input** is refused in one line before training: an empty, blank, header-only or
-  unparsable file (:func:`train.glue_data.check_has_rows`), rows that are not text or not
+  unparsable file (:func:`train.data.files.check_has_rows`), rows that are not text or not
   conversations, a split whose texts are all empty or whose examples keep no target token, a
   ``max_seq_length`` below 2 (:func:`check_max_seq_length`).
 * **Batches**: packed (padding-free, as TRL's ``packing``): the sequences are placed once into
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -33,12 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from train import packing
-from train.glue_data import bucket_for
-from train.glue_data import bucket_lengths
-from train.glue_data import check_has_rows
-from train.glue_data import epoch_order
-from train.glue_data import load_dataset_file
+from train.data import files
+from train.data import packing
+from train.data.batching import bucket_for
+from train.data.batching import bucket_lengths
+from train.data.batching import epoch_batches
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +50,7 @@ ROLES = ("system", "user", "assistant")
 
 
 def _load_file(path: str, split: str):
-  suffix = pathlib.Path(path).suffix.lower()
-  if suffix not in BUILDERS:
-    raise ValueError(f"data file {path!r} has extension {suffix!r}; supported: {sorted(BUILDERS)}")
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"data file {path!r} does not exist")
-  check_has_rows(path)  # empty, blank, or a CSV header only
-  kwargs = {"keep_default_na": False} if suffix == ".csv" else {}
-  return load_dataset_file(BUILDERS[suffix], path, split, **kwargs)
+  return files.load_file(path, split, BUILDERS, {".csv": {"keep_default_na": False}})
 
 
 def load_raw(
@@ -393,13 +384,8 @@ class Batcher:
         f"the training set makes {self.rows} rows, fewer than one global batch of {n_rows} "
         "(lower --per_device_train_batch_size, or add data)"
       )
-    m, epoch, order = start, -1, None
-    while True:
-      e, i = divmod(m, per_epoch)
-      if e != epoch:
-        epoch, order = e, epoch_order(self.rows, seed, e)
-      yield self.batch(order[i * n_rows : (i + 1) * n_rows], n_rows)
-      m += 1
+    for units in epoch_batches(self.rows, n_rows, seed, start):
+      yield self.batch(units, n_rows)
 
   def eval_batches(self, n_rows: int) -> Iterator[dict]:
     """Every row once, in order; the last batch filled with empty rows."""

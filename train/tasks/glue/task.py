@@ -1,8 +1,8 @@
-"""GLUE as a :class:`train.loop.Task`: sequence classification (or regression) on its batches.
+"""GLUE as a :class:`train.engine.run.Task`: sequence classification (or regression) on its batches.
 
 The loss is the weighted cross-entropy (squared error for STS-B) of each row's logits; filler
 rows (weight 0) pad the last batch of an epoch and count for nothing. Evaluation runs every
-eval split and computes the task's GLUE metrics (:mod:`train.glue_metrics`).
+eval split and computes the task's GLUE metrics (:mod:`train.tasks.glue.metrics`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import optax
 
 import lora_jax
-from train import glue_data
-from train import glue_metrics
+from train.data import glue as glue_data
+from train.tasks.glue import metrics as glue_metrics
 
-PACKED_KEYS = ("segment_ids", "cls_index")  # batches from train.packing
+PACKED_KEYS = ("segment_ids", "cls_index")  # batches from train.data.packing
 
 
 def forward(apply_fn, trainable, frozen, batch, **kwargs):
@@ -62,7 +62,7 @@ def eval_loss(logits: np.ndarray, labels: np.ndarray, regression: bool) -> float
 
 @dataclasses.dataclass
 class Classification:
-  """A GLUE task's training and evaluation, for :func:`train.loop.run`.
+  """A GLUE task's training and evaluation, for :func:`train.engine.run.run`.
 
   Attributes:
     apply_fn: ``lora_jax.lora_apply(module.apply)``.
@@ -71,7 +71,7 @@ class Classification:
     evals: eval splits by name, the main one first (MNLI: matched, then mismatched).
     global_batch: training rows per micro-batch.
     eval_batch: rows per evaluation batch.
-    buckets: padded lengths (see :func:`glue_data.bucket_lengths`).
+    buckets: padded lengths (see :func:`train.data.batching.bucket_lengths`).
     seed: the data order's seed.
     pack_sequences: padding-free batches, one packing group per data-parallel shard.
   """

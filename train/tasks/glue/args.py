@@ -1,5 +1,5 @@
 """Command-line flags of ``train/run_glue.py``, Hugging Face ``run_glue.py`` style, plus YAML
-(``--config FILE``; see :mod:`train.flags`, which every script shares).
+(``--config FILE``; see :mod:`train.cli.config_file`; the shared flags: :mod:`train.cli.flags`).
 
 Example:
   >>> args = parse_args(["--task_name", "sst2", "--model_name_or_path", "m", "--lora_r", "4"])
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from train import flags
-from train.flags import as_dict  # noqa: F401  (run_glue's outputs use it)
+from train.cli import config_file
+from train.cli import flags
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 DEFAULT_MODEL = "roberta-base"  # --model_name_or_path when neither it nor --config_name is given
@@ -103,4 +103,4 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     >>> args.model_name_or_path, args.tokenizer_name
     (None, 'configs/quickstart')
   """
-  return flags.parse(build_parser(), argv, _check)
+  return config_file.parse(build_parser(), argv, _check)

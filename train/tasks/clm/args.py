@@ -1,5 +1,5 @@
 """Command-line flags of ``train/run_clm.py``: transformers' ``run_clm.py`` and TRL's SFT config
-names, plus LoRA's and ``--config FILE`` (YAML; see :mod:`train.flags`).
+names, plus LoRA's and ``--config FILE`` (YAML; see :mod:`train.cli.config_file`).
 
 Example:
   >>> args = parse_args(["--model_name_or_path", "m", "--train_file", "t.jsonl"])
@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from lora_jax.models.layers.attention import ATTENTION_IMPLEMENTATIONS
-from train import flags
-from train.flags import as_dict  # noqa: F401  (run_clm's outputs use it)
+from train.cli import config_file
+from train.cli import flags
+from train.engine.kinds import LR_SCHEDULERS
 
-ATTENTION = ("auto", *(a for a in ATTENTION_IMPLEMENTATIONS if a is not None))
+# "auto", then lora_jax.models.layers.attention.ATTENTION_IMPLEMENTATIONS but None: a copy, so
+# parsing flags imports no jax (tests/test_flag_faults.py checks it against the library's)
+ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
 
 
 def build_parser() -> flags.OneLineParser:
@@ -44,9 +46,10 @@ def build_parser() -> flags.OneLineParser:
     default="auto",
     choices=ATTENTION,
     help="auto: cuDNN's fused kernel on GPU for bf16/fp16, else XLA's; xla_chunked: XLA's, "
-    "512 queries at a time (long sequences without whole [seq, seq] scores); pallas (GPU): "
-    "Pallas's fused kernel from segment ids (packed rows without a dense mask); "
-    "pallas_interpret: that kernel interpreted by JAX on any backend (slow: for tests)",
+    "512 queries at a time (long sequences without whole [seq, seq] scores); pallas: "
+    "Pallas's fused kernel from segment ids (packed rows without a dense mask), Triton on "
+    "GPUs, Mosaic on TPUs, XLA elsewhere; pallas_interpret: the Triton kernel interpreted by "
+    "JAX on any backend (slow: for tests)",
   )
   g = p.add_argument_group("data")
   flags.mark_path(
@@ -106,7 +109,7 @@ def build_parser() -> flags.OneLineParser:
   )  # fmt: skip
   g.add_argument(
     "--lr_scheduler_type",
-    choices=flags.LR_SCHEDULERS,
+    choices=LR_SCHEDULERS,
     default="linear",
     help="the learning rate's decay after warmup",
   )
@@ -147,4 +150,4 @@ def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Na
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Flags from ``--config`` (if any), then from ``argv`` (default ``sys.argv[1:]``)."""
-  return flags.parse(build_parser(), argv, _check)
+  return config_file.parse(build_parser(), argv, _check)

@@ -1,10 +1,7 @@
-"""Training machinery shared by every script: state, optimizer, steps, parallel modes.
+"""Parallel modes: where state, frozen weights and batches live, and the compiled steps.
 
-Only the trainable partition (adapters + extra-trainable leaves such as a classifier head, from
-:func:`lora_jax.partition`) is differentiated, updated and given optimizer state; the frozen
-base is an ordinary, non-differentiated argument of every step. Nothing here knows the task:
-a script hands :func:`make_train_step` its loss, and :mod:`train.loop` runs the rest
-(checkpoints in :mod:`train.checkpoints`).
+Nothing here knows the task: :mod:`train.engine.step` builds the step from the task's loss,
+:mod:`train.engine.loop` runs it (checkpoints in :mod:`train.engine.checkpoints`).
 
 Parallel modes (:class:`Parallel`), all giving the same losses for the same global batch:
 
@@ -25,26 +22,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import lora_jax
-from train.flags import LR_SCHEDULERS
+from train.engine.kinds import PARALLEL_MODES
 
 logger = logging.getLogger(__name__)
 
 AXIS = "data"
-MODES = ("none", "pmap", "mesh")
+MODES = PARALLEL_MODES
 _MULTI_PROCESS_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
@@ -66,137 +56,6 @@ def maybe_initialize_distributed(environ=os.environ) -> bool:
     kwargs["process_id"] = int(environ["JAX_PROCESS_ID"])
   jax.distributed.initialize(**kwargs)
   return True
-
-
-# ---------------------------------------------------------------------------------------------
-# State, optimizer, loss.
-
-
-class TrainState(NamedTuple):
-  """Everything that changes during training (the frozen base is not here).
-
-  Attributes:
-    step: micro-batches consumed so far (int32 scalar); optimizer steps are
-      ``step // gradient_accumulation_steps``, and it is the data position.
-    trainable: the trainable partition (``None`` where a leaf is frozen).
-    opt_state: optimizer state of ``trainable``.
-    rng: ``jax.random.key_data`` of the run's base key; each micro-batch folds ``step`` in.
-  """
-
-  step: jax.Array
-  trainable: Any
-  opt_state: Any
-  rng: jax.Array
-
-
-def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    trainable=trainable,
-    opt_state=tx.init(trainable),
-    rng=jax.random.key_data(jax.random.key(seed)),
-  )
-
-
-def linear_schedule(learning_rate: float, total_steps: int, warmup_steps: int):
-  """Linear warmup from 0 to ``learning_rate``, then linear decay to 0 at ``total_steps``.
-
-  The same curve as transformers' ``get_linear_schedule_with_warmup``.
-
-  Example:
-    >>> s = linear_schedule(1.0, 10, 2)
-    >>> [round(float(s(i)), 3) for i in (0, 1, 2, 6, 10)]
-    [0.0, 0.5, 1.0, 0.5, 0.0]
-  """
-  return make_schedule("linear", learning_rate, total_steps, warmup_steps)
-
-
-def make_schedule(kind: str, learning_rate: float, total_steps: int, warmup_steps: int):
-  """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then ``kind``.
-
-  transformers' schedules: ``"linear"`` decays to 0 at ``total_steps``
-  (``get_linear_schedule_with_warmup``), ``"cosine"`` follows half a cosine to 0
-  (``get_cosine_schedule_with_warmup``), ``"constant"`` stays
-  (``get_constant_schedule_with_warmup``).
-
-  Example:
-    >>> s = make_schedule("cosine", 1.0, 10, 2)
-    >>> [round(float(s(i)), 3) for i in (1, 2, 6, 10)]
-    [0.5, 1.0, 0.5, 0.0]
-  """
-  if kind not in LR_SCHEDULERS:
-    raise ValueError(f"unknown learning-rate schedule {kind!r}; valid: {', '.join(LR_SCHEDULERS)}")
-  warmup = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
-  decay_steps = max(total_steps - warmup_steps, 1)
-  after = {
-    "linear": optax.linear_schedule(learning_rate, 0.0, decay_steps),
-    "cosine": optax.cosine_decay_schedule(learning_rate, decay_steps),
-    "constant": optax.constant_schedule(learning_rate),
-  }[kind]
-  return optax.join_schedules([warmup, after], [warmup_steps])
-
-
-def make_optimizer(
-  params,
-  schedule,
-  *,
-  weight_decay: float,
-  accumulation: int = 1,
-  extra_trainable=(),
-  max_grad_norm: float | None = None,
-  loraplus_lr_ratio: float | None = None,
-) -> optax.GradientTransformation:
-  """AdamW on the trainable leaves (``lora_jax.lora_optimizer``), gradients first clipped to
-  ``max_grad_norm`` (global norm over the trainable leaves) if given; with
-  ``loraplus_lr_ratio``, LoRA+ (B's updates scaled by it); accumulated if asked."""
-  tx = optax.adamw(schedule, weight_decay=weight_decay)
-  if max_grad_norm:
-    tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
-  tx = lora_jax.lora_optimizer(tx, params, extra_trainable, loraplus_lr_ratio=loraplus_lr_ratio)
-  return optax.MultiSteps(tx, every_k_schedule=accumulation) if accumulation > 1 else tx
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps.
-
-
-def make_train_step(loss_fn: Callable, tx, axis_name: str | None = None):
-  """``step(state, frozen, batch) -> (state, metrics)``: one micro-batch, one (maybe partial)
-  update; ``metrics`` holds the batch's mean ``loss`` and the gradients' ``grad_norm``.
-
-  ``loss_fn(trainable, frozen, batch, rngs) -> (total, weight)`` is the task's: the sum of the
-  batch's weighted losses and the sum of the weights (rows, or tokens). The step differentiates
-  ``total``, sums ``total``, ``weight`` and the gradients over ``axis_name`` (``pmap``), then
-  divides by the weight: every mode averages over the whole global batch, however unevenly the
-  weight falls on the devices. ``rngs`` has ``"dropout"`` and ``"lora_dropout"`` keys derived
-  from ``state.rng`` and ``state.step`` (and the device index under ``pmap``).
-  """
-
-  def step(state: TrainState, frozen, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    if axis_name is not None:
-      key = jax.random.fold_in(key, lax.axis_index(axis_name))
-    k_dropout, k_lora = jax.random.split(key)
-    rngs = {"dropout": k_dropout, "lora_dropout": k_lora}
-
-    def compute(trainable):
-      return loss_fn(trainable, frozen, batch, rngs)
-
-    (total, weight), grads = jax.value_and_grad(compute, has_aux=True)(state.trainable)
-    if axis_name is not None:
-      total, weight, grads = lax.psum((total, weight, grads), axis_name)
-    scale = 1.0 / jnp.maximum(weight, 1.0)
-    grads = jax.tree.map(lambda g: g * scale, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    new = state._replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new, {"loss": total * scale, "grad_norm": optax.global_norm(grads)}
-
-  return step
-
-
-# ---------------------------------------------------------------------------------------------
-# Parallel modes.
 
 
 def _fsdp_spec(leaf, n: int) -> P:
@@ -284,7 +143,7 @@ class Parallel:
     """A global batch (numpy, same on every process) placed for the step functions.
 
     Every array is split along its leading axis (examples, or a packed batch's rows and groups,
-    see :mod:`train.packing`), evenly over processes and then devices.
+    see :mod:`train.data.packing`), evenly over processes and then devices.
     """
     local = {k: v[self.local_rows(v.shape[0])] for k, v in batch.items()}
     if self.mode == "pmap":

@@ -1,15 +1,15 @@
 """A GLUE LoRA run end to end: :func:`train_and_evaluate` (``train/run_glue.py`` parses flags).
 
-1. Data (:mod:`train.glue_data`): Hub or local files, tokenised with the checkpoint's tokenizer.
+1. Data (:mod:`train.data.glue`): Hub or local files, tokenised with the checkpoint's tokenizer.
 2. Model: ``lora_jax.models.from_pretrained(..., "sequence-classification")`` (``--config_name``:
    ``from_config``, random weights), adapters from a :class:`lora_jax.LoraRule` built from the
    ``--lora_*`` flags, the classifier head trainable.
-3. Training (:func:`train.loop.run`, the machinery every script shares, with GLUE's loss and
-   evaluation from :mod:`train.glue_task`): the trainable partition only, in the
+3. Training (:func:`train.engine.run.run`, the machinery every script shares, with GLUE's loss
+   and evaluation from :mod:`train.tasks.glue.task`): the trainable partition only, in the
    ``--parallel`` mode; Orbax checkpoints every ``--save_steps`` under
    ``OUTPUT_DIR/checkpoints``; rerunning the same command resumes from the latest one.
-4. Evaluation with the task's GLUE metrics (:mod:`train.glue_metrics`), outputs
-   (:mod:`train.outputs`), predictions and exports.
+4. Evaluation with the task's GLUE metrics (:mod:`train.tasks.glue.metrics`), outputs
+   (:mod:`train.engine.outputs`), predictions and exports.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 
 import lora_jax
-from train import glue_args
-from train import glue_data
-from train import glue_metrics
-from train import glue_task
-from train import loop
-from train import outputs
-from train import setup
-from train import trainer
+from train.cli.flags import as_dict
+from train.data import glue as glue_data
+from train.data.batching import bucket_lengths
+from train.engine import outputs
+from train.engine import run
+from train.engine.parallel import data_parallel_size
+from train.tasks import setup
+from train.tasks.glue import metrics as glue_metrics
+from train.tasks.glue import task as glue_task
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,10 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
   Adapters come from the ``--lora_*`` flags, or, with ``--adapter_name_or_path``, from that
   adapter (its own rank, alpha and targets; its classifier head too, if it saved one).
   """
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   module, variables, config = setup.base_model(
     args,
     "sequence-classification",
     num_labels=task.num_labels,
-    dtype=dtype,
     quantize=setup.quantization(args, HEAD_MODULES),
   )
   config.num_labels = task.num_labels
@@ -139,22 +137,6 @@ def check_not_the_head(rule: lora_jax.LoraRule) -> None:
       )
 
 
-def signature(args: argparse.Namespace, module, params, global_batch: int) -> dict:
-  """What a checkpoint must agree on to be resumed by this run (shapes are checked too)."""
-  cfg = module.config
-  return {
-    "model_name_or_path": setup.model_source(args),
-    "model": f"{cfg.model_type} vocab={cfg.vocab_size} hidden={cfg.hidden_size} "
-    f"layers={cfg.num_hidden_layers}",
-    "task_name": args.task_name,
-    "num_labels": cfg.num_labels,
-    "lora": setup.adapter_summary(params),
-    "quantize": args.quantize,
-    "data": f"max_seq_length={args.max_seq_length} pack_sequences={args.pack_sequences} "
-    f"rows={global_batch}",
-  }
-
-
 # ---------------------------------------------------------------------------------------------
 # The run.
 
@@ -177,10 +159,10 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   logger.info(lora_jax.param_report(params, EXTRA_TRAINABLE).splitlines()[0])
   initial = None if args.adapter_name_or_path else setup.step_zero(params)
 
-  devices = trainer.data_parallel_size(args.parallel)
+  devices = data_parallel_size(args.parallel)
   global_batch = args.per_device_train_batch_size * devices
   k = args.gradient_accumulation_steps
-  total = loop.total_steps(len(data.train), global_batch, k, args.num_train_epochs, args.max_steps)
+  total = run.total_steps(len(data.train), global_batch, k, args.num_train_epochs, args.max_steps)
   classification = glue_task.Classification(
     apply_fn=lora_jax.lora_apply(module.apply),
     task=task,
@@ -188,7 +170,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     evals=data.evals,
     global_batch=global_batch,
     eval_batch=args.per_device_eval_batch_size * devices,
-    buckets=glue_data.bucket_lengths(args.max_seq_length),
+    buckets=bucket_lengths(args.max_seq_length),
     seed=args.seed,
     pack_sequences=args.pack_sequences,
   )
@@ -202,7 +184,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     devices,
   )
 
-  def finish(trained: loop.Trained) -> None:
+  def finish(trained: run.Trained) -> None:
     predict(classification, trained, data, out)
     setup.export(
       args,
@@ -215,12 +197,20 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       initial=initial,
     )
 
-  trained = loop.run(
+  trained = run.run(
     params,
     classification,
-    loop.settings_from_flags(args, total, lr_scheduler_type="linear"),
-    signature=signature(args, module, params, global_batch),
-    record=glue_args.as_dict(args),
+    run.settings_from_flags(args, total, lr_scheduler_type="linear"),
+    signature=setup.signature(
+      args,
+      module,
+      params,
+      task_name=args.task_name,
+      num_labels=module.config.num_labels,
+      data=f"max_seq_length={args.max_seq_length} pack_sequences={args.pack_sequences} "
+      f"rows={global_batch}",
+    ),
+    record=as_dict(args),
     extra_trainable=EXTRA_TRAINABLE,
     on_step=on_step,
     finish=finish,

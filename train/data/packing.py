@@ -60,7 +60,7 @@ def packed_batch(
       ``g*R ...``.
     pad_id: the tokenizer's padding id.
     row_buckets: the row counts a group may have, ascending, the last ``>= size / groups``
-      (e.g. :func:`train.glue_data.bucket_lengths` of ``size / groups`` from 1).
+      (e.g. :func:`train.data.batching.bucket_lengths` of ``size / groups`` from 1).
 
   Returns:
     numpy ``input_ids``, ``token_type_ids``, ``segment_ids``, ``attention_mask`` (int32

@@ -1,7 +1,7 @@
 """Writes the SmolLM2 recipe's instruction data (``configs/smollm2_dates/``).
 
 Usage:
-  python train/make_dates_recipe.py [OUT_DIR]   # default: configs/smollm2_dates
+  python configs/tools/make_dates_recipe.py [OUT_DIR]   # default: configs/smollm2_dates
 
 A small skill with a fixed answer format, which SmolLM2-135M-Instruct does not have untuned
 (it answers "March 5, 2021" with times, words or the wrong order) and a short LoRA run teaches:
@@ -23,11 +23,12 @@ import pathlib
 import random
 import sys
 
-if __package__ in (None, ""):  # run as a script: make `train` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from train.make_clm_quickstart import MONTHS  # noqa: E402
-from train.make_clm_quickstart import all_dates  # noqa: E402
+if __package__:  # imported as configs.tools.make_dates_recipe
+  from .make_clm_quickstart import MONTHS
+  from .make_clm_quickstart import all_dates
+else:  # `python configs/tools/make_dates_recipe.py`: this folder is sys.path[0]
+  from make_clm_quickstart import MONTHS
+  from make_clm_quickstart import all_dates
 
 SEED = 1
 SPLITS = {"train": 1200, "validation": 100, "test": 100}

@@ -1,7 +1,7 @@
 """Writes the causal-LM quickstart's model config, tokenizer and data (``configs/clm_quickstart/``).
 
 Usage:
-  python train/make_clm_quickstart.py [OUT_DIR]   # default: configs/clm_quickstart
+  python configs/tools/make_clm_quickstart.py [OUT_DIR]   # default: configs/clm_quickstart
 
 The files are committed, so ``python train/run_clm.py --config configs/clm_quickstart.yaml``
 needs nothing else (no network, no Hub, no torch). Rerunning this script writes byte-identical
@@ -26,6 +26,11 @@ import json
 import pathlib
 import random
 import sys
+
+if __package__:  # imported as configs.tools.make_clm_quickstart
+  from .make_quickstart import TOKENIZER_CONFIG
+else:  # `python configs/tools/make_clm_quickstart.py`: this folder is sys.path[0]
+  from make_quickstart import TOKENIZER_CONFIG
 
 SEED = 0
 SPLITS = {"train": 2000, "validation": 200}
@@ -93,18 +98,7 @@ def write(out: pathlib.Path) -> None:
   (out / "prompts.txt").write_text("".join(request(d, rng) + "\n" for d in dates[-4:]))
   vocab = vocabulary()
   (out / "vocab.txt").write_text("".join(w + "\n" for w in vocab))
-  tokenizer = {
-    "tokenizer_class": "BertTokenizer",
-    "do_lower_case": True,
-    "model_max_length": 64,
-    "unk_token": "[UNK]",
-    "sep_token": "[SEP]",
-    "pad_token": "[PAD]",
-    "cls_token": "[CLS]",
-    "mask_token": "[MASK]",
-    "eos_token": "[SEP]",
-    "chat_template": CHAT_TEMPLATE,
-  }
+  tokenizer = {**TOKENIZER_CONFIG, "eos_token": "[SEP]", "chat_template": CHAT_TEMPLATE}
   (out / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2) + "\n")
   config = {
     "architectures": ["LlamaForCausalLM"],

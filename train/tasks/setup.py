@@ -1,6 +1,6 @@
-"""Model and adapter setup every script shares: where the base comes from, LoRA from flags,
-adapters from a path, and the exports a run leaves (PEFT adapter, merged model, the random base
-of a model trained from scratch)."""
+"""Model and adapter setup every task shares: where the base comes from, LoRA from flags,
+adapters from a path, what a checkpoint must agree on (:func:`signature`), and the exports a run
+leaves (PEFT adapter, merged model, the random base of a model trained from scratch)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 
 import lora_jax
 from lora_jax import models
+from train.engine.state import jnp_dtype
 
 logger = logging.getLogger(__name__)
 _REGEX_CHARS = set("*+?[](){}|^$\\")
@@ -141,10 +142,13 @@ def export_base_model(args: argparse.Namespace, config, tokenizer, params) -> No
 def base_model(args: argparse.Namespace, task: str, **kwargs):
   """``(module, variables, transformers config)``: the checkpoint ``--model_name_or_path``, or,
   with ``--config_name``, a new model with random weights from ``--seed`` ("from scratch";
-  :func:`export` writes them). ``kwargs`` go to ``models.from_pretrained`` / ``from_config``
-  (``quantize=`` from :func:`quantization`: the checkpoint is quantized as it is read).
+  :func:`export` writes them), computing in ``--dtype``. ``kwargs`` go to
+  ``models.from_pretrained`` / ``from_config`` (``quantize=`` from :func:`quantization`: the
+  checkpoint is quantized as it is read).
   """
   import transformers
+
+  kwargs = {"dtype": jnp_dtype(args.dtype), **kwargs}
 
   if args.model_name_or_path:
     flag, name = "--model_name_or_path", args.model_name_or_path
@@ -170,6 +174,22 @@ def model_source(args: argparse.Namespace) -> str:
     model = args.model_name_or_path
     return str(pathlib.Path(model).resolve()) if pathlib.Path(model).exists() else model
   return f"new model from {pathlib.Path(args.config_name).resolve()}, seed {args.seed}"
+
+
+def signature(args: argparse.Namespace, module, params, *, data: str, **task) -> dict:
+  """What a checkpoint must agree on to be resumed by this run (shapes are checked too): the
+  base model, the adapters, the quantization, the batches (``data``) and the ``task``'s own
+  settings (e.g. ``task_name``, ``scan_layers``)."""
+  cfg = module.config
+  return {
+    "model_name_or_path": model_source(args),
+    "model": f"{cfg.model_type} vocab={cfg.vocab_size} hidden={cfg.hidden_size} "
+    f"layers={cfg.num_hidden_layers}",
+    **task,
+    "lora": adapter_summary(params),
+    "quantize": args.quantize,
+    "data": data,
+  }
 
 
 def load_adapter(path: str, variables, config, ignore_mismatched_sizes: bool = False):

@@ -1,7 +1,7 @@
 """Writes the quickstart's model config, tokenizer and data (``configs/quickstart/``).
 
 Usage:
-  python train/make_quickstart.py [OUT_DIR]   # default: configs/quickstart
+  python configs/tools/make_quickstart.py [OUT_DIR]   # default: configs/quickstart
 
 The files are committed, so ``python train/run_glue.py --config configs/quickstart.yaml`` needs
 nothing else (no network, no Hub, no torch). This script is how they were made; rerunning it
@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f"usage: make_quickstart.py [OUT_DIR]; got {len(argv)} arguments", file=sys.stderr)
     return 2
-  default = pathlib.Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+  default = pathlib.Path(__file__).resolve().parent.parent / "quickstart"
   for path in write(argv[0] if argv else default):
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
   return 0

@@ -14,6 +14,8 @@ delete.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import pathlib
 import shutil
@@ -24,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from train.trainer import TrainState
+from train.engine.state import TrainState
 
 logger = logging.getLogger(__name__)
 DAMAGED = "damaged"
@@ -174,6 +176,10 @@ class Checkpointer:
     Raises:
       NoIntactCheckpoint: checkpoints exist, and all are damaged.
     """
+    with quiet_closed_event_loops():  # a failed read leaves Orbax's callbacks behind
+      return self._restore_latest(template)
+
+  def _restore_latest(self, template: TrainState) -> tuple[int, TrainState, dict] | None:
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       path = self.directory / str(step)
@@ -221,17 +227,26 @@ def _verify(got: dict, meta: dict, path: pathlib.Path) -> None:
       raise DamagedCheckpoint(f"{path}: {name} holds NaN or inf")
 
 
-def quiet_closed_event_loops() -> None:
-  """Keeps Orbax's "Event loop is closed" from stderr (a process-wide ``sys.unraisablehook``).
+@contextlib.contextmanager
+def quiet_closed_event_loops():
+  """Within the block, Orbax's "Event loop is closed" is kept from stderr; the previous
+  ``sys.unraisablehook`` is back when the block ends.
 
   When Orbax fails to read a damaged checkpoint or adapter, its pending asyncio callbacks later
   find their event loop closed; Python prints each as "Exception ignored in: ..." with a
   traceback, beside the one-line error or warning that already says what happened. Every other
-  unraisable exception still reaches the previous hook.
+  unraisable exception still reaches the previous hook. Garbage is collected before the block
+  ends, so what Orbax left behind is reported while the block's hook holds.
+
+  Example:
+    >>> before = sys.unraisablehook
+    >>> with quiet_closed_event_loops():
+    ...   sys.unraisablehook is before
+    False
+    >>> sys.unraisablehook is before
+    True
   """
   previous = sys.unraisablehook
-  if getattr(previous, "_drops_closed_loops", False):
-    return
 
   def hook(unraisable) -> None:
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
@@ -241,5 +256,10 @@ def quiet_closed_event_loops() -> None:
       return
     previous(unraisable)
 
-  hook._drops_closed_loops = True
   sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    if sys.unraisablehook is hook:  # else someone replaced it since: leave theirs
+      sys.unraisablehook = previous

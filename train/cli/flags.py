@@ -1,41 +1,27 @@
-"""Command-line flags every training script shares, and ``--config FILE`` (YAML).
-
-``--config FILE`` names a YAML mapping whose keys are flag names (without ``--``). Its values
-become flags placed *before* the command line, so the command line overrides the file and every
-value goes through the same parsing and checks (``choices``, positive numbers, ...). A bad value,
-from the file or the command line, ends the program with one line naming the flag, the value and
-the valid choices, and exit status 2.
-
-A relative path in the YAML file is relative to the file's folder, so a config runs from any
-working directory: path flags (:data:`PATH`; marked with :func:`mark_path`) take
-``yaml_folder/value``, and flags naming a model, tokenizer, adapter or dataset (:data:`HUB_OR_PATH`)
-do so when the value starts with ``./`` or ``../`` or ``yaml_folder/value`` exists, and otherwise
-stay Hugging Face Hub ids (``roberta-base``). Absolute paths, and paths on the command line, are
-left as they are.
+"""Command-line flags every training script shares: their types, groups and checks.
 
 Scripts build their parser from :func:`new_parser` and the groups here (:func:`add_model`,
-:func:`add_training`, :func:`add_lora`), each with the script's own defaults.
+:func:`add_training`, :func:`add_lora`), each with the script's own defaults, and read it with
+:func:`train.cli.config_file.parse` (``--config FILE``, YAML). Nothing here imports jax: a bad
+flag, or ``--help``, costs no startup. The lists of names offered as choices have one owner each:
+the engine's in :mod:`train.engine.kinds`; the library's (:data:`QUANTIZE_KINDS`,
+:data:`LORA_INITS`) are copies that ``tests/test_flag_faults.py`` compares with lora_jax's.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import pathlib
-import sys
-from collections.abc import Callable
-from collections.abc import Sequence
 from typing import Any
 from typing import NoReturn
 
-import yaml
+from train.engine.kinds import DTYPES
+from train.engine.kinds import PARALLEL_MODES
 
-PARALLEL_MODES = ("none", "pmap", "mesh")
-DTYPES = ("float32", "bfloat16")
-LR_SCHEDULERS = ("linear", "cosine", "constant")  # train.trainer.make_schedule's kinds
-QUANTIZE_KINDS = ("nf4", "int8")  # lora_jax.quantize's kinds
-LORA_INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_K", "olora")  # PEFT's names
+QUANTIZE_KINDS = ("nf4", "int8")  # lora_jax.Quantization's kinds (a test checks the copy)
+# PEFT's names of lora_jax.LoraRule's inits (a test checks the copy): kaiming is kaiming_uniform
+LORA_INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_K", "olora")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -282,78 +268,6 @@ def add_lora(g, *, targets: list[str], dropout: float) -> None:
   )
 
 
-def _resolve(value: str, kind: str, folder: str) -> str:
-  """A path flag's ``value`` from a YAML file in ``folder``, made relative to that folder.
-
-  Example:
-    >>> _resolve("data/train.tsv", PATH, "cfg"), _resolve("../out", PATH, "cfg")
-    ('cfg/data/train.tsv', 'out')
-    >>> _resolve("roberta-base", HUB_OR_PATH, "cfg"), _resolve("./m", HUB_OR_PATH, "cfg")
-    ('roberta-base', 'cfg/m')
-    >>> _resolve("/data/t.tsv", PATH, "cfg"), _resolve("", PATH, "cfg")
-    ('/data/t.tsv', '')
-  """
-  if not value or os.path.isabs(value):
-    return value
-  joined = os.path.normpath(os.path.join(folder, value))
-  if kind == PATH or value.startswith(("./", "../")) or os.path.exists(joined):
-    return joined
-  return value  # a Hub id
-
-
-def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-  """YAML as flags: ``{lora_r: 8, do_predict: true}`` -> ``--lora_r 8 --do_predict``; path
-  flags relative to the YAML file's folder (:func:`_resolve`)."""
-  try:
-    data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
-  except OSError as e:
-    parser.error(f"argument --config: cannot read {path!r}: {e.strerror}")
-  except yaml.YAMLError as e:
-    parser.error(f"argument --config: {path!r} is not valid YAML: {str(e).splitlines()[0]}")
-  if not isinstance(data, dict):
-    parser.error(f"argument --config: {path!r} must hold a mapping of flag names to values")
-  actions = {a.dest: a for a in parser._actions if a.option_strings}
-  unknown = sorted(set(map(str, data)) - set(actions) - {"config"})
-  if unknown:
-    parser.error(
-      f"argument --config: {path!r} has unknown keys {unknown}; valid keys: {sorted(actions)}"
-    )
-  paths = path_flags(parser)
-  folder = os.path.dirname(path)
-  argv: list[str] = []
-  for key, value in data.items():
-    flag = f"--{key}"
-    if key in paths and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-      value = _resolve(str(value), paths[key], folder)
-    if isinstance(actions[key], argparse.BooleanOptionalAction):
-      if not isinstance(value, bool):
-        parser.error(f"argument --config: {key}={value!r} in {path!r} must be true or false")
-      argv.append(flag if value else f"--no-{key}")
-    elif value is None:
-      continue
-    elif isinstance(value, list):
-      argv += [flag, *map(str, value)]
-    else:
-      argv.append(f"{flag}={value}")  # "--x=-inf": a value, not a flag
-  return argv
-
-
-def parse(
-  parser: OneLineParser,
-  argv: Sequence[str] | None,
-  check: Callable[[argparse.Namespace, OneLineParser], argparse.Namespace] = lambda a, p: a,
-) -> argparse.Namespace:
-  """Flags from ``--config`` (if any), then from ``argv`` (default ``sys.argv[1:]``), then
-  ``check(args, parser)`` (which may fill defaults, or end the program with ``parser.error``)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--config")
-  known, _ = pre.parse_known_args(argv)
-  if known.config:
-    argv = _config_argv(known.config, parser) + argv
-  return check(parser.parse_args(argv), parser)
-
-
 def resolve_model(
   args: argparse.Namespace, parser: OneLineParser, default_model: str | None
 ) -> argparse.Namespace:
@@ -391,79 +305,3 @@ def resolve_model(
 def as_dict(args: argparse.Namespace) -> dict[str, Any]:
   """The flags as a JSON-friendly dict (written beside the outputs)."""
   return {k: v for k, v in sorted(vars(args).items())}
-
-
-PROJECT_LOGGERS = ("train", "lora_jax")
-
-
-def configure_logging() -> None:
-  """The project's loggers (:data:`PROJECT_LOGGERS`) at INFO, everyone else's at WARNING.
-
-  transformers is imported here without its import-time advice ("PyTorch was not found...":
-  this project needs no torch), and kept at WARNING unless ``TRANSFORMERS_VERBOSITY`` says
-  otherwise; jax's backend probing (``Unable to initialize backend 'tpu'``) is INFO, so hidden.
-  """
-  import logging
-
-  logging.basicConfig(
-    level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-  )
-  for name in PROJECT_LOGGERS:
-    logging.getLogger(name).setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  if "transformers" not in sys.modules:
-    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
-    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-    try:
-      import transformers  # noqa: F401
-    finally:
-      if previous is None:
-        del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
-      else:
-        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
-  if not os.environ.get("TRANSFORMERS_VERBOSITY"):
-    import transformers.utils.logging
-
-    transformers.utils.logging.set_verbosity_warning()
-
-
-def run_script(
-  name: str, parse_args: Callable, task_module: str, argv=None, on_step: Callable | None = None
-) -> int:
-  """A training script's ``main``: flags first (checked before jax is imported), then logging,
-  ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
-
-  The run holds ``--output_dir`` while it works (:func:`train.rundir.claim`: a second run on
-  it fails at once). Bad input found while running (a missing column, a file that does not
-  exist, ...), a directory in use and a diverged training (``train.loop.Diverged``) end it with
-  one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final results are
-  printed as ``key=value`` pairs. ``on_step(step)`` runs after each optimizer step (the
-  benchmark's turn-taking; its time is not in the logged step times).
-  """
-  import contextlib
-  import importlib
-
-  args = parse_args(argv)
-  configure_logging()
-  if not getattr(args, "progress", True):  # --no-progress: no bars from datasets' map either
-    import datasets
-
-    datasets.disable_progress_bars()
-  import jax
-
-  from train import checkpoints
-  from train import rundir
-  from train import trainer
-
-  trainer.maybe_initialize_distributed()
-  checkpoints.quiet_closed_event_loops()
-  try:
-    with rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
-      results = importlib.import_module(task_module).train_and_evaluate(args, on_step)
-  except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
-    print(f"{name}: error: {e}", file=sys.stderr)
-    return 2
-  print(
-    " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
-  )
-  return 0

@@ -1,0 +1,51 @@
+"""A training script's entry point: flags, logging, the run, and one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable
+
+from train.cli.logs import configure_logging
+
+
+def run_script(
+  name: str, parse_args: Callable, task_module: str, argv=None, on_step: Callable | None = None
+) -> int:
+  """A training script's ``main``: flags first (checked before jax is imported), then logging,
+  ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
+
+  The run holds ``--output_dir`` while it works (:func:`train.engine.rundir.claim`: a second
+  run on it fails at once). Bad input found while running (a missing column, a file that does
+  not exist, ...), a directory in use and a diverged training (``train.engine.loop.Diverged``)
+  end it with one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final
+  results are printed as ``key=value`` pairs. ``on_step(step)`` runs after each optimizer step
+  (the benchmark's turn-taking; its time is not in the logged step times). Orbax's "Event loop
+  is closed" noise is dropped while the run works
+  (:func:`train.engine.checkpoints.quiet_closed_event_loops`).
+  """
+  args = parse_args(argv)
+  configure_logging()
+  if not getattr(args, "progress", True):  # --no-progress: no bars from datasets' map either
+    import datasets
+
+    datasets.disable_progress_bars()
+  import jax
+
+  from train.engine import checkpoints
+  from train.engine import parallel
+  from train.engine import rundir
+
+  parallel.maybe_initialize_distributed()
+  claim = rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+  try:
+    with claim, checkpoints.quiet_closed_event_loops():
+      results = importlib.import_module(task_module).train_and_evaluate(args, on_step)
+  except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
+    print(f"{name}: error: {e}", file=sys.stderr)
+    return 2
+  print(
+    " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
+  )
+  return 0

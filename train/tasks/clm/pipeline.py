@@ -1,0 +1,198 @@
+"""A causal-LM LoRA run end to end: :func:`train_and_evaluate` (``train/run_clm.py`` parses flags).
+
+1. Data (:mod:`train.data.clm`): text or conversations, loss masks, packed or padded rows.
+2. Model: ``lora_jax.models.from_pretrained(..., "causal-lm")`` (``--config_name``: random
+   weights, from scratch), scanned layers and remat if asked, adapters from the ``--lora_*``
+   flags (``all-linear`` by default) or ``--adapter_name_or_path``.
+3. Training: :func:`train.engine.run.run`, the machinery ``run_glue.py`` uses too, with the
+   :class:`train.tasks.clm.task.CausalLM` task (next-token loss over the target tokens, eval loss
+   and perplexity, greedy samples of ``--generation_prompts_file`` at every evaluation).
+4. Outputs: ``metrics.jsonl``, ``eval_results.json``, ``samples.jsonl``, ``curves.png``, the
+   adapter in PEFT's format (``CAUSAL_LM``), Orbax checkpoints, ``--export_merged``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+import lora_jax
+from lora_jax.models.decoder import llama
+from train.cli.flags import as_dict
+from train.data import clm as clm_data
+from train.engine import run
+from train.engine.parallel import data_parallel_size
+from train.tasks import setup
+from train.tasks.clm.sampler import SAMPLES
+from train.tasks.clm.sampler import Sampler
+from train.tasks.clm.sampler import read_prompts
+from train.tasks.clm.task import CausalLM
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model.
+
+
+@dataclasses.dataclass
+class Data:
+  train: clm_data.Sequences
+  eval: clm_data.Sequences | None
+  kind: str  # clm_data.TEXT or clm_data.MESSAGES
+
+
+def load_data(args: argparse.Namespace, tokenizer) -> Data:
+  raw = clm_data.load_raw(
+    dataset_name=args.dataset_name,
+    dataset_config_name=args.dataset_config_name,
+    train_file=args.train_file,
+    validation_file=args.validation_file,
+    validation_split_percentage=args.validation_split_percentage,
+    seed=args.seed,
+  )
+  source = args.train_file or args.dataset_name
+  kind, column = clm_data.pick_column(
+    raw["train"].column_names, args.text_column, args.messages_column, repr(source)
+  )
+  completion_only = (
+    kind == clm_data.MESSAGES if args.completion_only_loss is None else args.completion_only_loss
+  )
+  if completion_only and kind != clm_data.MESSAGES:
+    raise ValueError(
+      f"--completion_only_loss needs conversations (a messages column); {source!r} has the "
+      f"text column {column!r}"
+    )
+
+  def encode(split: str, limit: int | None) -> clm_data.Sequences:
+    ds = raw[split]
+    if column not in ds.column_names:
+      raise ValueError(
+        f"the {split} split has no {column!r} column (the train split's); its columns: "
+        f"{ds.column_names}"
+      )
+    if limit is not None:
+      ds = ds.select(range(min(limit, len(ds))))
+    return clm_data.encode(
+      ds, kind, column, tokenizer, args.max_seq_length, completion_only, f"the {split} split"
+    )
+
+  train = encode("train", args.max_train_samples)
+  evals = encode("validation", args.max_eval_samples) if "validation" in raw else None
+  return Data(train, evals, kind)
+
+
+def load_model(args: argparse.Namespace):
+  """``(module, params with adapters, transformers config)``."""
+  module, variables, config = setup.base_model(
+    args,
+    "causal-lm",
+    scan_layers=args.scan_layers,
+    remat=args.remat,
+    attention_implementation=None
+    if args.attn_implementation == "auto"
+    else args.attn_implementation,
+    quantize=setup.quantization(args),
+  )
+  if args.adapter_name_or_path:
+    params = setup.load_adapter(args.adapter_name_or_path, variables, config)
+  else:
+    layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 1), jnp.int32))
+    params = lora_jax.lora_init(
+      variables, setup.lora_rule(args), rng=jax.random.key(args.seed + 1), layouts=layouts
+    )
+  return module, params, config
+
+
+def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> Sampler | None:
+  if not args.generation_prompts_file:
+    return None
+  prompts, references = read_prompts(args.generation_prompts_file)
+  if kind == clm_data.MESSAGES:  # ask as a user turn, as the model is trained
+    ids = [
+      clm_data.render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+      for p in prompts
+    ]
+  else:
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+  base = lora_jax.partition(params, lora_jax.trainable_mask(params))[1]
+  return Sampler(module, base, prompts, references, ids, tokenizer,
+                 args.generation_max_new_tokens, out / SAMPLES)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
+  """Trains (or resumes), evaluates and writes every output; returns the final eval results.
+
+  ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
+  """
+
+  out = pathlib.Path(args.output_dir)
+  tokenizer = setup.load_tokenizer(args)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  data = load_data(args, tokenizer)
+  module, params, hf_config = load_model(args)
+  logger.info(lora_jax.param_report(params).splitlines()[0])
+  initial = None if args.adapter_name_or_path else setup.step_zero(params)
+
+  devices = data_parallel_size(args.parallel)
+  global_rows = args.per_device_train_batch_size * devices
+  k = args.gradient_accumulation_steps
+  train = clm_data.Batcher(data.train, args.max_seq_length, args.packing, pad_id)
+  total = run.total_steps(train.rows, global_rows, k, args.num_train_epochs, args.max_steps)
+  task = CausalLM(
+    apply_fn=lora_jax.lora_apply(module.apply),
+    train=train,
+    eval=None
+    if data.eval is None
+    else clm_data.Batcher(data.eval, args.max_seq_length, args.packing, pad_id),
+    global_rows=global_rows,
+    eval_rows=args.per_device_eval_batch_size * devices,
+    seed=args.seed,
+    fused_loss=llama.output_weight(module.config, params["params"])[1] is not None,
+  )
+  task.sampler = _sampler(args, module, params, tokenizer, data.kind, out)
+  logger.info(
+    "%d training sequences in %d %s rows; %d steps of %d rows x %d (accumulation), %s parallel "
+    "over %d device(s)",
+    len(data.train),
+    train.rows,
+    "packed" if args.packing else "padded",
+    total,
+    global_rows,
+    k,
+    args.parallel,
+    devices,
+  )
+  trained = run.run(
+    params,
+    task,
+    run.settings_from_flags(
+      args,
+      total,
+      lr_scheduler_type=args.lr_scheduler_type,
+      max_grad_norm=args.max_grad_norm or None,
+      eval_on_start=args.eval_on_start,
+    ),
+    signature=setup.signature(
+      args,
+      module,
+      params,
+      scan_layers=args.scan_layers,
+      data=f"max_seq_length={args.max_seq_length} packing={args.packing} rows={global_rows}",
+    ),
+    record=as_dict(args),
+    on_step=on_step,
+    finish=lambda t: setup.export(
+      args, hf_config, tokenizer, t.params, out, task_type="CAUSAL_LM", initial=initial
+    ),
+  )
+  return trained.results
