@@ -1,7 +1,11 @@
 """Command-line flags every training script shares: their types, groups and checks.
 
-Scripts build their parser from :func:`new_parser` and the groups here (:func:`add_model`,
-:func:`add_training`, :func:`add_lora`), each with the script's own defaults, and read it with
+Each flag is a field of a dataclass, written once: its type, default, choices and help
+(:func:`field`). The shared groups are :class:`ModelConfig`, :class:`TrainingConfig` and
+:class:`LoraConfig`; a script's configuration nests them (subclassed with its own flags) with its
+own defaults (:func:`group`), and its parser, and so its ``--help`` and YAML keys, is generated
+from that (:func:`parser_for`); parsed flags become the typed configuration with
+:func:`to_config`. Scripts read the parser with
 :func:`train.cli.config_file.parse` (``--config FILE``, YAML). Nothing here imports jax: a bad
 flag, or ``--help``, costs no startup. The lists of names offered as choices have one owner each:
 the engine's in :mod:`train.engine.kinds`; the library's (:data:`QUANTIZE_KINDS`,
@@ -11,6 +15,7 @@ the engine's in :mod:`train.engine.kinds`; the library's (:data:`QUANTIZE_KINDS`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pathlib
 from typing import Any
@@ -126,145 +131,179 @@ def new_parser(prog: str, description: str) -> OneLineParser:
   return p
 
 
-def add_model(g, default_model: str | None) -> None:
+# ---------------------------------------------------------------------------------------------
+# Typed configuration: each flag is a dataclass field, written once (type, default, choices,
+# help); a script's configuration nests groups of them, and its parser and YAML keys are
+# generated from it (:func:`parser_for`).
+
+
+def field(default: Any = None, *, help: str, type=None, choices=None, path: str | None = None,
+          metavar: str | None = None) -> Any:  # fmt: skip
+  """A flag: a dataclass field whose metadata holds what argparse needs.
+
+  ``type`` parses the text (default: the text itself); a field annotated ``bool`` (or
+  ``bool | None``) is an on/off flag (``--x`` / ``--no-x``), one annotated ``list[str]`` takes
+  one or more values. ``path`` marks the flag as naming a path (:func:`mark_path`).
+  """
+  meta = {"help": help, "type": type, "choices": choices, "path": path, "metavar": metavar}
+  if isinstance(default, list):
+    return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+  return dataclasses.field(default=default, metadata=meta)
+
+
+def group(title: str, defaults: Any) -> Any:
+  """A group of flags titled ``title`` in ``--help``: the dataclass instance ``defaults`` gives
+  its fields and this script's defaults for them."""
+  return dataclasses.field(
+    default_factory=lambda: dataclasses.replace(defaults), metadata={"title": title}
+  )
+
+
+def add_fields(g, defaults: Any, notes: dict[str, str]) -> None:
+  """One flag per field of the dataclass instance ``defaults``, its value the default; help
+  texts are formatted with ``notes`` (e.g. ``{fallback}``)."""
+  for f in dataclasses.fields(defaults):
+    meta, default = f.metadata, getattr(defaults, f.name)
+    kwargs: dict[str, Any] = {"default": default, "help": meta["help"].format(**notes)}
+    if f.type in ("bool", "bool | None"):
+      kwargs["action"] = argparse.BooleanOptionalAction
+    elif f.type == "list[str]":
+      kwargs["nargs"] = "+"
+    for key in ("type", "choices", "metavar"):
+      if meta[key] is not None:
+        kwargs[key] = meta[key]
+    action = g.add_argument(f"--{f.name}", **kwargs)
+    if meta["path"]:
+      mark_path(action, meta["path"])
+
+
+def parser_for(config: Any, prog: str, description: str, **notes: str) -> OneLineParser:
+  """The parser of a script's configuration ``config`` (a dataclass instance of :func:`group`
+  fields): ``--config``, then each group's flags.
+
+  Example:
+    >>> @dataclasses.dataclass
+    ... class Demo:
+    ...   lora: LoraConfig = group("LoRA", LoraConfig(lora_r=4))
+    >>> args = parser_for(Demo(), "demo", "a demo").parse_args(["--lora_alpha", "8"])
+    >>> args.lora_r, args.lora_alpha, to_config(Demo, args).lora.lora_alpha
+    (4, 8.0, 8.0)
+  """
+  p = new_parser(prog, description)
+  for f in dataclasses.fields(config):
+    add_fields(p.add_argument_group(f.metadata["title"]), getattr(config, f.name), notes)
+  return p
+
+
+def to_config(cls: type, args: argparse.Namespace) -> Any:
+  """The parsed flags ``args`` as the nested configuration ``cls`` (groups of fields)."""
+  groups = {}
+  for f in dataclasses.fields(cls):
+    inner = type(f.default_factory())
+    groups[f.name] = inner(**{g.name: getattr(args, g.name) for g in dataclasses.fields(inner)})
+  return cls(**groups)
+
+
+def max_samples(rows: str) -> Any:
+  """``--max_{train,eval,predict}_samples``: keep the first N ``rows`` rows."""
+  return field(type=positive_int, help=f"keep the first N {rows} rows")
+
+
+@dataclasses.dataclass
+class ModelConfig:
   """``--model_name_or_path``, ``--config_name``, ``--tokenizer_name``, ``--dtype``."""
-  fallback = f"{default_model}, or " if default_model else ""
-  for action in (
-    g.add_argument(
-      "--model_name_or_path",
-      help=f"checkpoint folder or Hub id; if not given: {fallback}with --config_name a new "
-      "model trained from scratch",
-    ),
-    g.add_argument(
-      "--config_name",
-      help="config.json, or a folder or Hub id holding one: train a new model with random "
-      "weights from scratch (instead of --model_name_or_path)",
-    ),
-    g.add_argument(
-      "--tokenizer_name",
-      help="tokenizer folder or Hub id; if not given: --model_name_or_path, else --config_name",
-    ),
-  ):
-    mark_path(action, HUB_OR_PATH)
-  g.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+
+  model_name_or_path: str | None = field(
+    help="checkpoint folder or Hub id; if not given: {fallback}with --config_name a new model "
+    "trained from scratch",
+    path=HUB_OR_PATH,
+  )
+  config_name: str | None = field(
+    help="config.json, or a folder or Hub id holding one: train a new model with random "
+    "weights from scratch (instead of --model_name_or_path)",
+    path=HUB_OR_PATH,
+  )
+  tokenizer_name: str | None = field(
+    help="tokenizer folder or Hub id; if not given: --model_name_or_path, else --config_name",
+    path=HUB_OR_PATH,
+  )
+  dtype: str = field("float32", choices=DTYPES, help="compute dtype")
 
 
-def add_training(g, *, batch: int, eval_batch: int, learning_rate: float, warmup: float,
-                 epochs: float, save_steps: int, output_dir: str) -> None:  # fmt: skip
+@dataclasses.dataclass
+class TrainingConfig:
   """Batch sizes, optimizer, schedule, lengths of the run, logging/eval/save, parallel mode."""
-  g.add_argument(
-    "--per_device_train_batch_size", type=positive_int, default=batch, help="training rows per step"
+
+  per_device_train_batch_size: int = field(8, type=positive_int, help="training rows per step")
+  per_device_eval_batch_size: int = field(8, type=positive_int, help="eval rows per batch")
+  gradient_accumulation_steps: int = field(
+    1, type=positive_int, help="batches summed into each optimizer step"
   )
-  g.add_argument(
-    "--per_device_eval_batch_size",
-    type=positive_int,
-    default=eval_batch,
-    help="eval rows per batch",
+  learning_rate: float = field(2e-4, type=positive_float, help="AdamW's peak rate")
+  weight_decay: float = field(0.01, type=nonneg_float, help="AdamW's weight decay")
+  warmup_ratio: float = field(0.0, type=unit_float, help="share of the steps spent warming up")
+  num_train_epochs: float = field(3.0, type=positive_float, help="passes over the training data")
+  max_steps: int = field(0, type=nonneg_int, help="if > 0: overrides epochs")
+  logging_steps: int = field(10, type=positive_int, help="log the loss every N")
+  eval_steps: int = field(0, type=nonneg_int, help="0: evaluate at the end only")
+  save_steps: int = field(500, type=nonneg_int, help="0: at the end only")
+  save_total_limit: int = field(2, type=nonneg_int, help="0: keep all")
+  seed: int = field(42, type=int, help="weights, dropout and data order")
+  output_dir: str = field(
+    "outputs",
+    path=PATH,
+    help="metrics, checkpoints, adapter; rerunning with checkpoints here resumes",
   )
-  g.add_argument(
-    "--gradient_accumulation_steps",
-    type=positive_int,
-    default=1,
-    help="batches summed into each optimizer step",
+  export_merged: bool = field(
+    False, help="also write a merged Hugging Face checkpoint to OUTPUT_DIR/merged"
   )
-  g.add_argument(
-    "--learning_rate", type=positive_float, default=learning_rate, help="AdamW's peak rate"
+  parallel: str = field(
+    "none", choices=PARALLEL_MODES, help="one device, data parallel (pmap), or a device mesh"
   )
-  g.add_argument("--weight_decay", type=nonneg_float, default=0.01, help="AdamW's weight decay")
-  g.add_argument(
-    "--warmup_ratio", type=unit_float, default=warmup, help="share of the steps spent warming up"
-  )
-  g.add_argument(
-    "--num_train_epochs", type=positive_float, default=epochs, help="passes over the training data"
-  )
-  g.add_argument("--max_steps", type=nonneg_int, default=0, help="if > 0: overrides epochs")
-  g.add_argument("--logging_steps", type=positive_int, default=10, help="log the loss every N")
-  g.add_argument("--eval_steps", type=nonneg_int, default=0, help="0: evaluate at the end only")
-  g.add_argument("--save_steps", type=nonneg_int, default=save_steps, help="0: at the end only")
-  g.add_argument("--save_total_limit", type=nonneg_int, default=2, help="0: keep all")
-  g.add_argument("--seed", type=int, default=42, help="weights, dropout and data order")
-  mark_path(
-    g.add_argument(
-      "--output_dir",
-      default=output_dir,
-      help="metrics, checkpoints, adapter; rerunning with checkpoints here resumes",
-    )
-  )
-  g.add_argument(
-    "--export_merged",
-    action=argparse.BooleanOptionalAction,
-    default=False,
-    help="also write a merged Hugging Face checkpoint to OUTPUT_DIR/merged",
-  )
-  g.add_argument(
-    "--parallel",
-    choices=PARALLEL_MODES,
-    default="none",
-    help="one device, data parallel (pmap), or a device mesh",
-  )
-  g.add_argument(
-    "--shard_frozen",
-    action=argparse.BooleanOptionalAction,
-    default=False,
+  shard_frozen: bool = field(
+    False,
     help="--parallel mesh: shard the frozen base over the devices (FSDP-style) instead of "
     "replicating it",
   )
-  g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm")
+  progress: bool = field(True, help="tqdm")
 
 
-def add_lora(g, *, targets: list[str], dropout: float) -> None:
+@dataclasses.dataclass
+class LoraConfig:
   """``--lora_r``, ``--lora_alpha``, ``--lora_dropout``, ``--lora_target_modules``, ... ."""
-  g.add_argument("--lora_r", type=positive_int, default=8, help="adapter rank")
-  g.add_argument(
-    "--lora_alpha", type=positive_float, default=16.0, help="scale: alpha / r (rsLoRA: / sqrt r)"
-  )
-  g.add_argument(
-    "--lora_dropout", type=dropout_float, default=dropout, help="dropout on the adapter's input"
-  )
-  g.add_argument(
-    "--lora_target_modules",
-    nargs="+",
-    default=targets,
+
+  lora_r: int = field(8, type=positive_int, help="adapter rank")
+  lora_alpha: float = field(16.0, type=positive_float, help="scale: alpha / r (rsLoRA: / sqrt r)")
+  lora_dropout: float = field(0.0, type=dropout_float, help="dropout on the adapter's input")
+  lora_target_modules: list[str] = field(
+    ["all-linear"],
     help="PEFT-style module names, 'all-linear', or one regex over 'params/a/b/c' module paths",
   )
-  g.add_argument(
-    "--lora_rslora",
-    action=argparse.BooleanOptionalAction,
-    default=False,
-    help="rank-stabilised LoRA: scale by alpha / sqrt(r)",
-  )
-  g.add_argument(
-    "--loraplus_lr_ratio",
+  lora_rslora: bool = field(False, help="rank-stabilised LoRA: scale by alpha / sqrt(r)")
+  loraplus_lr_ratio: float | None = field(
     type=positive_float,
     help="LoRA+: the adapters' B factors learn at this times the learning rate (e.g. 16); "
     "if not given: plain LoRA",
   )
-  g.add_argument(
-    "--use_dora",
-    action=argparse.BooleanOptionalAction,
-    default=False,
+  use_dora: bool = field(
+    False,
     help="DoRA: a trainable magnitude per output unit beside the low-rank direction update",
   )
-  g.add_argument(
-    "--init_lora_weights",
+  init_lora_weights: str = field(
+    "gaussian",
     type=lora_init_kind,
-    default="gaussian",
     metavar="{" + ",".join(LORA_INITS) + "}",
     help="the adapters' start: A ~ N(0, 1/r^2) (gaussian) or Kaiming-uniform (PEFT's default), "
     "B zero; or PiSSA (top-r singular vectors of W; pissa_niter_K: randomized SVD with K "
     "iterations) or OLoRA (QR of W), which move that part of W into the adapter",
   )
-  g.add_argument(
-    "--quantize",
+  quantize: str | None = field(
     choices=QUANTIZE_KINDS,
     help="QLoRA: the frozen linear weights in 4-bit NormalFloat (nf4, double-quantized "
     "absmaxes) or int8 (per output channel); if not given: the base stays in --dtype",
   )
-  mark_path(
-    g.add_argument(
-      "--adapter_name_or_path", help="start from this adapter (ours or PEFT's): folder or Hub id"
-    ),
-    HUB_OR_PATH,
+  adapter_name_or_path: str | None = field(
+    path=HUB_OR_PATH, help="start from this adapter (ours or PEFT's): folder or Hub id"
   )
 
 

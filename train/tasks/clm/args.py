@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 
 from train.cli import config_file
@@ -21,29 +22,18 @@ from train.engine.kinds import LR_SCHEDULERS
 ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
 
 
-def build_parser() -> flags.OneLineParser:
-  """All flags, with their defaults (which a ``--config`` file then overrides)."""
-  p = flags.new_parser(
-    "run_clm.py",
-    "LoRA supervised fine-tuning of a causal LM with lora_jax (see train/run_clm.py).",
+@dataclasses.dataclass
+class ClmModel(flags.ModelConfig):
+  """The model (:class:`train.cli.flags.ModelConfig`), and how the decoder runs."""
+
+  scan_layers: bool = flags.field(
+    False, help="run the decoder layers under nn.scan (one layer compiled, however deep)"
   )
-  g = p.add_argument_group("model")
-  flags.add_model(g, None)
-  g.add_argument(
-    "--scan_layers",
-    action=argparse.BooleanOptionalAction,
-    default=False,
-    help="run the decoder layers under nn.scan (one layer compiled, however deep)",
+  remat: bool = flags.field(
+    False, help="rematerialise each layer in the backward pass (less memory, more compute)"
   )
-  g.add_argument(
-    "--remat",
-    action=argparse.BooleanOptionalAction,
-    default=False,
-    help="rematerialise each layer in the backward pass (less memory, more compute)",
-  )
-  g.add_argument(
-    "--attn_implementation",
-    default="auto",
+  attn_implementation: str = flags.field(
+    "auto",
     choices=ATTENTION,
     help="auto: cuDNN's fused kernel on GPU for bf16/fp16, else XLA's; xla_chunked: XLA's, "
     "512 queries at a time (long sequences without whole [seq, seq] scores); pallas: "
@@ -51,94 +41,89 @@ def build_parser() -> flags.OneLineParser:
     "GPUs, Mosaic on TPUs, XLA elsewhere; pallas_interpret: the Triton kernel interpreted by "
     "JAX on any backend (slow: for tests)",
   )
-  g = p.add_argument_group("data")
-  flags.mark_path(
-    g.add_argument(
-      "--dataset_name", help="a Hub dataset or a local folder (datasets.load_dataset)"
-    ),
-    flags.HUB_OR_PATH,
+
+
+@dataclasses.dataclass
+class ClmData:
+  dataset_name: str | None = flags.field(
+    path=flags.HUB_OR_PATH, help="a Hub dataset or a local folder (datasets.load_dataset)"
   )
-  g.add_argument("--dataset_config_name", help="the Hub dataset's configuration")
-  flags.mark_path(
-    g.add_argument("--train_file", help="JSON, JSONL, CSV, parquet or .txt training file")
+  dataset_config_name: str | None = flags.field(help="the Hub dataset's configuration")
+  train_file: str | None = flags.field(
+    path=flags.PATH, help="JSON, JSONL, CSV, parquet or .txt training file"
   )
-  flags.mark_path(g.add_argument("--validation_file", help="validation file, same formats"))
-  g.add_argument(
-    "--validation_split_percentage",
+  validation_file: str | None = flags.field(path=flags.PATH, help="validation file, same formats")
+  validation_split_percentage: int = flags.field(
+    5,
     type=flags.percent_int,
-    default=5,
     help="without a validation split: hold out this %% of the training rows",
   )
-  g.add_argument(
-    "--text_column",
+  text_column: str | None = flags.field(
     help="plain-text column (language modelling); default: 'text' when there is no "
     "conversation column",
   )
-  g.add_argument(
-    "--messages_column",
+  messages_column: str | None = flags.field(
     help="conversation column (lists of role/content turns, formatted with the tokenizer's "
     "chat template); default: 'messages' if present",
   )
-  g.add_argument(
-    "--completion_only_loss",
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help="loss on the assistant replies only (default: on for conversations, off for text)",
+  completion_only_loss: bool | None = flags.field(
+    help="loss on the assistant replies only (default: on for conversations, off for text)"
   )
-  g.add_argument(
-    "--max_seq_length",
-    type=flags.positive_int,
-    default=512,
-    help="tokens per row; longer sequences are truncated",
+  max_seq_length: int = flags.field(
+    512, type=flags.positive_int, help="tokens per row; longer sequences are truncated"
   )
-  g.add_argument(
-    "--packing",
-    action=argparse.BooleanOptionalAction,
-    default=True,
+  packing: bool = flags.field(
+    True,
     help="padding-free rows of max_seq_length tokens holding several sequences (segment_ids); "
     "--no-packing: one sequence per row, padded to a bucketed length",
   )
-  g.add_argument(
-    "--max_train_samples", type=flags.positive_int, help="keep the first N training rows"
+  max_train_samples: int | None = flags.max_samples("training")
+  max_eval_samples: int | None = flags.max_samples("eval")
+
+
+@dataclasses.dataclass
+class ClmTraining(flags.TrainingConfig):
+  lr_scheduler_type: str = flags.field(
+    "linear", choices=LR_SCHEDULERS, help="the learning rate's decay after warmup"
   )
-  g.add_argument("--max_eval_samples", type=flags.positive_int, help="keep the first N eval rows")
-  g = p.add_argument_group("training")
-  flags.add_training(
-    g, batch=8, eval_batch=8, learning_rate=2e-4, warmup=0.0, epochs=3.0, save_steps=500,
-    output_dir="outputs/clm",
-  )  # fmt: skip
-  g.add_argument(
-    "--lr_scheduler_type",
-    choices=LR_SCHEDULERS,
-    default="linear",
-    help="the learning rate's decay after warmup",
+  eval_on_start: bool = flags.field(
+    False, help="also evaluate (and sample) before the first step: the untuned model's scores"
   )
-  g.add_argument(
-    "--eval_on_start",
-    action=argparse.BooleanOptionalAction,
-    default=False,
-    help="also evaluate (and sample) before the first step: the untuned model's scores",
-  )
-  g.add_argument(
-    "--max_grad_norm", type=flags.nonneg_float, default=1.0, help="0: no gradient clipping"
-  )
-  g = p.add_argument_group("generation")
-  generation_prompts_file = g.add_argument(
-    "--generation_prompts_file",
+  max_grad_norm: float = flags.field(1.0, type=flags.nonneg_float, help="0: no gradient clipping")
+
+
+@dataclasses.dataclass
+class Generation:
+  generation_prompts_file: str | None = flags.field(
+    path=flags.PATH,
     help="prompts to sample at every evaluation and at the end (one per line, or JSONL with a "
     "'prompt' field and optionally the expected 'completion', scored as samples_exact_match); "
     "written to OUTPUT_DIR/samples.jsonl",
   )
-  flags.mark_path(generation_prompts_file)
-  g.add_argument(
-    "--generation_max_new_tokens",
-    type=flags.positive_int,
-    default=64,
-    help="most tokens generated per sample (greedy decoding)",
+  generation_max_new_tokens: int = flags.field(
+    64, type=flags.positive_int, help="most tokens generated per sample (greedy decoding)"
   )
-  g = p.add_argument_group("LoRA")
-  flags.add_lora(g, targets=["all-linear"], dropout=0.05)
-  return p
+
+
+@dataclasses.dataclass
+class ClmConfig:
+  """``run_clm.py``'s configuration: its flags, YAML keys and defaults."""
+
+  model: ClmModel = flags.group("model", ClmModel())
+  data: ClmData = flags.group("data", ClmData())
+  training: ClmTraining = flags.group("training", ClmTraining(output_dir="outputs/clm"))
+  generation: Generation = flags.group("generation", Generation())
+  lora: flags.LoraConfig = flags.group("LoRA", flags.LoraConfig(lora_dropout=0.05))
+
+
+def build_parser() -> flags.OneLineParser:
+  """All flags, with their defaults (which a ``--config`` file then overrides)."""
+  return flags.parser_for(
+    ClmConfig(),
+    "run_clm.py",
+    "LoRA supervised fine-tuning of a causal LM with lora_jax (see train/run_clm.py).",
+    fallback="",
+  )
 
 
 def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Namespace:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 
 from train.cli import config_file
@@ -19,64 +20,73 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnl
 DEFAULT_MODEL = "roberta-base"  # --model_name_or_path when neither it nor --config_name is given
 
 
-def build_parser() -> flags.OneLineParser:
-  """All flags, with their defaults (which a ``--config`` file then overrides)."""
-  p = flags.new_parser(
-    "run_glue.py", "LoRA fine-tuning on a GLUE task with lora_jax (see train/run_glue.py)."
+@dataclasses.dataclass
+class GlueModelData(flags.ModelConfig):
+  """The model (:class:`train.cli.flags.ModelConfig`), and the GLUE task's data."""
+
+  task_name: str = flags.field("sst2", choices=GLUE_TASKS, help="the GLUE task")
+  train_file: str | None = flags.field(
+    path=flags.PATH, help="TSV/CSV/JSON training file; if not given: the Hub's GLUE dataset"
   )
-  g = p.add_argument_group("model and data")
-  flags.add_model(g, DEFAULT_MODEL)
-  g.add_argument("--task_name", choices=GLUE_TASKS, default="sst2", help="the GLUE task")
-  for action in (
-    g.add_argument(
-      "--train_file", help="TSV/CSV/JSON training file; if not given: the Hub's GLUE dataset"
-    ),
-    g.add_argument("--validation_file", help="TSV/CSV/JSON validation file"),
-    g.add_argument("--test_file", help="TSV/CSV/JSON test file (for --do_predict)"),
-  ):
-    flags.mark_path(action)
-  g.add_argument(
-    "--max_seq_length",
-    type=flags.positive_int,
-    default=128,
-    help="tokens per example; longer ones are truncated",
+  validation_file: str | None = flags.field(path=flags.PATH, help="TSV/CSV/JSON validation file")
+  test_file: str | None = flags.field(
+    path=flags.PATH, help="TSV/CSV/JSON test file (for --do_predict)"
   )
-  g.add_argument(
-    "--max_train_samples", type=flags.positive_int, help="keep the first N training rows"
+  max_seq_length: int = flags.field(
+    128, type=flags.positive_int, help="tokens per example; longer ones are truncated"
   )
-  g.add_argument("--max_eval_samples", type=flags.positive_int, help="keep the first N eval rows")
-  g.add_argument(
-    "--max_predict_samples", type=flags.positive_int, help="keep the first N test rows"
+  max_train_samples: int | None = flags.max_samples("training")
+  max_eval_samples: int | None = flags.max_samples("eval")
+  max_predict_samples: int | None = flags.max_samples("test")
+
+
+@dataclasses.dataclass
+class GlueTraining(flags.TrainingConfig):
+  do_predict: bool = flags.field(
+    False, help="write predictions for the test split (--test_file, or the Hub's) to OUTPUT_DIR"
   )
-  g = p.add_argument_group("training")
-  flags.add_training(
-    g, batch=32, eval_batch=64, learning_rate=5e-4, warmup=0.06, epochs=3.0, save_steps=500,
-    output_dir="outputs/glue",
-  )  # fmt: skip
-  g.add_argument(
-    "--do_predict",
-    action=argparse.BooleanOptionalAction,
-    default=False,
-    help="write predictions for the test split (--test_file, or the Hub's) to OUTPUT_DIR",
-  )
-  g.add_argument(
-    "--pack_sequences",
-    action=argparse.BooleanOptionalAction,
-    default=True,
+  pack_sequences: bool = flags.field(
+    True,
     help="padding-free batches: sequences share rows of max_seq_length tokens, attention "
     "masked to each sequence (same logits as padded rows, fewer tokens); --no-pack_sequences "
     "pads each batch to a bucketed length instead",
   )
-  g = p.add_argument_group("LoRA")
-  flags.add_lora(g, targets=["query", "value"], dropout=0.1)
-  g.add_argument(
-    "--ignore_mismatched_sizes",
-    action=argparse.BooleanOptionalAction,
-    default=False,
+
+
+@dataclasses.dataclass
+class GlueLora(flags.LoraConfig):
+  ignore_mismatched_sizes: bool = flags.field(
+    False,
     help="with --adapter_name_or_path: keep this task's new classifier head when the saved one "
     "has another shape (e.g. an MNLI adapter, 3 labels, starting RTE)",
   )
-  return p
+
+
+@dataclasses.dataclass
+class GlueConfig:
+  """``run_glue.py``'s configuration: its flags, YAML keys and defaults."""
+
+  model: GlueModelData = flags.group("model and data", GlueModelData())
+  training: GlueTraining = flags.group(
+    "training",
+    GlueTraining(
+      per_device_train_batch_size=32, per_device_eval_batch_size=64, learning_rate=5e-4,
+      warmup_ratio=0.06, output_dir="outputs/glue",
+    ),
+  )  # fmt: skip
+  lora: GlueLora = flags.group(
+    "LoRA", GlueLora(lora_target_modules=["query", "value"], lora_dropout=0.1)
+  )
+
+
+def build_parser() -> flags.OneLineParser:
+  """All flags, with their defaults (which a ``--config`` file then overrides)."""
+  return flags.parser_for(
+    GlueConfig(),
+    "run_glue.py",
+    "LoRA fine-tuning on a GLUE task with lora_jax (see train/run_glue.py).",
+    fallback=f"{DEFAULT_MODEL}, or ",
+  )
 
 
 def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Namespace:
