@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import math
 import os
 import pathlib
@@ -399,3 +400,133 @@ def test_the_engines_names_are_what_it_builds():
     state.make_schedule("step", 1.0, 10, 2)
   assert parallel.MODES == kinds.PARALLEL_MODES
   assert [state.jnp_dtype(d).__name__ for d in kinds.DTYPES] == list(kinds.DTYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 27's command-line items: each ends in a correct run or one line (exit 2) naming the bad
+# value and what would work.
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_refused_with_the_range(capsys, script, seed):
+  module, needed = SCRIPTS[script]
+  err = parse_error(capsys, module, [*needed, f"--seed={seed}"])
+  assert f"argument --seed: invalid int in [0, 2**32 - 1] value: '{seed}'" in err
+  assert module.parse_args([*needed, "--seed", "4294967295"]).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+  ("argv", "shown"),
+  [
+    (["--max_steps", "3000000000"], "argument --max_steps: invalid int in [0, 2**31 - 1] value"),
+    (["--num_train_epochs", "1e30", "--max_steps", "0"], "give a float in (0, 1e+06]"),
+    (["--max_steps", "2000000000", "--gradient_accumulation_steps", "2"], "4000000000 batches"),
+  ],
+)
+def test_a_run_too_long_for_the_step_counter_is_refused_with_the_range(capsys, argv, shown):
+  assert shown in parse_error(capsys, glue_args, argv)
+  args = glue_args.parse_args(["--num_train_epochs", "1e30", "--max_steps", "10"])
+  assert args.max_steps == 10  # --max_steps overrides the epochs
+
+
+def test_an_empty_output_dir_is_refused(capsys, tmp_path):
+  err = parse_error(capsys, glue_args, ["--output_dir", ""])
+  assert "argument --output_dir: invalid folder: ''" in err and "'.' for the current" in err
+  config = tmp_path / "c.yaml"
+  config.write_text('output_dir: ""\n')
+  assert "argument --output_dir: invalid folder" in parse_error(
+    capsys, glue_args, ["--config", str(config)]
+  )
+  assert glue_args.parse_args(["--output_dir", "."]).output_dir == "."
+
+
+def test_a_read_only_output_dir_ends_in_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+  """As root a chmod'ed folder stays writable: the refusal of the first write is simulated."""
+  from train.cli.main import run_script
+
+  out = tmp_path / "ro"
+  out.mkdir()
+  write_text = pathlib.Path.write_text
+
+  def refuse(self, *a, **k):
+    if self.parent == out:
+      raise PermissionError(13, "Permission denied", str(self))
+    return write_text(self, *a, **k)
+
+  monkeypatch.setattr(pathlib.Path, "write_text", refuse)
+  # a task module that does not exist: reaching it would be a traceback
+  code = run_script("run_glue.py", glue_args.parse_args, "no_such_task", ["--output_dir", str(out)])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1, err
+  assert f"--output_dir {str(out)!r} is not writable (Permission denied)" in err
+
+
+def test_init_lora_weights_takes_the_apis_kaiming_uniform_and_help_explains_k(capsys):
+  for name in ("kaiming_uniform", "kaiming"):
+    args = glue_args.parse_args(["--init_lora_weights", name])
+    assert args.init_lora_weights == "kaiming_uniform"
+  text = help_entries(glue_args.build_parser())["--init_lora_weights"]
+  assert "pissa_niter_K" not in text and "pissa_niter_<K>" in text and "alias kaiming" in text
+  err = parse_error(capsys, glue_args, ["--init_lora_weights", "xavier"])
+  assert "kaiming_uniform (alias kaiming)" in err and "pissa_niter_<K> (K a positive int)" in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_transformers_bf16_is_the_bfloat16_dtype_and_fp16_names_it(capsys, tmp_path, script):
+  module, needed = SCRIPTS[script]
+  assert module.parse_args([*needed, "--bf16"]).dtype == "bfloat16"
+  assert module.parse_args(needed).dtype == "float32"
+  config = tmp_path / "c.yaml"
+  config.write_text("bf16: true\n")
+  assert module.parse_args([*needed, "--config", str(config)]).dtype == "bfloat16"
+  err = parse_error(capsys, module, [*needed, "--fp16"])
+  assert "argument --fp16: float16 compute is not supported" in err and "use --bf16" in err
+
+
+def test_a_nan_in_a_config_file_names_the_file_and_key(capsys, tmp_path):
+  config = tmp_path / "c.yaml"
+  config.write_text("lora_r: 4\nlearning_rate: .nan\n")
+  err = parse_error(capsys, glue_args, ["--config", str(config)])
+  assert f"(learning_rate in {str(config)!r})" in err
+  assert "argument --learning_rate: invalid positive float value: 'nan'" in err
+
+
+class _FakeTask:
+  """A task module for run_script: records the runs that reached it."""
+
+  runs: list = []
+
+  @staticmethod
+  def train_and_evaluate(args, on_step=None):
+    _FakeTask.runs.append(sorted(p.name for p in pathlib.Path(args.output_dir).iterdir()))
+    return {"step": 1}
+
+
+def test_a_rerun_with_another_setting_needs_overwrite_output_dir(capsys, tmp_path, monkeypatch):
+  """Same settings: the run resumes (reaches the task); a changed hyperparameter: one line
+  naming it and --overwrite_output_dir; with that flag: the old run is deleted, then it runs."""
+  from train.cli.flags import as_dict
+  from train.cli.main import run_script
+
+  monkeypatch.setitem(sys.modules, "fake_task", _FakeTask)
+  _FakeTask.runs = []
+  out = tmp_path / "out"
+  base = ["--output_dir", str(out), "--learning_rate", "1e-3"]
+  out.mkdir()
+  (out / "args.json").write_text(json.dumps(as_dict(glue_args.parse_args(base))))
+  (out / "checkpoints").mkdir()
+
+  def run(*extra):
+    return run_script("run_glue.py", glue_args.parse_args, "fake_task", [*base, *extra])
+
+  assert run("--logging_steps", "5", "--no-progress") == 0  # how it reports: still the same run
+  assert _FakeTask.runs == [["args.json", "checkpoints", "run.lock"]]
+  capsys.readouterr()
+  assert run("--learning_rate", "5e-4") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  assert "learning_rate: 0.001 there, 0.0005 now" in err and "--overwrite_output_dir" in err
+  assert len(_FakeTask.runs) == 1 and (out / "checkpoints").exists()
+  assert run("--learning_rate", "5e-4", "--overwrite_output_dir") == 0
+  assert _FakeTask.runs[-1] == ["run.lock"]  # the old run is gone before the new one starts

@@ -17,6 +17,7 @@ with ``./`` or ``../`` or ``yaml_folder/value`` exists, and otherwise stay Huggi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -50,6 +51,11 @@ def _resolve(value: str, kind: str, folder: str) -> str:
   return value  # a Hub id
 
 
+def _kind(action: argparse.Action) -> str:
+  """What a flag takes, as its type names it (``positive float``), for errors."""
+  return getattr(action.type, "__name__", "finite float")
+
+
 def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
   """YAML as flags: ``{lora_r: 8, do_predict: true}`` -> ``--lora_r 8 --do_predict``; path
   flags relative to the YAML file's folder (:func:`_resolve`)."""
@@ -80,6 +86,10 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
       argv.append(flag if value else f"--no-{key}")
     elif value is None:
       continue
+    elif isinstance(value, float) and not math.isfinite(value):  # .nan, .inf: name the file
+      parser.error(
+        f"argument {flag}: invalid {_kind(actions[key])} value: '{value}' ({key} in {path!r})"
+      )
     elif isinstance(value, list):
       argv += [flag, *map(str, value)]
     else:

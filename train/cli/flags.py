@@ -25,8 +25,14 @@ from train.engine.kinds import DTYPES
 from train.engine.kinds import PARALLEL_MODES
 
 QUANTIZE_KINDS = ("nf4", "int8")  # lora_jax.Quantization's kinds (a test checks the copy)
-# PEFT's names of lora_jax.LoraRule's inits (a test checks the copy): kaiming is kaiming_uniform
-LORA_INITS = ("gaussian", "kaiming", "pissa", "pissa_niter_K", "olora")
+# lora_jax.LoraRule's inits (a test checks the copy)
+LORA_INITS = ("gaussian", "kaiming_uniform", "pissa", "pissa_niter_K", "olora")
+# --init_lora_weights's spellings: the names above, K shown as a placeholder, and kaiming, an
+# alias of kaiming_uniform (the CLI's name before; PEFT's init_lora_weights=True)
+LORA_INIT_METAVAR = "{gaussian,kaiming_uniform,kaiming,pissa,pissa_niter_<K>,olora}"
+LORA_INIT_CHOICES = (
+  "gaussian, kaiming_uniform (alias kaiming), pissa, pissa_niter_<K> (K a positive int), olora"
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,30 +79,46 @@ nonneg_float = _number(float, "non-negative float", lambda v: v >= 0)
 unit_float = _number(float, "float in [0, 1]", lambda v: 0 <= v <= 1)
 dropout_float = _number(float, "float in [0, 1)", lambda v: 0 <= v < 1)
 percent_int = _number(int, "int in [0, 100)", lambda v: 0 <= v < 100)
+# numpy's seeds (jax's keys take more): refused here, not by numpy after the model loaded
+seed_int = _number(int, "int in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32)
+# the step counter is an int32 of micro-batches (train.engine.state.TrainState.step)
+MAX_STEPS = 2**31 - 1
+steps_int = _number(int, "int in [0, 2**31 - 1]", lambda v: 0 <= v <= MAX_STEPS)
+MAX_EPOCHS = 1e6  # --num_train_epochs (without --max_steps): more would overflow the counter
+
+
+def output_folder(text: str) -> str:
+  """``--output_dir``: not empty (an empty value would write into the current folder)."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError(
+      f"invalid folder: {text!r}: name the folder for the run's outputs (e.g. outputs/run1; "
+      "'.' for the current folder)"
+    )
+  return text
 
 
 def lora_init_kind(text: str) -> str:
-  """``--init_lora_weights``: PEFT's names, as :class:`lora_jax.LoraRule`'s ``init`` spells them.
+  """``--init_lora_weights``: :class:`lora_jax.LoraRule`'s ``init`` names, and ``kaiming``
+  (an alias of ``kaiming_uniform``).
 
   Example:
-    >>> lora_init_kind("kaiming"), lora_init_kind("pissa_niter_4"), lora_init_kind("olora")
-    ('kaiming_uniform', 'pissa_niter_4', 'olora')
+    >>> lora_init_kind("kaiming"), lora_init_kind("kaiming_uniform"), lora_init_kind("olora")
+    ('kaiming_uniform', 'kaiming_uniform', 'olora')
+    >>> lora_init_kind("pissa_niter_4")
+    'pissa_niter_4'
     >>> lora_init_kind("pissa_niter_0")
     Traceback (most recent call last):
     ...
-    argparse.ArgumentTypeError: invalid choice: 'pissa_niter_0' (choose from gaussian, kaiming, ...
+    argparse.ArgumentTypeError: invalid choice: 'pissa_niter_0' (choose from gaussian, ...
   """
-  if text in ("gaussian", "pissa", "olora"):
+  if text in ("gaussian", "pissa", "olora", "kaiming_uniform"):
     return text
   if text == "kaiming":
     return "kaiming_uniform"
   k = text.removeprefix("pissa_niter_")
   if k != text and k.isdigit() and int(k) > 0:
     return f"pissa_niter_{int(k)}"
-  raise argparse.ArgumentTypeError(
-    f"invalid choice: {text!r} (choose from gaussian, kaiming, pissa, pissa_niter_K "
-    "(K a positive int), olora)"
-  )
+  raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {LORA_INIT_CHOICES})")
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -228,6 +250,10 @@ class ModelConfig:
     path=HUB_OR_PATH,
   )
   dtype: str = field("float32", choices=DTYPES, help="compute dtype")
+  bf16: bool = field(False, help="transformers' flag: the same as --dtype bfloat16")
+  fp16: bool = field(
+    False, help="transformers' flag: not supported (no float16 compute here); use --bf16"
+  )
 
 
 @dataclasses.dataclass
@@ -243,16 +269,22 @@ class TrainingConfig:
   weight_decay: float = field(0.01, type=nonneg_float, help="AdamW's weight decay")
   warmup_ratio: float = field(0.0, type=unit_float, help="share of the steps spent warming up")
   num_train_epochs: float = field(3.0, type=positive_float, help="passes over the training data")
-  max_steps: int = field(0, type=nonneg_int, help="if > 0: overrides epochs")
+  max_steps: int = field(0, type=steps_int, help="if > 0: overrides epochs")
   logging_steps: int = field(10, type=positive_int, help="log the loss every N")
   eval_steps: int = field(0, type=nonneg_int, help="0: evaluate at the end only")
   save_steps: int = field(500, type=nonneg_int, help="0: at the end only")
   save_total_limit: int = field(2, type=nonneg_int, help="0: keep all")
-  seed: int = field(42, type=int, help="weights, dropout and data order")
+  seed: int = field(42, type=seed_int, help="weights, dropout and data order")
   output_dir: str = field(
     "outputs",
+    type=output_folder,
     path=PATH,
     help="metrics, checkpoints, adapter; rerunning with checkpoints here resumes",
+  )
+  overwrite_output_dir: bool = field(
+    False,
+    help="delete the run in OUTPUT_DIR and start over; without it, a rerun there with other "
+    "settings is refused (the same settings resume)",
   )
   export_merged: bool = field(
     False, help="also write a merged Hugging Face checkpoint to OUTPUT_DIR/merged"
@@ -292,10 +324,11 @@ class LoraConfig:
   init_lora_weights: str = field(
     "gaussian",
     type=lora_init_kind,
-    metavar="{" + ",".join(LORA_INITS) + "}",
-    help="the adapters' start: A ~ N(0, 1/r^2) (gaussian) or Kaiming-uniform (PEFT's default), "
-    "B zero; or PiSSA (top-r singular vectors of W; pissa_niter_K: randomized SVD with K "
-    "iterations) or OLoRA (QR of W), which move that part of W into the adapter",
+    metavar=LORA_INIT_METAVAR,
+    help="the adapters' start: A ~ N(0, 1/r^2) (gaussian) or Kaiming-uniform (kaiming_uniform, "
+    "alias kaiming: PEFT's default), B zero; or PiSSA (top-r singular vectors of W; "
+    "pissa_niter_<K>, e.g. pissa_niter_4: randomized SVD with K iterations) or OLoRA (QR of "
+    "W), which move that part of W into the adapter",
   )
   quantize: str | None = field(
     choices=QUANTIZE_KINDS,
@@ -338,6 +371,35 @@ def resolve_model(
         "name the tokenizer's folder or Hub id"
       )
     args.tokenizer_name = model or config
+  return args
+
+
+def check_shared(
+  args: argparse.Namespace, parser: OneLineParser, default_model: str | None
+) -> argparse.Namespace:
+  """The shared groups' checks across flags: the model source (:func:`resolve_model`),
+  transformers' ``--bf16`` (``--dtype bfloat16``) and ``--fp16`` (refused), and a run that fits
+  the step counter. Exit 2 with one line on a bad combination."""
+  resolve_model(args, parser, default_model)
+  if args.fp16:
+    parser.error(
+      f"argument --fp16: float16 compute is not supported (--dtype choices: {', '.join(DTYPES)}); "
+      "use --bf16 (or --dtype bfloat16)"
+    )
+  if args.bf16:
+    args.dtype = "bfloat16"
+  if not args.max_steps and args.num_train_epochs > MAX_EPOCHS:
+    parser.error(
+      f"argument --num_train_epochs: {args.num_train_epochs:g} epochs is over the most, "
+      f"{MAX_EPOCHS:g}: give a float in (0, {MAX_EPOCHS:g}], or --max_steps"
+    )
+  micro = args.max_steps * args.gradient_accumulation_steps
+  if micro > MAX_STEPS:
+    parser.error(
+      f"argument --max_steps: {args.max_steps} steps of {args.gradient_accumulation_steps} "
+      f"accumulated batches are {micro} batches, over the step counter's {MAX_STEPS}; lower "
+      "--max_steps or --gradient_accumulation_steps"
+    )
   return args
 
 

@@ -7,6 +7,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from train.cli.flags import as_dict
 from train.cli.logs import configure_logging
 
 
@@ -17,12 +18,13 @@ def run_script(
   ``jax.distributed`` when launched multi-host, and ``task_module.train_and_evaluate(args)``.
 
   The run holds ``--output_dir`` while it works (:func:`train.engine.rundir.claim`: a second
-  run on it fails at once). Bad input found while running (a missing column, a file that does
-  not exist, ...), a directory in use and a diverged training (``train.engine.loop.Diverged``)
-  end it with one line, ``NAME: error: ...``, and exit status 2, as a bad flag does; the final
-  results are printed as ``key=value`` pairs. ``on_step(step)`` runs after each optimizer step
-  (the benchmark's turn-taking; its time is not in the logged step times). Orbax's "Event loop
-  is closed" noise is dropped while the run works
+  run on it fails at once); a rerun there with other settings needs ``--overwrite_output_dir``
+  (:func:`train.engine.rundir.check_rerun`). Bad input found while running (a missing column, a
+  file that does not exist, ...), a directory in use or not writable and a diverged training
+  (``train.engine.loop.Diverged``) end it with one line, ``NAME: error: ...``, and exit status
+  2, as a bad flag does; the final results are printed as ``key=value`` pairs.
+  ``on_step(step)`` runs after each optimizer step (the benchmark's turn-taking; its time is not
+  in the logged step times). Orbax's "Event loop is closed" noise is dropped while the run works
   (:func:`train.engine.checkpoints.quiet_closed_event_loops`).
   """
   args = parse_args(argv)
@@ -41,6 +43,8 @@ def run_script(
   claim = rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   try:
     with claim, checkpoints.quiet_closed_event_loops():
+      if jax.process_index() == 0:
+        rundir.check_rerun(args.output_dir, as_dict(args), args.overwrite_output_dir)
       results = importlib.import_module(task_module).train_and_evaluate(args, on_step)
   except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
     print(f"{name}: error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import socket
 import sys
 import time
@@ -87,13 +88,20 @@ def _prepare(out: pathlib.Path) -> None:
     raise ValueError(f"--output_dir {str(out)!r} cannot be created: {e.strerror}") from None
 
 
+def _unwritable(out: pathlib.Path, e: OSError) -> ValueError:
+  return ValueError(
+    f"--output_dir {str(out)!r} is not writable ({e.strerror}): choose a folder you can write "
+    "to, or change its permissions"
+  )
+
+
 @contextlib.contextmanager
 def claim(output_dir):
   """Holds ``output_dir`` (created if needed) for this process until the block ends.
 
   Raises:
     DirectoryInUse: another live run holds it; the message names that run.
-    ValueError: ``output_dir`` is a file, or cannot be created.
+    ValueError: ``output_dir`` is a file, cannot be created, or is not writable.
   """
   out = pathlib.Path(output_dir)
   _prepare(out)
@@ -106,7 +114,10 @@ def claim(output_dir):
     "command": " ".join(sys.argv),
   }
   tmp = out / f".{LOCK}.{os.getpid()}.tmp"
-  tmp.write_text(json.dumps(me))
+  try:  # the first write there: before any work, a read-only folder ends the run in one line
+    tmp.write_text(json.dumps(me))
+  except OSError as e:
+    raise _unwritable(out, e) from None
   try:
     while True:
       try:
@@ -134,3 +145,71 @@ def claim(output_dir):
   finally:
     if _read(lock) == me:
       lock.unlink(missing_ok=True)
+
+
+RECORD = "args.json"  # the flags of the run in the folder (train.engine.run.run writes it)
+# Flags that change how a run reports, saves or is placed, not what it trains: a rerun may
+# change them and still resume. Any other flag changed makes a rerun a different run.
+NOT_SHAPING = frozenset({
+  "config", "output_dir", "overwrite_output_dir", "progress", "logging_steps", "eval_steps",
+  "save_steps", "save_total_limit", "per_device_eval_batch_size", "export_merged", "do_predict",
+  "test_file", "max_predict_samples", "max_eval_samples", "eval_on_start",
+  "generation_prompts_file", "generation_max_new_tokens", "parallel", "shard_frozen", "bf16",
+  "fp16",
+})  # fmt: skip
+
+
+def check_rerun(output_dir, record: dict, overwrite: bool) -> None:
+  """A rerun into ``output_dir`` (held: :func:`claim`) with the flags ``record``.
+
+  The same settings as the run there (its ``args.json``; flags in :data:`NOT_SHAPING` aside)
+  resume it (or leave a finished run's results), as before. Other settings are another run:
+  refused, naming each changed flag, unless ``overwrite`` (``--overwrite_output_dir``, as in
+  transformers), which deletes the run there (everything in the folder but the lock) to start
+  over.
+
+  Example:
+    >>> import tempfile
+    >>> out = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (out / RECORD).write_text('{"learning_rate": 0.001, "progress": true}')
+    >>> check_rerun(out, {"learning_rate": 0.001, "progress": False}, overwrite=False)
+    >>> check_rerun(out, {"learning_rate": 0.01}, overwrite=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: --output_dir '...' holds a run with other settings (learning_rate: 0.001 there, ...
+    >>> check_rerun(out, {"learning_rate": 0.01}, overwrite=True)
+    >>> sorted(p.name for p in out.iterdir())
+    []
+  """
+  out = pathlib.Path(output_dir)
+  try:
+    before = json.loads((out / RECORD).read_text())
+  except FileNotFoundError:
+    return
+  except (OSError, ValueError):
+    before = None  # unreadable: the checkpoints' own signature check still guards a resume
+  if overwrite:
+    if before is not None or (out / "checkpoints").exists():
+      logger.warning("--overwrite_output_dir: deleting the run in %s to start over", out)
+      for entry in out.iterdir():
+        if entry.name == LOCK:
+          continue
+        if entry.is_dir() and not entry.is_symlink():
+          shutil.rmtree(entry)
+        else:
+          entry.unlink()
+    return
+  if not isinstance(before, dict):
+    return
+  now = json.loads(json.dumps(record, default=str))
+  changed = [
+    f"{k}: {before[k]!r} there, {now[k]!r} now"
+    for k in sorted(set(before) & set(now) - NOT_SHAPING)
+    if before[k] != now[k]
+  ]
+  if changed:
+    raise ValueError(
+      f"--output_dir {str(out)!r} holds a run with other settings ({'; '.join(changed)}): pass "
+      "--overwrite_output_dir to replace that run, rerun with its settings to resume it, or "
+      "choose another --output_dir"
+    )

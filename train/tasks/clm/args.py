@@ -127,7 +127,7 @@ def build_parser() -> flags.OneLineParser:
 
 
 def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Namespace:
-  flags.resolve_model(args, parser, None)
+  flags.check_shared(args, parser, None)
   if not args.dataset_name and not args.train_file:
     parser.error("argument --train_file: give a training file or --dataset_name (Hub)")
   return args

@@ -90,8 +90,8 @@ def build_parser() -> flags.OneLineParser:
 
 
 def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Namespace:
-  """The model source (:func:`flags.resolve_model`); ``--do_predict`` needs a test split."""
-  flags.resolve_model(args, parser, DEFAULT_MODEL)
+  """The shared checks (:func:`flags.check_shared`); ``--do_predict`` needs a test split."""
+  flags.check_shared(args, parser, DEFAULT_MODEL)
   local = [f for f in ("train_file", "validation_file") if getattr(args, f)]
   if args.do_predict and not args.test_file and local:
     parser.error(
