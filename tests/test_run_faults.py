@@ -373,33 +373,78 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_bert, sst2_dir, tmp_path,
   assert any("already finished (step 3 of 3" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize(
-  ("flag", "value", "difference"),
-  [
-    ("--learning_rate", "0.5", "learning_rate=0.5"),
-    ("--per_device_train_batch_size", "4", "rows=4"),
-    ("--lora_dropout", "0.2", "dropout=0.2"),
-  ],
-)
-def test_a_resume_with_other_settings_is_refused_and_keeps_args_json(
-  tiny_bert, sst2_dir, tmp_path, flag, value, difference
-):
-  out = tmp_path / "out"
+FOUR_STEPS = ("--max_steps", "4", "--save_steps", "1")
+
+
+@pytest.fixture(scope="module")
+def crashed_at_2(tiny_bert, sst2_dir, tmp_path_factory):
+  """A run's folder after a crash at step 2 of 4 (checkpoints 1 and 2)."""
+  out = tmp_path_factory.mktemp("crashed_at_2") / "out"
 
   def crash(step):
     if step == 2:
       raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
-    glue_train.train_and_evaluate(
-      run_args(tiny_bert, sst2_dir, out, "--max_steps", "4", "--save_steps", "1"), on_step=crash
-    )
-  before = (out / "args.json").read_text()
-  with pytest.raises(checkpoints.CheckpointMismatch, match=difference):
-    glue_train.train_and_evaluate(
-      run_args(tiny_bert, sst2_dir, out, "--max_steps", "4", "--save_steps", "1", flag, value)
-    )
-  assert (out / "args.json").read_text() == before
+    glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *FOUR_STEPS), on_step=crash)
+  return out
+
+
+def edited_train_file(sst2_dir: pathlib.Path, folder: pathlib.Path) -> str:
+  """SST-2's training file with one sentence of the first 64 rows edited (the same row count)."""
+  lines = (sst2_dir / "train.tsv").read_text().splitlines(keepends=True)
+  sentence, label = lines[5].rstrip("\n").split("\t")
+  lines[5] = f"the {sentence}\t{label}\n"  # at the start: rows are cut to 16 tokens
+  path = folder / "train.tsv"
+  path.write_text("".join(lines))
+  return str(path)
+
+
+# Every input that shapes the updates or the batches a step sees, with the name and both values
+# the refusal must give (Principle 1: a resume with another one would silently mix two runs).
+RESUME_CHANGES = [
+  (("--max_steps", "8"), "total_steps: checkpoint 4, this run 8"),
+  (("--max_steps", "0", "--num_train_epochs", "1"), "total_steps: checkpoint 4, this run 8"),
+  (("--learning_rate", "0.5"), "learning_rate: checkpoint 0.0005, this run 0.5"),
+  (("--warmup_ratio", "0.5"), "warmup_ratio: checkpoint 0.06, this run 0.5"),
+  (("--weight_decay", "0.1"), "weight_decay: checkpoint 0.01, this run 0.1"),
+  (("--gradient_accumulation_steps", "2"), "gradient_accumulation_steps: checkpoint 1, this run 2"),
+  (("--seed", "7"), "seed: checkpoint 42, this run 7"),
+  (("--dtype", "bfloat16"), "dtype: checkpoint 'float32', this run 'bfloat16'"),
+  (("--loraplus_lr_ratio", "4"), "loraplus_lr_ratio: checkpoint None, this run 4.0"),
+  (("--per_device_train_batch_size", "4"), "train_batch_size: checkpoint 8, this run 4"),
+  (("--max_train_samples", "48"), "train_rows: checkpoint 64, this run 48"),
+  (("--train_file", "EDITED"), "train_data: checkpoint 'CRC-32 "),
+  (("--max_seq_length", "32"), "max_seq_length: checkpoint 16, this run 32"),
+  (("--no-pack_sequences",), "pack_sequences: checkpoint True, this run False"),
+  (("--lora_dropout", "0.2"), "dropout=0.2"),
+  (("--lora_alpha", "32"), "alpha=32"),
+]
+
+
+@pytest.mark.parametrize(
+  ("change", "named"), RESUME_CHANGES, ids=lambda x: " ".join(x) if isinstance(x, tuple) else None
+)
+def test_a_resume_with_any_changed_training_input_is_refused_naming_it(
+  tiny_bert, sst2_dir, tmp_path, crashed_at_2, change, named
+):
+  out = tmp_path / "out"
+  shutil.copytree(crashed_at_2, out)
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  change = [edited_train_file(sst2_dir, tmp_path) if v == "EDITED" else v for v in change]
+  with pytest.raises(checkpoints.CheckpointMismatch) as refused:
+    glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *FOUR_STEPS, *change))
+  message = str(refused.value)
+  assert "\n" not in message and named in message, message
+  assert message.count(": checkpoint ") <= 3, message  # the input changed, not everything
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_with_the_same_inputs_is_not_refused(tiny_bert, sst2_dir, tmp_path, crashed_at_2):
+  out = tmp_path / "out"
+  shutil.copytree(crashed_at_2, out)
+  results = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *FOUR_STEPS))
+  assert results["step"] == 4 and results["train_steps"] == 2
 
 
 def test_read_jsonl_drops_a_torn_last_line_and_refuses_a_damaged_middle(tmp_path, caplog):

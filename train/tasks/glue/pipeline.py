@@ -207,8 +207,13 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       params,
       task_name=args.task_name,
       num_labels=module.config.num_labels,
-      data=f"max_seq_length={args.max_seq_length} pack_sequences={args.pack_sequences} "
-      f"rows={global_batch}",
+      max_seq_length=args.max_seq_length,
+      pack_sequences=args.pack_sequences,
+      train_batch_size=global_batch,
+      train_rows=len(data.train),
+      train_data=setup.fingerprint(
+        [data.train.input_ids, data.train.token_type_ids, data.train.lengths, data.train.labels]
+      ),
     ),
     record=as_dict(args),
     extra_trainable=EXTRA_TRAINABLE,
