@@ -563,3 +563,65 @@ def test_run_clm_shares_the_guarantees(tmp_path, capsys):
     assert run_clm.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"is in use by another run (pid {os.getpid()}" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# Principle 2: out-of-range input is refused (or fitted) where it enters.
+
+
+def test_max_seq_length_past_the_models_positions_is_lowered_with_a_warning(
+  tiny_bert, sst2_dir, tmp_path, caplog
+):
+  """``--max_seq_length 128`` on the tiny BERT's 64 positions: rows longer than the position
+  table looked positions up out of range and stopped at step 1 with a false NaN diagnosis."""
+  caplog.set_level(logging.WARNING)
+  out = tmp_path / "out"
+  lines = (sst2_dir / "train.tsv").read_text().splitlines(keepends=True)[:65]
+  lines[1:1] = [" ".join(["a fine film"] * 30) + "\t1\n"] * 8  # 90 words: a whole first batch
+  (tmp_path / "train.tsv").write_text("".join(lines))
+  flags = (
+    "--max_seq_length",
+    "128",
+    "--max_steps",
+    "2",
+    "--train_file",
+    str(tmp_path / "train.tsv"),
+  )
+  results = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *flags))
+  assert results["step"] == 2 and np.isfinite(results["eval_loss"])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert (
+    "--max_seq_length 128 is longer than the model's 64 positions (max_position_embeddings): "
+    "using 64" in warnings
+  ), warnings
+  assert json.loads((out / "args.json").read_text())["max_seq_length"] == 64
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_one_line(tiny_bert, sst2_dir, tmp_path, capsys):
+  """The tiny BERT's ~400-token tokenizer on a model of 100 embedding rows: ids past the table
+  gave NaN at step 1; now refused at setup naming both sizes, before any data is read."""
+  import jax
+  import transformers
+  from safetensors.numpy import save_file
+
+  from lora_jax import models
+  from train import run_glue
+
+  small = tmp_path / "small_vocab"
+  shutil.copytree(tiny_bert, small)
+  config = transformers.AutoConfig.from_pretrained(small)
+  config.vocab_size = 100
+  config.save_pretrained(small)
+  variables = models.auto_model(config).init(jax.random.key(0), np.ones((1, 4), np.int32))
+  save_file(models.flax_to_hf(variables, config), str(small / "model.safetensors"))
+  tokens = len(transformers.AutoTokenizer.from_pretrained(small))
+  args = run_args(small, sst2_dir, tmp_path / "out", "--max_steps", "1")
+  argv = vars_argv(args)
+  assert run_glue.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert (
+    f"the tokenizer (--tokenizer_name) has {tokens} tokens, more than the model's vocabulary of "
+    f"100 (vocab_size): ids 100 to {tokens - 1} would index past its embedding table" in err[0]
+  ), err
+  assert not (tmp_path / "out" / "checkpoints").exists()

@@ -105,7 +105,65 @@ def load_tokenizer(args: argparse.Namespace):
   flag = "--tokenizer_name"
   if args.tokenizer_name in (args.model_name_or_path, getattr(args, "config_name", None)):
     flag = "--model_name_or_path" if args.model_name_or_path else "--config_name"
-  return from_source(flag, args.tokenizer_name, transformers.AutoTokenizer.from_pretrained)
+  load = lambda n: transformers.AutoTokenizer.from_pretrained(n, trust_remote_code=False)  # noqa: E731
+  return from_source(flag, args.tokenizer_name, load)
+
+
+def model_config(args: argparse.Namespace):
+  """The base model's transformers config (``--model_name_or_path``'s, or ``--config_name``),
+  read before its weights so the tokenizer and the data can be checked against it first."""
+  import transformers
+
+  if args.model_name_or_path:
+    load = lambda n: transformers.AutoConfig.from_pretrained(n, trust_remote_code=False)  # noqa: E731
+    return from_source("--model_name_or_path", args.model_name_or_path, load)
+  return load_config(args.config_name)
+
+
+def check_vocabulary(tokenizer, config, flag: str = "--tokenizer_name") -> None:
+  """Refuses a tokenizer with more tokens than the model's embedding table has rows: its ids
+  past the table would be looked up out of range (NaN at step 1, not an error).
+
+  Example:
+    >>> import types
+    >>> check_vocabulary([0] * 500, types.SimpleNamespace(vocab_size=100))
+    Traceback (most recent call last):
+    ...
+    ValueError: the tokenizer (--tokenizer_name) has 500 tokens, more than the model's ...
+  """
+  n, vocab = len(tokenizer), getattr(config, "vocab_size", None)
+  if vocab is not None and n > vocab:
+    raise ValueError(
+      f"the tokenizer ({flag}) has {n} tokens, more than the model's vocabulary of {vocab} "
+      f"(vocab_size): ids {vocab} to {n - 1} would index past its embedding table; use the "
+      f"model's own tokenizer, or a model with vocab_size >= {n}"
+    )
+
+
+# Models whose position ids start after the padding index (transformers' create_position_ids_
+# from_input_ids): max_position_embeddings - (pad_token_id + 1) tokens fit.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def fit_max_seq_length(args: argparse.Namespace, tokenizer, config) -> None:
+  """Lowers ``args.max_seq_length`` to what the model's position table (and the tokenizer's
+  ``model_max_length``) holds, with a warning, as transformers' ``run_glue.py`` does: longer
+  rows would look positions up out of range (NaN at step 1, not an error)."""
+  limits = []
+  positions = getattr(config, "max_position_embeddings", None)
+  if positions:
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS and config.pad_token_id is not None:
+      positions -= config.pad_token_id + 1
+    limits.append((positions, f"the model's {positions} positions (max_position_embeddings)"))
+  model_max = getattr(tokenizer, "model_max_length", None)
+  if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+    limits.append((model_max, f"the tokenizer's model_max_length {model_max}"))
+  for limit, what in sorted(limits):
+    if args.max_seq_length > limit:
+      logger.warning(
+        "--max_seq_length %d is longer than %s: using %d", args.max_seq_length, what, limit
+      )
+      args.max_seq_length = limit
 
 
 def load_config(name: str):
@@ -117,7 +175,8 @@ def load_config(name: str):
     raise FileNotFoundError(f"--config_name {name!r} is a folder without config.json")
   if not path.exists() and name.endswith(".json"):
     raise FileNotFoundError(f"--config_name {name!r} does not exist")
-  return from_source("--config_name", name, transformers.AutoConfig.from_pretrained)
+  load = lambda n: transformers.AutoConfig.from_pretrained(n, trust_remote_code=False)  # noqa: E731
+  return from_source("--config_name", name, load)
 
 
 def base_model_path(args: argparse.Namespace) -> str:
@@ -147,13 +206,12 @@ def base_model(args: argparse.Namespace, task: str, **kwargs):
   ``models.from_pretrained`` / ``from_config`` (``quantize=`` from :func:`quantization`: the
   checkpoint is quantized as it is read).
   """
-  import transformers
 
   kwargs = {"dtype": jnp_dtype(args.dtype), **kwargs}
 
   if args.model_name_or_path:
     flag, name = "--model_name_or_path", args.model_name_or_path
-    config = from_source(flag, name, transformers.AutoConfig.from_pretrained)
+    config = model_config(args)
     module, variables = from_source(
       flag, name, lambda n: models.from_pretrained(n, task, rng=args.seed, **kwargs)
     )

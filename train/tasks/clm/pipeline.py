@@ -137,6 +137,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   out = pathlib.Path(args.output_dir)
   tokenizer = setup.load_tokenizer(args)
+  setup.check_vocabulary(tokenizer, setup.model_config(args))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   data = load_data(args, tokenizer)
   module, params, hf_config = load_model(args)

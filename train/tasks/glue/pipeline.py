@@ -152,6 +152,9 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   if not args.adapter_name_or_path:
     check_not_the_head(setup.lora_rule(args, HEAD_MODULES))
   tokenizer = setup.load_tokenizer(args)
+  config = setup.model_config(args)
+  setup.check_vocabulary(tokenizer, config)
+  setup.fit_max_seq_length(args, tokenizer, config)
   data = load_data(args, task, tokenizer)
   if data.train is None:
     raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
