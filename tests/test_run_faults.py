@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -625,3 +626,57 @@ def test_a_tokenizer_past_the_models_vocabulary_is_one_line(tiny_bert, sst2_dir,
     f"100 (vocab_size): ids 100 to {tokens - 1} would index past its embedding table" in err[0]
   ), err
   assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# run_clm.py on small datasets and odd rows.
+
+QUICKSTART = REPO / "configs" / "clm_quickstart"
+
+
+def clm_defaults(out: pathlib.Path, train_file: pathlib.Path, *extra) -> list[str]:
+  """run_clm.py with its defaults on the quickstart's model and tokenizer (offline)."""
+  return ["--config_name", str(QUICKSTART), "--tokenizer_name", str(QUICKSTART),
+          "--train_file", str(train_file), "--output_dir", str(out), "--no-progress",
+          *extra]  # fmt: skip
+
+
+def quickstart_rows(tmp_path: pathlib.Path, n: int, name="train.jsonl") -> pathlib.Path:
+  path = tmp_path / name
+  path.write_text("".join((QUICKSTART / "train.jsonl").read_text().splitlines(True)[:n]))
+  return path
+
+
+def test_run_clm_with_its_defaults_trains_on_40_rows(tmp_path, caplog):
+  """Its defaults (512-token packed rows, 8 a batch) make 2 rows of 40 short conversations:
+  "fewer than one global batch" before; now the batch is lowered to fit, with a warning."""
+  from train import run_clm
+
+  out = tmp_path / "out"
+  caplog.set_level(logging.WARNING)
+  assert run_clm.main(clm_defaults(out, quickstart_rows(tmp_path, 40))) == 0
+  err = "\n".join(r.getMessage() for r in caplog.records)
+  assert re.search(
+    r"the training set makes (\d+) packed rows, fewer than one optimizer step of "
+    r"--per_device_train_batch_size 8 x 1 device\(s\) x 1 \(--gradient_accumulation_steps\): "
+    r"using --per_device_train_batch_size \1",
+    err,
+  ), err
+  rows = json.loads((out / "args.json").read_text())["per_device_train_batch_size"]
+  assert 1 <= rows < 8
+  assert json.loads((out / "eval_results.json").read_text())["step"] == 3  # 3 epochs
+
+
+def test_run_clm_says_which_accumulation_fits_a_tiny_dataset(tmp_path, capsys):
+  from train import run_clm
+
+  argv = clm_defaults(tmp_path / "out", quickstart_rows(tmp_path, 40))
+  assert run_clm.main([*argv, "--gradient_accumulation_steps", "64"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert re.search(
+    r"the training set makes (\d+) packed rows, fewer than one optimizer step of 1 device\(s\) "
+    r"x 1 row x 64 \(--gradient_accumulation_steps\) takes: use --gradient_accumulation_steps "
+    r"\1 or less, or add data",
+    err[0],
+  ), err

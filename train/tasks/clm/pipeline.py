@@ -109,6 +109,34 @@ def load_model(args: argparse.Namespace):
   return module, params, config
 
 
+def fit_batch(args: argparse.Namespace, rows: int, devices: int) -> int:
+  """The global batch in rows: ``--per_device_train_batch_size`` x ``devices``, lowered (with a
+  warning, in ``args`` too) when the training set makes fewer rows than one optimizer step
+  takes, so a small dataset trains with the defaults; refused in one line, naming what would
+  work, when not even one row per device fits."""
+  k = args.gradient_accumulation_steps
+  if rows >= args.per_device_train_batch_size * devices * k:
+    return args.per_device_train_batch_size * devices
+  what = f"{rows} {'packed' if args.packing else 'padded'} rows"
+  per_device = rows // (devices * k)
+  if per_device == 0:
+    fits = rows // devices
+    raise ValueError(
+      f"the training set makes {what}, fewer than one optimizer step of {devices} device(s) x "
+      f"1 row x {k} (--gradient_accumulation_steps) takes: "
+      + (f"use --gradient_accumulation_steps {fits} or less" if fits else "use fewer devices")
+      + ", or add data"
+    )
+  logger.warning(
+    "the training set makes %s, fewer than one optimizer step of --per_device_train_batch_size "
+    "%d x %d device(s) x %d (--gradient_accumulation_steps): using --per_device_train_batch_size "
+    "%d",
+    what, args.per_device_train_batch_size, devices, k, per_device,
+  )  # fmt: skip
+  args.per_device_train_batch_size = per_device
+  return per_device * devices
+
+
 def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> Sampler | None:
   if not args.generation_prompts_file:
     return None
@@ -148,6 +176,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   global_rows = args.per_device_train_batch_size * devices
   k = args.gradient_accumulation_steps
   train = clm_data.Batcher(data.train, args.max_seq_length, args.packing, pad_id)
+  global_rows = fit_batch(args, train.rows, devices)
   total = run.total_steps(train.rows, global_rows, k, args.num_train_epochs, args.max_steps)
   task = CausalLM(
     apply_fn=lora_jax.lora_apply(module.apply),
