@@ -680,3 +680,39 @@ def test_run_clm_says_which_accumulation_fits_a_tiny_dataset(tmp_path, capsys):
     r"\1 or less, or add data",
     err[0],
   ), err
+
+
+def test_conversations_opening_with_an_assistant_turn_are_skipped_and_counted(
+  tmp_path, caplog, capsys
+):
+  """An opening assistant turn refused the whole dataset with transformers' "Cannot apply chat
+  template to an empty conversation", naming neither file nor row. Chosen: such rows are skipped
+  (completion-only loss has no turn for the reply to answer), counted in a warning naming the
+  file and the rows; all of them skipped is one line."""
+  from train import run_clm
+
+  train = quickstart_rows(tmp_path, 40)
+  lines = train.read_text().splitlines(True)
+  for i in (2, 7):
+    row = json.loads(lines[i])
+    row["messages"] = [{"role": "assistant", "content": "hello"}, *row["messages"]]
+    lines[i] = json.dumps(row) + "\n"
+  train.write_text("".join(lines))
+  caplog.set_level(logging.WARNING)
+  argv = clm_defaults(tmp_path / "out", train, "--max_seq_length", "64", "--max_steps", "1",
+                      "--validation_file", str(QUICKSTART / "validation.jsonl"))  # fmt: skip
+  assert run_clm.main(argv) == 0
+  assert (
+    f"{str(train)!r} (the train split): skipped 2 of 40 conversations that open with an "
+    "assistant turn (rows 2, 7, from 0)" in caplog.text
+  ), caplog.text
+
+  only = tmp_path / "only.jsonl"
+  only.write_text(lines[2] * 3)
+  argv = clm_defaults(tmp_path / "out2", only, "--validation_split_percentage", "0")
+  capsys.readouterr()
+  assert run_clm.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert (
+    len(err) == 1 and f"{str(only)!r} (the train split): all of its 3 conversations open " in err[0]
+  ), err

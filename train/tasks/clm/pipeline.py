@@ -78,9 +78,9 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
       )
     if limit is not None:
       ds = ds.select(range(min(limit, len(ds))))
-    return clm_data.encode(
-      ds, kind, column, tokenizer, args.max_seq_length, completion_only, f"the {split} split"
-    )
+    name = args.train_file if split == "train" else args.validation_file
+    where = f"{name!r} (the {split} split)" if name else f"the {split} split of {source!r}"
+    return clm_data.encode(ds, kind, column, tokenizer, args.max_seq_length, completion_only, where)
 
   train = encode("train", args.max_train_samples)
   evals = encode("validation", args.max_eval_samples) if "validation" in raw else None
