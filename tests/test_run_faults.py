@@ -231,6 +231,10 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(
   resumed = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, parts_out, *SIX_STEPS))
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any(f"{parts_out / 'checkpoints' / '4'} is damaged" in w for w in warnings), warnings
+  if damage == "arrays of another step":  # the arrays named, not cut at "CRC-32 check:)"
+    assert any(re.search(r"array\(s\) fail their CRC-32 check: \w+/\S+", w) for w in warnings), (
+      warnings
+    )
   assert any("resuming from" in r.getMessage() and "step 2 of 6" in r.getMessage()
              for r in caplog.records)  # fmt: skip
   assert (parts_out / "checkpoints" / checkpoints.DAMAGED / "4").is_dir()
@@ -716,3 +720,21 @@ def test_conversations_opening_with_an_assistant_turn_are_skipped_and_counted(
   assert (
     len(err) == 1 and f"{str(only)!r} (the train split): all of its 3 conversations open " in err[0]
   ), err
+
+
+@pytest.mark.parametrize(
+  ("text", "named"),
+  [
+    ('{"prompt": "a"}\n{"prompt": "b",\n', "line 2 is not JSON"),
+    ('{"prompt": "a"}\n\n["b"]\n', "line 3 has no string 'prompt' field"),
+  ],
+)
+def test_a_broken_prompts_line_is_named_with_its_file_and_line(tmp_path, text, named):
+  """A broken second line said "line 1" (json's own, within the line) and named no file."""
+  from train.tasks.clm import sampler
+
+  path = tmp_path / "prompts.jsonl"
+  path.write_text(text)
+  with pytest.raises(ValueError) as e:
+    sampler.read_prompts(str(path))
+  assert str(e.value).startswith(f"--generation_prompts_file {str(path)!r}: {named}"), e.value

@@ -35,9 +35,17 @@ def read_prompts(path: str) -> tuple[list[str], list[str] | None]:
     if file.suffix != ".jsonl":
       prompts.append(line)
       continue
-    row = json.loads(line)
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:  # its own "line 1" is the line's, not the file's
+      raise ValueError(
+        f"--generation_prompts_file {path!r}: line {i + 1} is not JSON ({e.msg} at column "
+        f"{e.colno}); each line of a .jsonl file is one object with a 'prompt'"
+      ) from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-      raise ValueError(f"{path}: line {i + 1} has no string 'prompt' field")
+      raise ValueError(
+        f"--generation_prompts_file {path!r}: line {i + 1} has no string 'prompt' field"
+      )
     prompts.append(row["prompt"])
     if "completion" in row:
       references.append(str(row["completion"]))
