@@ -738,3 +738,49 @@ def test_a_broken_prompts_line_is_named_with_its_file_and_line(tmp_path, text, n
   with pytest.raises(ValueError) as e:
     sampler.read_prompts(str(path))
   assert str(e.value).startswith(f"--generation_prompts_file {str(path)!r}: {named}"), e.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Every stop is one line: Ctrl-C, blocked malicious input.
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_run_resumes(tiny_bert, sst2_dir, tmp_path, capsys):
+  from train.cli.main import run_script
+  from train.tasks.glue import args as glue_args
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out)) + ["--max_steps", "4", "--save_steps", "2"]
+
+  def ctrl_c(step):
+    if step == 3:
+      raise KeyboardInterrupt
+
+  assert run_script("run_glue.py", glue_args.parse_args, glue_train.__name__, argv, ctrl_c) == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["run_glue.py: interrupted; rerun the same command to resume"], err
+  assert checkpoint_steps(out) == ["2"]
+  assert run_script("run_glue.py", glue_args.parse_args, glue_train.__name__, argv) == 0
+
+
+class _Payload:
+  def __reduce__(self):
+    return (print, ("UNPICKLED CODE RAN",))
+
+
+def test_a_pickled_pytorch_model_bin_is_refused_in_one_line(tiny_bert, sst2_dir, tmp_path, capsys):
+  """A pytorch_model.bin whose pickle calls a function: torch.load(weights_only=True) refuses
+  it; the refusal is one line (exit 2), not a traceback, and nothing runs."""
+  import pickle
+
+  from train import run_glue
+
+  pytest.importorskip("torch")
+  model = tmp_path / "model"
+  shutil.copytree(tiny_bert, model)
+  (model / "model.safetensors").unlink()
+  (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload()}))
+  assert run_glue.main(vars_argv(run_args(model, sst2_dir, tmp_path / "out"))) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("run_glue.py: error: "), err
+  assert "UNPICKLED CODE RAN" not in captured.out + captured.err
