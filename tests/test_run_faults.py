@@ -784,3 +784,19 @@ def test_a_pickled_pytorch_model_bin_is_refused_in_one_line(tiny_bert, sst2_dir,
   err = captured.err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("run_glue.py: error: "), err
   assert "UNPICKLED CODE RAN" not in captured.out + captured.err
+
+
+def test_a_dataset_script_is_refused_in_one_line_and_never_run(tmp_path, capsys):
+  from train import run_clm
+
+  script = tmp_path / "evil"
+  script.mkdir()
+  (script / "evil.py").write_text('raise SystemExit("DATASET SCRIPT RAN")\n')
+  argv = clm_defaults(tmp_path / "out", tmp_path / "unused.jsonl")
+  argv[argv.index("--train_file") : argv.index("--train_file") + 2] = [
+    "--dataset_name",
+    str(script),
+  ]
+  assert run_clm.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--dataset_name {str(script)!r} is a dataset script" in err[0], err

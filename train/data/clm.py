@@ -75,7 +75,15 @@ def load_raw(
       f"--dataset_name {dataset_name!r} and --train_file {train_file!r}: give one data source"
     )
   if dataset_name:
-    raw = dict(datasets.load_dataset(dataset_name, dataset_config_name))
+    try:  # datasets >= 4 runs no dataset script (no remote code): it refuses them
+      raw = dict(datasets.load_dataset(dataset_name, dataset_config_name))
+    except RuntimeError as e:
+      if "Dataset scripts are no longer supported" not in str(e):
+        raise
+      raise ValueError(
+        f"--dataset_name {dataset_name!r} is a dataset script ({e}); scripts are never run: "
+        "give its data files (--train_file) or a dataset of data files"
+      ) from None
   elif train_file:
     raw = {"train": _load_file(train_file, "train")}
     if validation_file:
