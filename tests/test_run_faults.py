@@ -800,3 +800,42 @@ def test_a_dataset_script_is_refused_in_one_line_and_never_run(tmp_path, capsys)
   assert run_clm.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"--dataset_name {str(script)!r} is a dataset script" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run shows: curves and console.
+
+
+def test_curves_plot_perplexity_and_exact_match_not_the_token_count():
+  rows = [
+    {"step": 1, "loss": 2.0, "learning_rate": 0.1},
+    {"step": 1, "eval_loss": 1.0, "perplexity": 2.7, "eval_tokens": 640, "eval_runtime_s": 0.2,
+     "samples_exact_match": 0.25},
+    {"step": 1, "eval_accuracy": 0.5, "eval_samples": 32, "eval_f1_mm": 0.4},
+  ]  # fmt: skip
+  assert outputs.curve_keys(rows) == (
+    ["eval_accuracy", "eval_f1_mm", "samples_exact_match"],
+    ["perplexity"],
+  )
+
+
+def test_run_clm_shows_mid_run_evaluations_and_samples_and_plots_them(tmp_path, caplog):
+  """Mid-run evaluations and samples reached only metrics.jsonl and samples.jsonl, and
+  curves.png plotted eval_tokens (a constant) instead of perplexity."""
+  from train import run_clm
+
+  caplog.set_level(logging.INFO)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "write january 1 , 2024 as a date", "completion": "x"}\n')
+  argv = clm_defaults(tmp_path / "out", quickstart_rows(tmp_path, 40), "--max_seq_length", "64",
+                      "--max_steps", "2", "--eval_steps", "1", "--generation_prompts_file",
+                      str(prompts), "--generation_max_new_tokens", "3")  # fmt: skip
+  assert run_clm.main(argv) == 0
+  messages = [r.getMessage() for r in caplog.records]
+  for step in (1, 2):
+    assert any(m.startswith(f"evaluation at step {step}: eval_loss=") and "perplexity=" in m
+               and "samples_exact_match=" in m for m in messages), messages  # fmt: skip
+    assert any(m.startswith(f"sample at step {step}: 'write january 1 , 2024 as a date' -> ")
+               for m in messages), messages  # fmt: skip
+  evals = outputs.read_jsonl(tmp_path / "out" / outputs.METRICS)
+  assert outputs.curve_keys(evals) == (["samples_exact_match"], ["perplexity"])

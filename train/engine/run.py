@@ -185,6 +185,7 @@ class _RunHooks(loop.Hook):
     self.eval_seconds.append(time.perf_counter() - t0)
     if results:
       self.log.write({"step": step, **results})
+      logger.info("evaluation at step %d: %s", step, outputs.format_metrics(results))
     self.evaluated[step] = results
 
   def on_save(self, step: int, state) -> None:

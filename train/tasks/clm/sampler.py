@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -15,6 +16,8 @@ import lora_jax
 from lora_jax import models
 from lora_jax.models.decoder.generate import prompt_bucket
 from train.engine import outputs
+
+logger = logging.getLogger(__name__)
 
 SAMPLES = "samples.jsonl"
 
@@ -95,6 +98,11 @@ class Sampler:
       for row, ref in zip(new, self.references, strict=True):
         row["completion"], row["exact_match"] = ref, row["generation"] == ref.strip()
       metrics["samples_exact_match"] = float(np.mean([r["exact_match"] for r in new]))
+    for row in new:
+      logger.info(
+        "sample at step %d: %r -> %r%s", step, row["prompt"], row["generation"],
+        "" if "exact_match" not in row else f" (expected {row['completion']!r})",
+      )  # fmt: skip
     if jax.process_index() == 0:
       # rows of this step or later are from an interrupted run that this one replays
       rows = outputs.read_jsonl(self.path) if self.path.exists() else []
