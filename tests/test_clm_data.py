@@ -174,3 +174,31 @@ def test_the_loss_over_listed_targets_is_the_whole_next_token_loss(
   k = batch["target_positions"].shape[1]
   if completion_only:  # the answers only: a fraction of the positions get logits
     assert k < ids.shape[1] / 2, (k, ids.shape)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_train_stream_is_seeded_resumable_and_covers_each_epoch_once(tokenizer, packed):
+  """Which batch a step sees: each epoch every row once (the partial last batch dropped), a
+  fresh order each epoch and seed, and a resumed stream (``start``) continues the same one."""
+  rows = [json.loads(line) for line in open(f"{QUICKSTART}/train.jsonl")][:60]
+  seqs = clm_data.encode_conversations([r["messages"] for r in rows], tokenizer, 64, True, "t")
+  batcher = clm_data.Batcher(seqs, 64, packed=packed, pad_id=0)
+  n_rows = 4
+  per_epoch = batcher.rows // n_rows
+
+  def key(batch):  # a batch's content, whatever its padded length
+    rows = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    return tuple(tuple(r[m > 0]) for r, m in rows)
+
+  stream = batcher.train_batches(n_rows, seed=3)
+  whole = [key(next(stream)) for _ in range(3 * per_epoch)]
+  resumed = batcher.train_batches(n_rows, seed=3, start=per_epoch + 1)
+  assert [key(next(resumed)) for _ in range(per_epoch)] == whole[per_epoch + 1 : 2 * per_epoch + 1]
+  everything = {row for u in range(batcher.rows) for row in key(batcher.batch(np.array([u]), 1))}
+  for e in range(3):
+    epoch = [row for batch in whole[e * per_epoch : (e + 1) * per_epoch] for row in batch]
+    assert len(set(epoch)) == len(epoch) == per_epoch * n_rows  # no row twice in an epoch
+    assert set(epoch) <= everything
+  assert whole[:per_epoch] != whole[per_epoch : 2 * per_epoch]  # another order each epoch
+  other = batcher.train_batches(n_rows, seed=4)
+  assert [key(next(other)) for _ in range(per_epoch)] != whole[:per_epoch]

@@ -179,7 +179,7 @@ def test_examples_longer_than_max_seq_length_are_truncated_and_counted(tmp_path,
                "--max_train_samples", "64", "--generation_prompts_file", "")  # fmt: skip
   with caplog.at_level("WARNING"):
     clm_train.train_and_evaluate(args)
-  assert "the train split: 64 of 64 examples are longer than max_seq_length=12 tokens" in (
+  assert "train.jsonl' (the train split): 64 of 64 examples are longer than max_seq_length=12 " in (
     caplog.text
   )
 

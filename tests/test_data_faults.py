@@ -284,7 +284,7 @@ def test_run_clm_refuses_bad_data_before_training(capsys, tmp_path):
   texts = _jsonl(tmp_path / "texts.jsonl", {"text": "march 5 2021"}, {"text": "may 1 1999"})
   cases = [
     (["--max_seq_length", "1"], "--max_seq_length 1 is too small"),
-    (["--max_seq_length", "2"], "the train split: none of its 2000 examples has a target token"),
+    (["--max_seq_length", "2"], "(the train split): none of its 2000 examples has a target token"),
     (["--validation_file", texts], "the validation split has no 'messages' column"),
     (
       ["--train_file", _jsonl(tmp_path / "e.jsonl", {"text": ""}, {"text": ""})],

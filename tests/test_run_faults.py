@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -230,6 +231,10 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(
   resumed = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, parts_out, *SIX_STEPS))
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any(f"{parts_out / 'checkpoints' / '4'} is damaged" in w for w in warnings), warnings
+  if damage == "arrays of another step":  # the arrays named, not cut at "CRC-32 check:)"
+    assert any(re.search(r"array\(s\) fail their CRC-32 check: \w+/\S+", w) for w in warnings), (
+      warnings
+    )
   assert any("resuming from" in r.getMessage() and "step 2 of 6" in r.getMessage()
              for r in caplog.records)  # fmt: skip
   assert (parts_out / "checkpoints" / checkpoints.DAMAGED / "4").is_dir()
@@ -373,33 +378,78 @@ def test_rerunning_a_finished_run_changes_nothing(tiny_bert, sst2_dir, tmp_path,
   assert any("already finished (step 3 of 3" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize(
-  ("flag", "value", "difference"),
-  [
-    ("--learning_rate", "0.5", "learning_rate=0.5"),
-    ("--per_device_train_batch_size", "4", "rows=4"),
-    ("--lora_dropout", "0.2", "dropout=0.2"),
-  ],
-)
-def test_a_resume_with_other_settings_is_refused_and_keeps_args_json(
-  tiny_bert, sst2_dir, tmp_path, flag, value, difference
-):
-  out = tmp_path / "out"
+FOUR_STEPS = ("--max_steps", "4", "--save_steps", "1")
+
+
+@pytest.fixture(scope="module")
+def crashed_at_2(tiny_bert, sst2_dir, tmp_path_factory):
+  """A run's folder after a crash at step 2 of 4 (checkpoints 1 and 2)."""
+  out = tmp_path_factory.mktemp("crashed_at_2") / "out"
 
   def crash(step):
     if step == 2:
       raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
-    glue_train.train_and_evaluate(
-      run_args(tiny_bert, sst2_dir, out, "--max_steps", "4", "--save_steps", "1"), on_step=crash
-    )
-  before = (out / "args.json").read_text()
-  with pytest.raises(checkpoints.CheckpointMismatch, match=difference):
-    glue_train.train_and_evaluate(
-      run_args(tiny_bert, sst2_dir, out, "--max_steps", "4", "--save_steps", "1", flag, value)
-    )
-  assert (out / "args.json").read_text() == before
+    glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *FOUR_STEPS), on_step=crash)
+  return out
+
+
+def edited_train_file(sst2_dir: pathlib.Path, folder: pathlib.Path) -> str:
+  """SST-2's training file with one sentence of the first 64 rows edited (the same row count)."""
+  lines = (sst2_dir / "train.tsv").read_text().splitlines(keepends=True)
+  sentence, label = lines[5].rstrip("\n").split("\t")
+  lines[5] = f"the {sentence}\t{label}\n"  # at the start: rows are cut to 16 tokens
+  path = folder / "train.tsv"
+  path.write_text("".join(lines))
+  return str(path)
+
+
+# Every input that shapes the updates or the batches a step sees, with the name and both values
+# the refusal must give (Principle 1: a resume with another one would silently mix two runs).
+RESUME_CHANGES = [
+  (("--max_steps", "8"), "total_steps: checkpoint 4, this run 8"),
+  (("--max_steps", "0", "--num_train_epochs", "1"), "total_steps: checkpoint 4, this run 8"),
+  (("--learning_rate", "0.5"), "learning_rate: checkpoint 0.0005, this run 0.5"),
+  (("--warmup_ratio", "0.5"), "warmup_ratio: checkpoint 0.06, this run 0.5"),
+  (("--weight_decay", "0.1"), "weight_decay: checkpoint 0.01, this run 0.1"),
+  (("--gradient_accumulation_steps", "2"), "gradient_accumulation_steps: checkpoint 1, this run 2"),
+  (("--seed", "7"), "seed: checkpoint 42, this run 7"),
+  (("--dtype", "bfloat16"), "dtype: checkpoint 'float32', this run 'bfloat16'"),
+  (("--loraplus_lr_ratio", "4"), "loraplus_lr_ratio: checkpoint None, this run 4.0"),
+  (("--per_device_train_batch_size", "4"), "train_batch_size: checkpoint 8, this run 4"),
+  (("--max_train_samples", "48"), "train_rows: checkpoint 64, this run 48"),
+  (("--train_file", "EDITED"), "train_data: checkpoint 'CRC-32 "),
+  (("--max_seq_length", "32"), "max_seq_length: checkpoint 16, this run 32"),
+  (("--no-pack_sequences",), "pack_sequences: checkpoint True, this run False"),
+  (("--lora_dropout", "0.2"), "dropout=0.2"),
+  (("--lora_alpha", "32"), "alpha=32"),
+]
+
+
+@pytest.mark.parametrize(
+  ("change", "named"), RESUME_CHANGES, ids=lambda x: " ".join(x) if isinstance(x, tuple) else None
+)
+def test_a_resume_with_any_changed_training_input_is_refused_naming_it(
+  tiny_bert, sst2_dir, tmp_path, crashed_at_2, change, named
+):
+  out = tmp_path / "out"
+  shutil.copytree(crashed_at_2, out)
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  change = [edited_train_file(sst2_dir, tmp_path) if v == "EDITED" else v for v in change]
+  with pytest.raises(checkpoints.CheckpointMismatch) as refused:
+    glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *FOUR_STEPS, *change))
+  message = str(refused.value)
+  assert "\n" not in message and named in message, message
+  assert message.count(": checkpoint ") <= 3, message  # the input changed, not everything
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_with_the_same_inputs_is_not_refused(tiny_bert, sst2_dir, tmp_path, crashed_at_2):
+  out = tmp_path / "out"
+  shutil.copytree(crashed_at_2, out)
+  results = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *FOUR_STEPS))
+  assert results["step"] == 4 and results["train_steps"] == 2
 
 
 def test_read_jsonl_drops_a_torn_last_line_and_refuses_a_damaged_middle(tmp_path, caplog):
@@ -518,3 +568,274 @@ def test_run_clm_shares_the_guarantees(tmp_path, capsys):
     assert run_clm.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"is in use by another run (pid {os.getpid()}" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# Principle 2: out-of-range input is refused (or fitted) where it enters.
+
+
+def test_max_seq_length_past_the_models_positions_is_lowered_with_a_warning(
+  tiny_bert, sst2_dir, tmp_path, caplog
+):
+  """``--max_seq_length 128`` on the tiny BERT's 64 positions: rows longer than the position
+  table looked positions up out of range and stopped at step 1 with a false NaN diagnosis."""
+  caplog.set_level(logging.WARNING)
+  out = tmp_path / "out"
+  lines = (sst2_dir / "train.tsv").read_text().splitlines(keepends=True)[:65]
+  lines[1:1] = [" ".join(["a fine film"] * 30) + "\t1\n"] * 8  # 90 words: a whole first batch
+  (tmp_path / "train.tsv").write_text("".join(lines))
+  flags = (
+    "--max_seq_length",
+    "128",
+    "--max_steps",
+    "2",
+    "--train_file",
+    str(tmp_path / "train.tsv"),
+  )
+  results = glue_train.train_and_evaluate(run_args(tiny_bert, sst2_dir, out, *flags))
+  assert results["step"] == 2 and np.isfinite(results["eval_loss"])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert (
+    "--max_seq_length 128 is longer than the model's 64 positions (max_position_embeddings): "
+    "using 64" in warnings
+  ), warnings
+  assert json.loads((out / "args.json").read_text())["max_seq_length"] == 64
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_one_line(tiny_bert, sst2_dir, tmp_path, capsys):
+  """The tiny BERT's ~400-token tokenizer on a model of 100 embedding rows: ids past the table
+  gave NaN at step 1; now refused at setup naming both sizes, before any data is read."""
+  import jax
+  import transformers
+  from safetensors.numpy import save_file
+
+  from lora_jax import models
+  from train import run_glue
+
+  small = tmp_path / "small_vocab"
+  shutil.copytree(tiny_bert, small)
+  config = transformers.AutoConfig.from_pretrained(small)
+  config.vocab_size = 100
+  config.save_pretrained(small)
+  variables = models.auto_model(config).init(jax.random.key(0), np.ones((1, 4), np.int32))
+  save_file(models.flax_to_hf(variables, config), str(small / "model.safetensors"))
+  tokens = len(transformers.AutoTokenizer.from_pretrained(small))
+  args = run_args(small, sst2_dir, tmp_path / "out", "--max_steps", "1")
+  argv = vars_argv(args)
+  assert run_glue.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert (
+    f"the tokenizer (--tokenizer_name) has {tokens} tokens, more than the model's vocabulary of "
+    f"100 (vocab_size): ids 100 to {tokens - 1} would index past its embedding table" in err[0]
+  ), err
+  assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# run_clm.py on small datasets and odd rows.
+
+QUICKSTART = REPO / "configs" / "clm_quickstart"
+
+
+def clm_defaults(out: pathlib.Path, train_file: pathlib.Path, *extra) -> list[str]:
+  """run_clm.py with its defaults on the quickstart's model and tokenizer (offline)."""
+  return ["--config_name", str(QUICKSTART), "--tokenizer_name", str(QUICKSTART),
+          "--train_file", str(train_file), "--output_dir", str(out), "--no-progress",
+          *extra]  # fmt: skip
+
+
+def quickstart_rows(tmp_path: pathlib.Path, n: int, name="train.jsonl") -> pathlib.Path:
+  path = tmp_path / name
+  path.write_text("".join((QUICKSTART / "train.jsonl").read_text().splitlines(True)[:n]))
+  return path
+
+
+def test_run_clm_with_its_defaults_trains_on_40_rows(tmp_path, caplog):
+  """Its defaults (512-token packed rows, 8 a batch) make 2 rows of 40 short conversations:
+  "fewer than one global batch" before; now the batch is lowered to fit, with a warning."""
+  from train import run_clm
+
+  out = tmp_path / "out"
+  caplog.set_level(logging.WARNING)
+  assert run_clm.main(clm_defaults(out, quickstart_rows(tmp_path, 40))) == 0
+  err = "\n".join(r.getMessage() for r in caplog.records)
+  assert re.search(
+    r"the training set makes (\d+) packed rows, fewer than one optimizer step of "
+    r"--per_device_train_batch_size 8 x 1 device\(s\) x 1 \(--gradient_accumulation_steps\): "
+    r"using --per_device_train_batch_size \1",
+    err,
+  ), err
+  rows = json.loads((out / "args.json").read_text())["per_device_train_batch_size"]
+  assert 1 <= rows < 8
+  assert json.loads((out / "eval_results.json").read_text())["step"] == 3  # 3 epochs
+
+
+def test_run_clm_says_which_accumulation_fits_a_tiny_dataset(tmp_path, capsys):
+  from train import run_clm
+
+  argv = clm_defaults(tmp_path / "out", quickstart_rows(tmp_path, 40))
+  assert run_clm.main([*argv, "--gradient_accumulation_steps", "64"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert re.search(
+    r"the training set makes (\d+) packed rows, fewer than one optimizer step of 1 device\(s\) "
+    r"x 1 row x 64 \(--gradient_accumulation_steps\) takes: use --gradient_accumulation_steps "
+    r"\1 or less, or add data",
+    err[0],
+  ), err
+
+
+def test_conversations_opening_with_an_assistant_turn_are_skipped_and_counted(
+  tmp_path, caplog, capsys
+):
+  """An opening assistant turn refused the whole dataset with transformers' "Cannot apply chat
+  template to an empty conversation", naming neither file nor row. Chosen: such rows are skipped
+  (completion-only loss has no turn for the reply to answer), counted in a warning naming the
+  file and the rows; all of them skipped is one line."""
+  from train import run_clm
+
+  train = quickstart_rows(tmp_path, 40)
+  lines = train.read_text().splitlines(True)
+  for i in (2, 7):
+    row = json.loads(lines[i])
+    row["messages"] = [{"role": "assistant", "content": "hello"}, *row["messages"]]
+    lines[i] = json.dumps(row) + "\n"
+  train.write_text("".join(lines))
+  caplog.set_level(logging.WARNING)
+  argv = clm_defaults(tmp_path / "out", train, "--max_seq_length", "64", "--max_steps", "1",
+                      "--validation_file", str(QUICKSTART / "validation.jsonl"))  # fmt: skip
+  assert run_clm.main(argv) == 0
+  assert (
+    f"{str(train)!r} (the train split): skipped 2 of 40 conversations that open with an "
+    "assistant turn (rows 2, 7, from 0)" in caplog.text
+  ), caplog.text
+
+  only = tmp_path / "only.jsonl"
+  only.write_text(lines[2] * 3)
+  argv = clm_defaults(tmp_path / "out2", only, "--validation_split_percentage", "0")
+  capsys.readouterr()
+  assert run_clm.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert (
+    len(err) == 1 and f"{str(only)!r} (the train split): all of its 3 conversations open " in err[0]
+  ), err
+
+
+@pytest.mark.parametrize(
+  ("text", "named"),
+  [
+    ('{"prompt": "a"}\n{"prompt": "b",\n', "line 2 is not JSON"),
+    ('{"prompt": "a"}\n\n["b"]\n', "line 3 has no string 'prompt' field"),
+  ],
+)
+def test_a_broken_prompts_line_is_named_with_its_file_and_line(tmp_path, text, named):
+  """A broken second line said "line 1" (json's own, within the line) and named no file."""
+  from train.tasks.clm import sampler
+
+  path = tmp_path / "prompts.jsonl"
+  path.write_text(text)
+  with pytest.raises(ValueError) as e:
+    sampler.read_prompts(str(path))
+  assert str(e.value).startswith(f"--generation_prompts_file {str(path)!r}: {named}"), e.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Every stop is one line: Ctrl-C, blocked malicious input.
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_run_resumes(tiny_bert, sst2_dir, tmp_path, capsys):
+  from train.cli.main import run_script
+  from train.tasks.glue import args as glue_args
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out)) + ["--max_steps", "4", "--save_steps", "2"]
+
+  def ctrl_c(step):
+    if step == 3:
+      raise KeyboardInterrupt
+
+  assert run_script("run_glue.py", glue_args.parse_args, glue_train.__name__, argv, ctrl_c) == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["run_glue.py: interrupted; rerun the same command to resume"], err
+  assert checkpoint_steps(out) == ["2"]
+  assert run_script("run_glue.py", glue_args.parse_args, glue_train.__name__, argv) == 0
+
+
+class _Payload:
+  def __reduce__(self):
+    return (print, ("UNPICKLED CODE RAN",))
+
+
+def test_a_pickled_pytorch_model_bin_is_refused_in_one_line(tiny_bert, sst2_dir, tmp_path, capsys):
+  """A pytorch_model.bin whose pickle calls a function: torch.load(weights_only=True) refuses
+  it; the refusal is one line (exit 2), not a traceback, and nothing runs."""
+  import pickle
+
+  from train import run_glue
+
+  pytest.importorskip("torch")
+  model = tmp_path / "model"
+  shutil.copytree(tiny_bert, model)
+  (model / "model.safetensors").unlink()
+  (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Payload()}))
+  assert run_glue.main(vars_argv(run_args(model, sst2_dir, tmp_path / "out"))) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("run_glue.py: error: "), err
+  assert "UNPICKLED CODE RAN" not in captured.out + captured.err
+
+
+def test_a_dataset_script_is_refused_in_one_line_and_never_run(tmp_path, capsys):
+  from train import run_clm
+
+  script = tmp_path / "evil"
+  script.mkdir()
+  (script / "evil.py").write_text('raise SystemExit("DATASET SCRIPT RAN")\n')
+  argv = clm_defaults(tmp_path / "out", tmp_path / "unused.jsonl")
+  argv[argv.index("--train_file") : argv.index("--train_file") + 2] = [
+    "--dataset_name",
+    str(script),
+  ]
+  assert run_clm.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--dataset_name {str(script)!r} is a dataset script" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run shows: curves and console.
+
+
+def test_curves_plot_perplexity_and_exact_match_not_the_token_count():
+  rows = [
+    {"step": 1, "loss": 2.0, "learning_rate": 0.1},
+    {"step": 1, "eval_loss": 1.0, "perplexity": 2.7, "eval_tokens": 640, "eval_runtime_s": 0.2,
+     "samples_exact_match": 0.25},
+    {"step": 1, "eval_accuracy": 0.5, "eval_samples": 32, "eval_f1_mm": 0.4},
+  ]  # fmt: skip
+  assert outputs.curve_keys(rows) == (
+    ["eval_accuracy", "eval_f1_mm", "samples_exact_match"],
+    ["perplexity"],
+  )
+
+
+def test_run_clm_shows_mid_run_evaluations_and_samples_and_plots_them(tmp_path, caplog):
+  """Mid-run evaluations and samples reached only metrics.jsonl and samples.jsonl, and
+  curves.png plotted eval_tokens (a constant) instead of perplexity."""
+  from train import run_clm
+
+  caplog.set_level(logging.INFO)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "write january 1 , 2024 as a date", "completion": "x"}\n')
+  argv = clm_defaults(tmp_path / "out", quickstart_rows(tmp_path, 40), "--max_seq_length", "64",
+                      "--max_steps", "2", "--eval_steps", "1", "--generation_prompts_file",
+                      str(prompts), "--generation_max_new_tokens", "3")  # fmt: skip
+  assert run_clm.main(argv) == 0
+  messages = [r.getMessage() for r in caplog.records]
+  for step in (1, 2):
+    assert any(m.startswith(f"evaluation at step {step}: eval_loss=") and "perplexity=" in m
+               and "samples_exact_match=" in m for m in messages), messages  # fmt: skip
+    assert any(m.startswith(f"sample at step {step}: 'write january 1 , 2024 as a date' -> ")
+               for m in messages), messages  # fmt: skip
+  evals = outputs.read_jsonl(tmp_path / "out" / outputs.METRICS)
+  assert outputs.curve_keys(evals) == (["samples_exact_match"], ["perplexity"])

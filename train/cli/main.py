@@ -41,13 +41,24 @@ def run_script(
 
   parallel.maybe_initialize_distributed()
   claim = rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+  import pickle
+
+  import jinja2
+
   try:
     with claim, checkpoints.quiet_closed_event_loops():
       if jax.process_index() == 0:
         rundir.check_rerun(args.output_dir, as_dict(args), args.overwrite_output_dir)
       results = importlib.import_module(task_module).train_and_evaluate(args, on_step)
-  except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as e:
-    print(f"{name}: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:  # checkpoints already written are complete (run() waits for them)
+    print(f"{name}: interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
+  # OSError: a full disk, a read-only folder; UnpicklingError: torch.load(weights_only=True)
+  # refusing a pickled checkpoint; TemplateError: a chat template's sandbox or raise_exception.
+  except (ValueError, OSError, NotImplementedError, FloatingPointError, pickle.UnpicklingError,
+          jinja2.TemplateError) as e:  # fmt: skip
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"{name}: error: {why}", file=sys.stderr)
     return 2
   print(
     " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())

@@ -75,7 +75,15 @@ def load_raw(
       f"--dataset_name {dataset_name!r} and --train_file {train_file!r}: give one data source"
     )
   if dataset_name:
-    raw = dict(datasets.load_dataset(dataset_name, dataset_config_name))
+    try:  # datasets >= 4 runs no dataset script (no remote code): it refuses them
+      raw = dict(datasets.load_dataset(dataset_name, dataset_config_name))
+    except RuntimeError as e:
+      if "Dataset scripts are no longer supported" not in str(e):
+        raise
+      raise ValueError(
+        f"--dataset_name {dataset_name!r} is a dataset script ({e}); scripts are never run: "
+        "give its data files (--train_file) or a dataset of data files"
+      ) from None
   elif train_file:
     raw = {"train": _load_file(train_file, "train")}
     if validation_file:
@@ -248,16 +256,19 @@ def encode_conversations(
       f"{source} holds conversations, but the tokenizer {tokenizer.name_or_path!r} has no chat "
       "template; use a tokenizer with one (--tokenizer_name), or a text column (--text_column)"
     )
-  ids, weights = [], []
+  ids, weights, skipped = [], [], []
   for i, messages in enumerate(conversations):
     _check_turns(messages, i, source)
-    full = render(tokenizer, messages, add_generation_prompt=False)
+    if completion_only and messages[0]["role"] == "assistant":
+      skipped.append(i)  # a reply with no turn before it: nothing it answers, no prompt to render
+      continue
+    full = _render_row(tokenizer, messages, False, i, source)
     weight = np.zeros(len(full), np.float32) if completion_only else np.ones(len(full), np.float32)
     for t, turn in enumerate(messages):
       if not completion_only or turn["role"] != "assistant":
         continue
-      before = render(tokenizer, messages[:t], add_generation_prompt=True)
-      upto = render(tokenizer, messages[: t + 1], add_generation_prompt=False)
+      before = _render_row(tokenizer, messages[:t], True, i, source)
+      upto = _render_row(tokenizer, messages[: t + 1], False, i, source)
       if full[: len(before)] != before or full[: len(upto)] != upto:
         raise ValueError(
           f"{source}: row {i}: the chat template does not render a conversation as an "
@@ -267,7 +278,33 @@ def encode_conversations(
       weight[len(before) : len(upto)] = 1.0
     ids.append(full)
     weights.append(weight)
+  if skipped:
+    rows = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+    if len(skipped) == len(conversations):
+      raise ValueError(
+        f"{source}: all of its {len(skipped)} conversations open with an assistant turn, which "
+        "completion-only loss cannot use (a reply needs the turn it answers before it): start "
+        "them with a user turn, or train on every token with --no-completion_only_loss"
+      )
+    logger.warning(
+      "%s: skipped %d of %d conversations that open with an assistant turn (rows %s, from 0): "
+      "completion-only loss needs the turn a reply answers before it",
+      source, len(skipped), len(conversations), rows,
+    )  # fmt: skip
   return _finish(ids, weights, max_len, source)
+
+
+def _render_row(tokenizer, messages, add_generation_prompt: bool, i: int, source: str):
+  """:func:`render`, a refusal of the template (its ``raise_exception``, a sandbox violation)
+  turned into one line naming the row."""
+  import jinja2
+
+  try:
+    return render(tokenizer, messages, add_generation_prompt)
+  except jinja2.TemplateError as e:
+    raise ValueError(
+      f"{source}: row {i}: the chat template refused it ({type(e).__name__}: {e})"
+    ) from None
 
 
 def encode(dataset, kind: str, column: str, tokenizer, max_len: int, completion_only: bool,

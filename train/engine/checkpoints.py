@@ -188,6 +188,7 @@ class Checkpointer:
       except CheckpointMismatch:
         raise
       except Exception as e:  # unreadable files, bad JSON, wrong bytes: all mean damaged
+        # The first line, without tensorstore's " [source locations=...]" tail.
         why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [")[0][:300]
         logger.warning("checkpoint %s is damaged (%s); trying an older one", path, why)
         damaged.append(self._set_aside(step))
@@ -220,7 +221,8 @@ def _verify(got: dict, meta: dict, path: pathlib.Path) -> None:
   actual = _checksums(got) if expected is not None else None
   if actual != expected:
     bad = sorted(k for k, v in actual.items() if expected.get(k) != v)
-    raise DamagedCheckpoint(f"{path}: {len(bad)} array(s) fail their CRC-32 check: {bad[:3]}")
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")  # no ' [': it ends `why`
+    raise DamagedCheckpoint(f"{path}: {len(bad)} array(s) fail their CRC-32 check: {names}")
   for key, value in jax.tree_util.tree_flatten_with_path(got)[0]:
     if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all():
       name = jax.tree_util.keystr(key, simple=True, separator="/")

@@ -105,14 +105,43 @@ def write_json(path: str | pathlib.Path, data: dict) -> None:
   write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+# Counts and timings of an evaluation, not metrics to plot (GLUE's eval_samples, run_clm's
+# eval_tokens); samples_* are the generated samples' scores (samples_exact_match), metrics.
+_NOT_METRICS = ("loss", "samples", "runtime", "tokens")
+
+
 def _is_metric(key: str) -> bool:
-  """``eval_accuracy``, ``eval_f1_mm``, ...: not the loss, sample counts or timings."""
-  name = key.removeprefix("eval_")
-  return key.startswith("eval_") and not name.startswith(("loss", "samples", "runtime"))
+  """``eval_accuracy``, ``eval_f1_mm``, ``perplexity``, ``samples_exact_match``, ...: not the
+  loss, counts or timings."""
+  if key.startswith("eval_"):
+    return not key.removeprefix("eval_").startswith(_NOT_METRICS)
+  return key == "perplexity" or key.startswith("samples_")
+
+
+def curve_keys(rows: list[dict]) -> tuple[list[str], list[str]]:
+  """``(metrics, log-scale metrics)`` that :func:`plot_curves` draws on its right panel from
+  the evaluation rows of ``rows`` (perplexity, on a log scale of its own)."""
+  keys = sorted({k for r in rows for k in r if _is_metric(k)})
+  return [k for k in keys if k != "perplexity"], [k for k in keys if k == "perplexity"]
+
+
+def format_metrics(results: dict) -> str:
+  """``eval_loss=0.6931 perplexity=2.0000 ...``: the metrics of an evaluation for the console.
+
+  Example:
+    >>> format_metrics({"eval_loss": 0.5, "eval_tokens": 12, "eval_runtime_s": 0.1})
+    'eval_loss=0.5000 eval_tokens=12'
+  """
+  return " ".join(
+    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+    for k, v in results.items()
+    if "runtime" not in k
+  )
 
 
 def plot_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path) -> None:
-  """Training and eval loss (left) and the eval metrics (right) against the step."""
+  """Training and eval loss (left) and the eval metrics (right; perplexity on a log-scale axis
+  of its own) against the step."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -120,7 +149,7 @@ def plot_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path) 
 
   rows = read_jsonl(metrics_path) if pathlib.Path(metrics_path).exists() else []
   train = [r for r in rows if "loss" in r]
-  evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+  evals = [r for r in rows if any(k.startswith("eval_") or _is_metric(k) for k in r)]
   fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
   ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
   eval_loss = [r for r in evals if "eval_loss" in r]
@@ -129,13 +158,21 @@ def plot_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path) 
     ax_loss.lines[-1].set_label("eval")
   ax_loss.set(xlabel="step", ylabel="loss", title="loss")
   ax_loss.legend()
-  keys = sorted({k for r in evals for k in r if _is_metric(k)})
+  keys, log_keys = curve_keys(evals)
   for key in keys:
     pts = [(r["step"], r[key]) for r in evals if key in r]
     ax_eval.plot(*zip(*pts, strict=True), "o-", label=key.removeprefix("eval_"))
   ax_eval.set(xlabel="step", title="evaluation")
   if keys:
-    ax_eval.legend()
+    ax_eval.legend(loc="upper left")
+  if log_keys:
+    ax_log = ax_eval.twinx() if keys else ax_eval
+    for key in log_keys:
+      pts = [(r["step"], r[key]) for r in evals if key in r]
+      ax_log.plot(*zip(*pts, strict=True), "s--", color="tab:red", label=key)
+    ax_log.set_yscale("log")
+    ax_log.set_ylabel(", ".join(log_keys))
+    ax_log.legend(loc="upper right")
   fig.tight_layout()
   try:
     with replacing(png_path) as tmp:

@@ -134,12 +134,14 @@ def total_steps(rows: int, global_batch: int, accumulation: int, epochs: float, 
   return max_steps or max(1, math.ceil(epochs * per_epoch))
 
 
-def training_signature(settings: Settings) -> str:
-  """The settings a resumed run must share with the checkpoint (with the task's signature)."""
-  fields = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
+def training_signature(settings: Settings) -> dict:
+  """The settings a resumed run must share with the checkpoint (with the task's signature): each
+  one that shapes the updates, under its flag's name, so a refusal names it with both values.
+  ``total_steps`` is there because the learning-rate schedule is laid out over it."""
+  fields = ("total_steps", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay",
             "max_grad_norm", "gradient_accumulation_steps", "seed", "dtype",
             "loraplus_lr_ratio")  # fmt: skip
-  return " ".join(f"{f}={getattr(settings, f)}" for f in fields)
+  return {f: getattr(settings, f) for f in fields}
 
 
 def _finished_results(out: pathlib.Path, latest: int | None, total: int) -> dict | None:
@@ -183,6 +185,7 @@ class _RunHooks(loop.Hook):
     self.eval_seconds.append(time.perf_counter() - t0)
     if results:
       self.log.write({"step": step, **results})
+      logger.info("evaluation at step %d: %s", step, outputs.format_metrics(results))
     self.evaluated[step] = results
 
   def on_save(self, step: int, state) -> None:
@@ -253,7 +256,7 @@ def run(
   )
 
   host_state = jax.tree.map(np.asarray, state_lib.init_state(trainable, tx, settings.seed))
-  signature = {**signature, "training": training_signature(settings)}
+  signature = {**signature, **training_signature(settings)}
   ckpt = checkpoints.Checkpointer(
     out / "checkpoints", signature, max_to_keep=settings.save_total_limit
   )

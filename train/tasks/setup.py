@@ -9,6 +9,7 @@ import collections
 import logging
 import os
 import pathlib
+import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -104,7 +105,65 @@ def load_tokenizer(args: argparse.Namespace):
   flag = "--tokenizer_name"
   if args.tokenizer_name in (args.model_name_or_path, getattr(args, "config_name", None)):
     flag = "--model_name_or_path" if args.model_name_or_path else "--config_name"
-  return from_source(flag, args.tokenizer_name, transformers.AutoTokenizer.from_pretrained)
+  load = lambda n: transformers.AutoTokenizer.from_pretrained(n, trust_remote_code=False)  # noqa: E731
+  return from_source(flag, args.tokenizer_name, load)
+
+
+def model_config(args: argparse.Namespace):
+  """The base model's transformers config (``--model_name_or_path``'s, or ``--config_name``),
+  read before its weights so the tokenizer and the data can be checked against it first."""
+  import transformers
+
+  if args.model_name_or_path:
+    load = lambda n: transformers.AutoConfig.from_pretrained(n, trust_remote_code=False)  # noqa: E731
+    return from_source("--model_name_or_path", args.model_name_or_path, load)
+  return load_config(args.config_name)
+
+
+def check_vocabulary(tokenizer, config, flag: str = "--tokenizer_name") -> None:
+  """Refuses a tokenizer with more tokens than the model's embedding table has rows: its ids
+  past the table would be looked up out of range (NaN at step 1, not an error).
+
+  Example:
+    >>> import types
+    >>> check_vocabulary([0] * 500, types.SimpleNamespace(vocab_size=100))
+    Traceback (most recent call last):
+    ...
+    ValueError: the tokenizer (--tokenizer_name) has 500 tokens, more than the model's ...
+  """
+  n, vocab = len(tokenizer), getattr(config, "vocab_size", None)
+  if vocab is not None and n > vocab:
+    raise ValueError(
+      f"the tokenizer ({flag}) has {n} tokens, more than the model's vocabulary of {vocab} "
+      f"(vocab_size): ids {vocab} to {n - 1} would index past its embedding table; use the "
+      f"model's own tokenizer, or a model with vocab_size >= {n}"
+    )
+
+
+# Models whose position ids start after the padding index (transformers' create_position_ids_
+# from_input_ids): max_position_embeddings - (pad_token_id + 1) tokens fit.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def fit_max_seq_length(args: argparse.Namespace, tokenizer, config) -> None:
+  """Lowers ``args.max_seq_length`` to what the model's position table (and the tokenizer's
+  ``model_max_length``) holds, with a warning, as transformers' ``run_glue.py`` does: longer
+  rows would look positions up out of range (NaN at step 1, not an error)."""
+  limits = []
+  positions = getattr(config, "max_position_embeddings", None)
+  if positions:
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS and config.pad_token_id is not None:
+      positions -= config.pad_token_id + 1
+    limits.append((positions, f"the model's {positions} positions (max_position_embeddings)"))
+  model_max = getattr(tokenizer, "model_max_length", None)
+  if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+    limits.append((model_max, f"the tokenizer's model_max_length {model_max}"))
+  for limit, what in sorted(limits):
+    if args.max_seq_length > limit:
+      logger.warning(
+        "--max_seq_length %d is longer than %s: using %d", args.max_seq_length, what, limit
+      )
+      args.max_seq_length = limit
 
 
 def load_config(name: str):
@@ -116,7 +175,8 @@ def load_config(name: str):
     raise FileNotFoundError(f"--config_name {name!r} is a folder without config.json")
   if not path.exists() and name.endswith(".json"):
     raise FileNotFoundError(f"--config_name {name!r} does not exist")
-  return from_source("--config_name", name, transformers.AutoConfig.from_pretrained)
+  load = lambda n: transformers.AutoConfig.from_pretrained(n, trust_remote_code=False)  # noqa: E731
+  return from_source("--config_name", name, load)
 
 
 def base_model_path(args: argparse.Namespace) -> str:
@@ -146,13 +206,12 @@ def base_model(args: argparse.Namespace, task: str, **kwargs):
   ``models.from_pretrained`` / ``from_config`` (``quantize=`` from :func:`quantization`: the
   checkpoint is quantized as it is read).
   """
-  import transformers
 
   kwargs = {"dtype": jnp_dtype(args.dtype), **kwargs}
 
   if args.model_name_or_path:
     flag, name = "--model_name_or_path", args.model_name_or_path
-    config = from_source(flag, name, transformers.AutoConfig.from_pretrained)
+    config = model_config(args)
     module, variables = from_source(
       flag, name, lambda n: models.from_pretrained(n, task, rng=args.seed, **kwargs)
     )
@@ -176,10 +235,25 @@ def model_source(args: argparse.Namespace) -> str:
   return f"new model from {pathlib.Path(args.config_name).resolve()}, seed {args.seed}"
 
 
-def signature(args: argparse.Namespace, module, params, *, data: str, **task) -> dict:
-  """What a checkpoint must agree on to be resumed by this run (shapes are checked too): the
-  base model, the adapters, the quantization, the batches (``data``) and the ``task``'s own
-  settings (e.g. ``task_name``, ``scan_layers``)."""
+def fingerprint(arrays) -> str:
+  """``"CRC-32 1a2b3c4d"`` of ``arrays``' values and shapes: the training data as tokenised, so a
+  resume on other rows (another file, its content edited, another ``--max_train_samples``, chat
+  template or loss mask) is refused. One pass over the tokens: cheap next to one step."""
+  crc = 0
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    crc = zlib.crc32(f"{a.dtype}{a.shape}".encode(), crc)
+    crc = zlib.crc32(a.tobytes(), crc)
+  return f"CRC-32 {crc:08x}"
+
+
+def signature(args: argparse.Namespace, module, params, *, train_rows: int, train_data: str,
+              **task) -> dict:  # fmt: skip
+  """What a checkpoint must agree on to be resumed by this run (shapes are checked too), each
+  input under its flag's name: the base model, the adapters, the quantization, the training
+  data (``train_rows`` and its :func:`fingerprint` ``train_data``) and the ``task``'s own
+  settings that shape the batches (e.g. ``max_seq_length``, ``packing``, the global batch).
+  :func:`train.engine.run.training_signature` adds the optimizer's and schedule's."""
   cfg = module.config
   return {
     "model_name_or_path": model_source(args),
@@ -188,7 +262,8 @@ def signature(args: argparse.Namespace, module, params, *, data: str, **task) ->
     **task,
     "lora": adapter_summary(params),
     "quantize": args.quantize,
-    "data": data,
+    "train_rows": train_rows,
+    "train_data": train_data,
   }
 
 

@@ -78,9 +78,9 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
       )
     if limit is not None:
       ds = ds.select(range(min(limit, len(ds))))
-    return clm_data.encode(
-      ds, kind, column, tokenizer, args.max_seq_length, completion_only, f"the {split} split"
-    )
+    name = args.train_file if split == "train" else args.validation_file
+    where = f"{name!r} (the {split} split)" if name else f"the {split} split of {source!r}"
+    return clm_data.encode(ds, kind, column, tokenizer, args.max_seq_length, completion_only, where)
 
   train = encode("train", args.max_train_samples)
   evals = encode("validation", args.max_eval_samples) if "validation" in raw else None
@@ -107,6 +107,34 @@ def load_model(args: argparse.Namespace):
       variables, setup.lora_rule(args), rng=jax.random.key(args.seed + 1), layouts=layouts
     )
   return module, params, config
+
+
+def fit_batch(args: argparse.Namespace, rows: int, devices: int) -> int:
+  """The global batch in rows: ``--per_device_train_batch_size`` x ``devices``, lowered (with a
+  warning, in ``args`` too) when the training set makes fewer rows than one optimizer step
+  takes, so a small dataset trains with the defaults; refused in one line, naming what would
+  work, when not even one row per device fits."""
+  k = args.gradient_accumulation_steps
+  if rows >= args.per_device_train_batch_size * devices * k:
+    return args.per_device_train_batch_size * devices
+  what = f"{rows} {'packed' if args.packing else 'padded'} rows"
+  per_device = rows // (devices * k)
+  if per_device == 0:
+    fits = rows // devices
+    raise ValueError(
+      f"the training set makes {what}, fewer than one optimizer step of {devices} device(s) x "
+      f"1 row x {k} (--gradient_accumulation_steps) takes: "
+      + (f"use --gradient_accumulation_steps {fits} or less" if fits else "use fewer devices")
+      + ", or add data"
+    )
+  logger.warning(
+    "the training set makes %s, fewer than one optimizer step of --per_device_train_batch_size "
+    "%d x %d device(s) x %d (--gradient_accumulation_steps): using --per_device_train_batch_size "
+    "%d",
+    what, args.per_device_train_batch_size, devices, k, per_device,
+  )  # fmt: skip
+  args.per_device_train_batch_size = per_device
+  return per_device * devices
 
 
 def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> Sampler | None:
@@ -137,6 +165,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   out = pathlib.Path(args.output_dir)
   tokenizer = setup.load_tokenizer(args)
+  setup.check_vocabulary(tokenizer, setup.model_config(args))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   data = load_data(args, tokenizer)
   module, params, hf_config = load_model(args)
@@ -147,6 +176,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   global_rows = args.per_device_train_batch_size * devices
   k = args.gradient_accumulation_steps
   train = clm_data.Batcher(data.train, args.max_seq_length, args.packing, pad_id)
+  global_rows = fit_batch(args, train.rows, devices)
   total = run.total_steps(train.rows, global_rows, k, args.num_train_epochs, args.max_steps)
   task = CausalLM(
     apply_fn=lora_jax.lora_apply(module.apply),
@@ -187,7 +217,11 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       module,
       params,
       scan_layers=args.scan_layers,
-      data=f"max_seq_length={args.max_seq_length} packing={args.packing} rows={global_rows}",
+      max_seq_length=args.max_seq_length,
+      packing=args.packing,
+      train_batch_size=global_rows,
+      train_rows=len(data.train),
+      train_data=setup.fingerprint([*data.train.ids, *data.train.weights]),
     ),
     record=as_dict(args),
     on_step=on_step,

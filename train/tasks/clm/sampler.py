@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -15,6 +16,8 @@ import lora_jax
 from lora_jax import models
 from lora_jax.models.decoder.generate import prompt_bucket
 from train.engine import outputs
+
+logger = logging.getLogger(__name__)
 
 SAMPLES = "samples.jsonl"
 
@@ -35,9 +38,17 @@ def read_prompts(path: str) -> tuple[list[str], list[str] | None]:
     if file.suffix != ".jsonl":
       prompts.append(line)
       continue
-    row = json.loads(line)
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:  # its own "line 1" is the line's, not the file's
+      raise ValueError(
+        f"--generation_prompts_file {path!r}: line {i + 1} is not JSON ({e.msg} at column "
+        f"{e.colno}); each line of a .jsonl file is one object with a 'prompt'"
+      ) from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-      raise ValueError(f"{path}: line {i + 1} has no string 'prompt' field")
+      raise ValueError(
+        f"--generation_prompts_file {path!r}: line {i + 1} has no string 'prompt' field"
+      )
     prompts.append(row["prompt"])
     if "completion" in row:
       references.append(str(row["completion"]))
@@ -87,6 +98,11 @@ class Sampler:
       for row, ref in zip(new, self.references, strict=True):
         row["completion"], row["exact_match"] = ref, row["generation"] == ref.strip()
       metrics["samples_exact_match"] = float(np.mean([r["exact_match"] for r in new]))
+    for row in new:
+      logger.info(
+        "sample at step %d: %r -> %r%s", step, row["prompt"], row["generation"],
+        "" if "exact_match" not in row else f" (expected {row['completion']!r})",
+      )  # fmt: skip
     if jax.process_index() == 0:
       # rows of this step or later are from an interrupted run that this one replays
       rows = outputs.read_jsonl(self.path) if self.path.exists() else []

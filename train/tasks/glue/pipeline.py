@@ -152,6 +152,9 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   if not args.adapter_name_or_path:
     check_not_the_head(setup.lora_rule(args, HEAD_MODULES))
   tokenizer = setup.load_tokenizer(args)
+  config = setup.model_config(args)
+  setup.check_vocabulary(tokenizer, config)
+  setup.fit_max_seq_length(args, tokenizer, config)
   data = load_data(args, task, tokenizer)
   if data.train is None:
     raise ValueError("no training split: give --train_file (or use the Hub's GLUE)")
@@ -207,8 +210,13 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       params,
       task_name=args.task_name,
       num_labels=module.config.num_labels,
-      data=f"max_seq_length={args.max_seq_length} pack_sequences={args.pack_sequences} "
-      f"rows={global_batch}",
+      max_seq_length=args.max_seq_length,
+      pack_sequences=args.pack_sequences,
+      train_batch_size=global_batch,
+      train_rows=len(data.train),
+      train_data=setup.fingerprint(
+        [data.train.input_ids, data.train.token_type_ids, data.train.lengths, data.train.labels]
+      ),
     ),
     record=as_dict(args),
     extra_trainable=EXTRA_TRAINABLE,
