@@ -81,7 +81,7 @@ class Settings:
   loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate / A's
 
 
-# The flags of train.cli.flags.add_training that Settings takes under the same names.
+# The flags of train.cli.flags.TrainingConfig that Settings takes under the same names.
 SHARED_FLAGS = (
   "output_dir", "learning_rate", "warmup_ratio", "weight_decay", "gradient_accumulation_steps",
   "logging_steps", "eval_steps", "save_steps", "save_total_limit", "parallel", "shard_frozen",
