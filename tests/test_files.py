@@ -70,3 +70,27 @@ def test_a_failed_write_leaves_the_folder_as_it_was(tmp_path):
     publish(tmp_path / "out", write, last=("config.json",))
   assert (tmp_path / "out" / "config.json").read_text() == "old"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_flipped_bit_in_an_exported_adapter_is_refused_by_import_peft(tmp_path):
+  """Principle 3: export_peft's files carry a CRC-32 of each tensor (safetensors metadata, which
+  PEFT ignores); import_peft refuses a tensor that does not match it, naming the file."""
+  from lora_jax import import_peft
+
+  params = _params()
+  folder = export_peft(tmp_path / "adapter", params, base_model_name_or_path="x")
+  weights = folder / "adapter_model.safetensors"
+  original = weights.read_bytes()
+  base = {
+    "params": {
+      "dense": {k: v for k, v in params["params"]["dense"].items() if k in ("kernel", "bias")}
+    }
+  }
+  import_peft(folder, base)  # intact: loads
+  for offset in (len(original) - 1, len(original) - 17):  # inside the last tensors' data
+    damaged = bytearray(original)
+    damaged[offset] ^= 0x10
+    weights.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors'.*fail the CRC-32"):
+      import_peft(folder, base)
+  weights.write_bytes(original)

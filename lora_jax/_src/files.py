@@ -18,6 +18,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import zlib
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -150,23 +151,54 @@ def read_torch_file(path: Path) -> dict[str, np.ndarray]:
   }
 
 
+# safetensors metadata key under which lora_jax keeps a CRC-32 of each tensor it writes
+CRC_KEY = "lora_jax.crc32"
+
+
+def _crc32(array) -> int:
+  return zlib.crc32(np.ascontiguousarray(array))
+
+
 def write_safetensors(tensors: Mapping[str, Any], path, metadata: Mapping[str, str]) -> None:
-  """Writes numpy-convertible ``tensors`` to ``path`` (bfloat16 included)."""
+  """Writes numpy-convertible ``tensors`` to ``path`` (bfloat16 included), with a CRC-32 of
+  each in the file's metadata (``lora_jax.crc32``, a JSON object; readers that do not know it,
+  PEFT and transformers, ignore it) for :func:`read_safetensors` to check."""
   from safetensors.numpy import save_file
 
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=dict(metadata))
+  arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  crcs = json.dumps({k: _crc32(v) for k, v in sorted(arrays.items())}, separators=(",", ":"))
+  save_file(arrays, path, metadata={**metadata, CRC_KEY: crcs})
+
+
+def safetensors_metadata(path) -> dict[str, str]:
+  """The ``__metadata__`` of a safetensors file's header (``{}`` if it has none)."""
+  with open(path, "rb") as f:
+    (length,) = struct.unpack("<Q", f.read(8))
+    return dict(json.loads(f.read(length)).get("__metadata__") or {})
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
-  """All tensors of a safetensors file; a damaged file raises a ``ValueError`` naming it."""
+  """All tensors of a safetensors file; a damaged file raises a ``ValueError`` naming it.
+
+  Tensors written with a CRC-32 (:func:`write_safetensors`) must match it: a flipped bit is
+  refused, not read as other numbers.
+  """
   try:
-    return read_safetensors_file(Path(path))
+    tensors = read_safetensors_file(Path(path))
+    crcs = json.loads(safetensors_metadata(path).get(CRC_KEY, "{}"))
   except Exception as e:  # safetensors raises SafetensorError, OSError, ValueError, ...
     size = os.path.getsize(path) if os.path.exists(path) else None
     raise ValueError(
       f"{str(path)!r} ({size} bytes) is not a readable safetensors file; it is probably "
       f"truncated or corrupted (re-download or re-export it): {type(e).__name__}: {e}"
     ) from None
+  bad = sorted(k for k, crc in crcs.items() if k in tensors and _crc32(tensors[k]) != crc)
+  if bad:
+    raise ValueError(
+      f"{str(path)!r}: tensors {bad[:5]} fail the CRC-32 written with them; the file is "
+      "damaged (bit rot, an interrupted copy): re-export or copy it again"
+    )
+  return tensors
 
 
 def _umask() -> int:
