@@ -150,9 +150,14 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
   tokenizer_config = json.loads((bare / "tokenizer_config.json").read_text())
   del tokenizer_config["chat_template"]
   (bare / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+  evil = tmp_path / "evil_template"  # a chat template reaching out of jinja's sandbox
+  shutil.copytree(FOLDER, evil)
+  tokenizer_config["chat_template"] = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+  (evil / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
   out = ["--output_dir", str(tmp_path / "out"), "--no-progress"]
   cases = [
     (["--text_column", "body"], "--text_column 'body' is not a column of"),
+    (["--tokenizer_name", str(evil)], "access to attribute '__class__' of 'list' object is unsafe"),
     (["--train_file", str(tmp_path / "empty.jsonl")], "empty.jsonl' is empty"),
     (["--tokenizer_name", str(bare)], "has no chat template; use a tokenizer with one"),
     (["--lr_scheduler_type", "warmup_stable"], "invalid choice: 'warmup_stable'"),
