@@ -423,7 +423,7 @@ def load_adapter(directory, params):
         step, args=ocp.args.Composite(**{ADAPTER_ITEM: ocp.args.StandardRestore(target)})
       )[ADAPTER_ITEM]
     except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
-      detail = f"{type(e).__name__}: {e}"
+      detail = " ".join(f"{type(e).__name__}: {e}".split())  # one line: TensorStore's are many
       raise ValueError(
         f"could not read the adapter arrays in {str(path / str(step))!r}; the checkpoint is "
         f"damaged (corrupted or truncated files): {detail[:400]}"
