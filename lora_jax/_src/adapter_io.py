@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +36,7 @@ from lora_jax._src import inits
 from lora_jax._src import paths
 from lora_jax._src.adapters import check_fits
 from lora_jax._src.adapters import insert
+from lora_jax._src.files import crc32
 from lora_jax._src.finite import check_finite
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
@@ -342,11 +342,7 @@ def adapter_info(directory) -> dict:
 
 def _checksums(leaves: Mapping[str, Any]) -> dict[str, int]:
   """CRC-32 of each saved leaf's bytes (arrays this process holds whole), by path."""
-  return {
-    p: zlib.crc32(np.ascontiguousarray(np.asarray(v)))
-    for p, v in leaves.items()
-    if getattr(v, "is_fully_addressable", True)
-  }
+  return {p: crc32(v) for p, v in leaves.items() if getattr(v, "is_fully_addressable", True)}
 
 
 def _check_checksums(info: Mapping, restored: Mapping[str, Any], where) -> None:

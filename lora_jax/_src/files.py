@@ -155,8 +155,9 @@ def read_torch_file(path: Path) -> dict[str, np.ndarray]:
 CRC_KEY = "lora_jax.crc32"
 
 
-def _crc32(array) -> int:
-  return zlib.crc32(np.ascontiguousarray(array))
+def crc32(array) -> int:
+  """CRC-32 of an array's bytes (C order), as saved adapters and exports record it."""
+  return zlib.crc32(np.ascontiguousarray(np.asarray(array)))
 
 
 def write_safetensors(tensors: Mapping[str, Any], path, metadata: Mapping[str, str]) -> None:
@@ -166,7 +167,7 @@ def write_safetensors(tensors: Mapping[str, Any], path, metadata: Mapping[str, s
   from safetensors.numpy import save_file
 
   arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  crcs = json.dumps({k: _crc32(v) for k, v in sorted(arrays.items())}, separators=(",", ":"))
+  crcs = json.dumps({k: crc32(v) for k, v in sorted(arrays.items())}, separators=(",", ":"))
   save_file(arrays, path, metadata={**metadata, CRC_KEY: crcs})
 
 
@@ -192,7 +193,7 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
       f"{str(path)!r} ({size} bytes) is not a readable safetensors file; it is probably "
       f"truncated or corrupted (re-download or re-export it): {type(e).__name__}: {e}"
     ) from None
-  bad = sorted(k for k, crc in crcs.items() if k in tensors and _crc32(tensors[k]) != crc)
+  bad = sorted(k for k, crc in crcs.items() if k in tensors and crc32(tensors[k]) != crc)
   if bad:
     raise ValueError(
       f"{str(path)!r}: tensors {bad[:5]} fail the CRC-32 written with them; the file is "
