@@ -1,7 +1,7 @@
 """The low-rank path's matmuls: gradients as the plain formula's, and no transposed copies.
 
 ``lora_apply`` computes ``s * (x @ A) @ B`` as 2-D matmuls over flattened ``[rows, k]`` views
-(``apply._matmul``) so that XLA:CPU emits no transposed copy of an activation for the
+(``low_rank.matmul``) so that XLA:CPU emits no transposed copy of an activation for the
 adapters' gradients (bench/NOTES.md entry 22). These tests check that the layout work changes
 no number: gradients of ``A``, ``B`` and the input equal those of the plain formula (contract
 the module's own axes with ``tensordot`` / ``einsum``) under the same LoRA dropout mask, and
@@ -21,6 +21,7 @@ import lora_jax
 from lora_jax import LoraRule
 from lora_jax._src import apply as apply_mod
 from lora_jax._src import layouts as layouts_mod
+from lora_jax._src import low_rank as low_rank_mod
 
 # Gradient tolerance against the plain formula, per dtype (relative to the largest entry).
 TOL = {jnp.float32: 1e-6, jnp.bfloat16: 2e-2}
@@ -160,7 +161,7 @@ def test_gradients_equal_the_plain_formula_with_dropout(dtype, monkeypatch):
   key = jax.random.key(7)
   got_params, got_x = _grads(model, adapted, x, key)
   monkeypatch.setattr(apply_mod, "_dense_low_rank", _plain_dense)
-  monkeypatch.setattr(apply_mod, "_einsum_low_rank", _plain_einsum)
+  monkeypatch.setattr(low_rank_mod, "einsum", _plain_einsum)
   want_params, want_x = _grads(model, adapted, x, key)
   got = jax.tree_util.tree_leaves_with_path(got_params)
   want = jax.tree.leaves(want_params)

@@ -27,17 +27,15 @@ per output unit by ``m / ||W + s A B||`` (the norm detached), as PEFT's ``DoraLi
 from __future__ import annotations
 
 import functools
-import math
-import re
 from collections.abc import Callable
 from collections.abc import Mapping
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from lora_jax._src import dora
 from lora_jax._src import dropout
 from lora_jax._src import layouts
+from lora_jax._src import low_rank
 from lora_jax._src import paths
 from lora_jax._src.merge import merge
 from lora_jax._src.spec import LORA_A
@@ -69,45 +67,9 @@ def _call_einsum_str(args, kwargs) -> str | None:
   return kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
 
 
-def _matmul(x, w, n: int = 1):
-  """Contracts the last ``n`` axes of ``x`` with the first ``n`` of ``w``, as one 2-D matmul.
-
-  On ``[rows, k]`` views (a free reshape of contiguous axes) the gradient's contractions are
-  2-D as well, ``dw = x2^T @ g2`` over the rows. Contracting the batch and sequence axes as two
-  axes instead, XLA:CPU rewrites that dot with its contracting axes last and writes a
-  transposed copy of the activation-sized cotangent ``g`` (with the elementwise ops before it,
-  e.g. GELU's derivative, recomputed into the copy) for every adapter: bench/NOTES.md entry 22.
-  """
-  rows, k = x.shape[: x.ndim - n], math.prod(x.shape[x.ndim - n :])
-  y = x.reshape(math.prod(rows), k) @ w.reshape(k, math.prod(w.shape[n:]))
-  return y.reshape(*rows, *w.shape[n:])
-
-
 def _dense_low_rank(module, x, a, b, spec: LoraSpec, dtype):
-  if isinstance(module, nn.Dense):
-    x_axes = (x.ndim - 1,)
-  else:
-    x_axes = tuple(ax % x.ndim for ax in layouts.as_tuple(module.axis))
-  kept = tuple(i for i in range(x.ndim) if i not in x_axes)
-  x = x.astype(dtype)
-  if kept + x_axes != tuple(range(x.ndim)):  # the contracted axes last, in A's order
-    x = jnp.transpose(x, kept + x_axes)
-  t = _matmul(x, a.astype(dtype), len(x_axes))
-  return _matmul(t * spec.scale, b.astype(dtype))
-
-
-def _einsum_low_rank(eq: str, x, a, b, spec: LoraSpec, dtype):
-  eq = eq.replace(" ", "")
-  lhs, rest = eq.split(",")
-  rhs, out = rest.split("->")
-  ins = "".join(rhs[i] for i in spec.in_axes)
-  outs = "".join(rhs[o] for o in spec.out_axes)
-  kept = re.sub(f"[{ins}]", "", lhs)
-  # x as [kept..., ins...] (an identity for the usual 'btd,...' equations), then 2-D matmuls
-  x = jnp.einsum(f"{lhs}->{kept}{ins}", x.astype(dtype))
-  t = _matmul(x, a.astype(dtype), len(ins))
-  y = _matmul(t * spec.scale, b.astype(dtype))
-  return jnp.einsum(f"{kept}{outs}->{out}", y)
+  x_axes = (-1,) if isinstance(module, nn.Dense) else layouts.as_tuple(module.axis)
+  return low_rank.dense(x, a, b, spec, dtype, x_axes)
 
 
 def _conv_low_rank(module: nn.Conv, x, a, b, spec: LoraSpec, dtype):
@@ -117,24 +79,22 @@ def _conv_low_rank(module: nn.Conv, x, a, b, spec: LoraSpec, dtype):
   # `rank` channels; B is the 1x1 convolution back to the output channels.
   conv_a = module.clone(parent=None, name=None, features=spec.rank, use_bias=False)
   t = conv_a.apply({"params": {"kernel": a}}, x)
-  return _matmul(t.astype(dtype) * spec.scale, b.astype(dtype))
+  return low_rank.matmul(t.astype(dtype) * spec.scale, b.astype(dtype))
 
 
 def _low_rank(module, method: str, args, kwargs, base, spec: LoraSpec, a, b):
   """The adapter's contribution to ``module.method(*args)``, in the dtype of ``base``."""
   dtype = base.dtype
   if isinstance(module, nn.Embed):
-    if method == "attend":  # query @ (E + s A B)^T = query @ E^T + s (query @ B^T) @ A^T
-      q = _input(args, kwargs, "query").astype(dtype)
-      return _matmul(_matmul(q, b.astype(dtype).T) * spec.scale, a.astype(dtype).T)
-    ids = _input(args, kwargs, "inputs")
-    return _matmul(jnp.take(a, ids, axis=0).astype(dtype) * spec.scale, b.astype(dtype))
+    if method == "attend":
+      return low_rank.embed_attend(_input(args, kwargs, "query"), a, b, spec, dtype)
+    return low_rank.embed_lookup(_input(args, kwargs, "inputs"), a, b, spec, dtype)
   x = _dropout(_input(args, kwargs, "inputs"), spec.dropout, module)
   if isinstance(module, nn.Dense | nn.DenseGeneral):
     return _dense_low_rank(module, x, a, b, spec, dtype)
   if isinstance(module, nn.Einsum):
     eq = _call_einsum_str(args, kwargs) or module.einsum_str
-    return _einsum_low_rank(eq, x, a, b, spec, dtype)
+    return low_rank.einsum(eq, x, a, b, spec, dtype)
   return _conv_low_rank(module, x, a, b, spec, dtype)
 
 

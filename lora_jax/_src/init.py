@@ -68,9 +68,9 @@ def _check_all_linear_layouts(modules, rules, layouts) -> None:
     )
 
 
-def _assign(params, rules, layouts) -> dict[str, LoraRule]:
+def _assign(params, rules, layouts, prefix: str) -> dict[str, LoraRule]:
   """Maps each adapted module path to the first rule that matches it; checks every target hits."""
-  owned = [(p, m) for p, m in paths.iter_modules(params) if _own_leaves(m)]
+  owned = [(p, m) for p, m in paths.iter_modules(params, prefix) if _own_leaves(m)]
   _check_all_linear_layouts(owned, rules, layouts)
   modules = [(p, _is_linear(m, layouts.get(p))) for p, m in owned]
   chosen = assign(
@@ -193,11 +193,17 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
     ((32, 4), (4, 16))
   """
   tree, rebuild = paths.split_params(params)
+  return rebuild(init_tree(tree, rules, rng=rng, layouts=layouts))
+
+
+def init_tree(tree, rules, *, rng, layouts=None, prefix: str = paths.PARAMS) -> dict:
+  """:func:`lora_init` on a bare params tree whose module paths start with ``prefix``
+  (``""`` for Flax NNX models, whose paths are their attribute paths)."""
   rules = as_rules(rules)
   layouts = layouts if layouts is not None else {}
-  chosen = _assign(tree, rules, layouts)
+  chosen = _assign(tree, rules, layouts, prefix)
   specs = {}
-  for path, module in paths.iter_modules(tree):
+  for path, module in paths.iter_modules(tree, prefix):
     if path in chosen:
       specs[path] = _spec_for(path, module, chosen[path], layouts)
   keys = dict(zip(specs, jax.random.split(rng, max(len(specs), 1)), strict=False))
@@ -219,4 +225,4 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
       out[LORA_MAGNITUDE] = dora.init_magnitude(spec, w, a, b)
     return out
 
-  return rebuild(paths.map_modules(add, tree))
+  return paths.map_modules(add, tree, prefix)

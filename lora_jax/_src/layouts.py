@@ -66,17 +66,18 @@ def as_tuple(x) -> tuple:
   return tuple(x) if isinstance(x, tuple | list) else (x,)
 
 
-def _einsum_layout(module: nn.Einsum) -> KernelLayout:
-  eq = module.einsum_str.replace(" ", "")
+def einsum_layout(equation: str) -> KernelLayout:
+  """The layout of an einsum layer's kernel, from its equation ``"lhs,kernel->out"``."""
+  eq = equation.replace(" ", "")
   m = re.fullmatch(r"([a-zA-Z.]*),([a-zA-Z]*)->([a-zA-Z.]*)", eq)
   if m is None:
-    raise UnsupportedLayout(f"einsum {module.einsum_str!r} is not of the form 'lhs,kernel->out'")
+    raise UnsupportedLayout(f"einsum {equation!r} is not of the form 'lhs,kernel->out'")
   lhs, rhs, out = m.groups()
   ins = tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
   outs = tuple(i for i, c in enumerate(rhs) if c in out and c not in lhs)
   if len(ins) + len(outs) != len(rhs) or not ins or not outs:
     raise UnsupportedLayout(
-      f"einsum {module.einsum_str!r} does not split its kernel {rhs!r} into axes contracted "
+      f"einsum {equation!r} does not split its kernel {rhs!r} into axes contracted "
       "with the input and axes of the output (a kernel axis shared with both, or with neither, "
       "cannot be factored by LoRA)"
     )
@@ -97,7 +98,7 @@ def module_layout(module: nn.Module, ndim: int) -> KernelLayout:
     n_in = len(as_tuple(module.axis))
     return KernelLayout(tuple(range(n_in)), tuple(range(n_in, ndim)), "dense")
   if isinstance(module, nn.Einsum):
-    return _einsum_layout(module)
+    return einsum_layout(module.einsum_str)
   if isinstance(module, nn.Conv):
     if module.feature_group_count != 1:
       raise UnsupportedLayout(
