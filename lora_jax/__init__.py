@@ -12,6 +12,7 @@ Example:
   ['bias', 'kernel']
 """
 
+from lora_jax import nnx as nnx
 from lora_jax._src.adapter_io import adapter_info
 from lora_jax._src.adapter_io import load_adapter
 from lora_jax._src.adapter_io import save_adapter

@@ -51,6 +51,7 @@ from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import LoraSpec
 from lora_jax._src.version import __version__
+from lora_jax.nnx import tree as nnx_tree
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
@@ -256,6 +257,7 @@ def save_adapter(directory, params, *, extra_trainable=(), metadata: Mapping | N
   """
   import orbax.checkpoint as ocp
 
+  params = nnx_tree.as_variables(params)
   tree, _ = paths.split_params(params)
   if isinstance(extra_trainable, str):
     extra_trainable = (extra_trainable,)
@@ -407,6 +409,8 @@ def load_adapter(directory, params):
   """
   import orbax.checkpoint as ocp
 
+  if nnx_tree.is_model(params):  # NNX: the model itself, updated in place
+    return nnx_tree.sync(params, load_adapter(directory, nnx_tree.to_variables(params)))
   path = _open(directory)
   tree, rebuild = paths.split_params(params)
   flat = flatten(tree)

@@ -12,6 +12,7 @@ from lora_jax._src import paths
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
 from lora_jax._src.spec import LORA_SPEC
+from lora_jax.nnx import tree as nnx_tree
 from lora_jax.quant.array import is_quantized
 
 
@@ -21,7 +22,7 @@ def _size(leaf) -> int:
 
 def count_params(params, extra_trainable: Sequence[str] = ()) -> tuple[int, int]:
   """``(trainable, total)`` parameter counts of the ``"params"`` collection."""
-  tree, _ = paths.split_params(params)
+  tree, _ = paths.split_params(nnx_tree.as_variables(params))
   extra = compile_patterns(extra_trainable)
   total = trainable = 0
   for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_quantized):
@@ -79,6 +80,7 @@ def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
     module  params  trainable  adapter
     params   1,450        440  r=4 alpha=4.0 scale=1
   """
+  params = nnx_tree.as_variables(params)
   tree, _ = paths.split_params(params)
   extra = compile_patterns(extra_trainable)
   rows = []

@@ -60,6 +60,7 @@ from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import WEIGHT_NAMES
 from lora_jax._src.spec import LoraSpec
+from lora_jax.nnx import tree as nnx_tree
 from lora_jax.peft.config import CONFIG_NAME
 from lora_jax.peft.config import KEY_PREFIX
 from lora_jax.peft.config import PEFT_DEFAULTS
@@ -223,7 +224,9 @@ def export_peft(
   """
   if task_type not in TASK_TYPES:
     raise ValueError(f"export_peft task_type={task_type!r} is not one of {list(TASK_TYPES)}")
-  tree = paths.split_params(params)[0]
+  tree = paths.split_params(nnx_tree.as_variables(params))[0]
+  if initial is not None:
+    initial = nnx_tree.as_variables(initial)
   names = names_for(config, tree)
   tree = per_layer(tree, names)
   if isinstance(extra_trainable, str):

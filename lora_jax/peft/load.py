@@ -24,6 +24,7 @@ from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LoraSpec
+from lora_jax.nnx import tree as nnx_tree
 from lora_jax.peft.config import CONFIG_NAME
 from lora_jax.peft.config import KEY_PREFIX
 from lora_jax.peft.config import TORCH_WEIGHTS_NAME
@@ -191,6 +192,11 @@ def import_peft(
     >>> import_peft(folder, base)["params"]["dense"]["lora_spec"].scale
     4.0
   """
+  if nnx_tree.is_model(params):  # NNX: the model itself, updated in place
+    kwargs = dict(config=config, revision=revision, ignore_mismatched_sizes=ignore_mismatched_sizes)
+    return nnx_tree.sync(
+      params, import_peft(directory_or_hub_id, nnx_tree.to_variables(params), **kwargs)
+    )
   folder = _resolve_folder(directory_or_hub_id, revision)
   source = repr(str(directory_or_hub_id))
   cfg = read_config(folder)

@@ -19,6 +19,7 @@ from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import default_layout
 from lora_jax._src.targets import Targets
 from lora_jax._src.targets import assign
+from lora_jax.nnx import tree as nnx_tree
 from lora_jax.quant.array import QuantizedArray
 from lora_jax.quant.kernel import quantize_kernel
 
@@ -125,7 +126,9 @@ def _check(path: str, module: Mapping, layouts: Mapping) -> KernelLayout:
   return layout
 
 
-def plan(params, quantization: Quantization, layouts=None) -> dict[str, KernelLayout]:
+def plan(
+  params, quantization: Quantization, layouts=None, prefix: str = paths.PARAMS
+) -> dict[str, KernelLayout]:
   """``{module path: layout}`` of the kernels ``quantization`` selects in ``params``.
 
   Every target must match some module (the closest paths are listed if not) and every matched
@@ -133,7 +136,7 @@ def plan(params, quantization: Quantization, layouts=None) -> dict[str, KernelLa
   """
   tree, _ = paths.split_params(params)
   layouts = layouts if layouts is not None else {}
-  modules = {p: m for p, m in paths.iter_modules(tree) if _own_leaves(m)}
+  modules = {p: m for p, m in paths.iter_modules(tree, prefix) if _own_leaves(m)}
   matched = assign(
     [(p, _linear(p, m, layouts)) for p, m in modules.items()],
     [quantization.selector],
@@ -199,19 +202,24 @@ def quantize(
     >>> q["params"]["kernel"].nbytes == codes + absmax + absmax2 + offset
     True
   """
-  return apply_quantization(
-    params, Quantization(targets, kind, block_size, double_quant, exclude), layouts
-  )
+  quantization = Quantization(targets, kind, block_size, double_quant, exclude)
+  if nnx_tree.is_model(params):  # NNX: the model itself, its weights' values replaced
+    known = {**nnx_tree.read_layouts(params), **(layouts or {})}
+    return nnx_tree.replace_params(
+      params, lambda tree: apply_quantization(tree, quantization, known, prefix="")
+    )
+  return apply_quantization(params, quantization, layouts)
 
 
-def apply_quantization(params, quantization: Quantization, layouts=None):
-  """:func:`quantize` with its settings as one :class:`Quantization` value."""
+def apply_quantization(params, quantization: Quantization, layouts=None, prefix=paths.PARAMS):
+  """:func:`quantize` with its settings as one :class:`Quantization` value (``prefix``: that of
+  a bare tree's module paths; ``""`` for an NNX model's)."""
   tree, rebuild = paths.split_params(params)
-  chosen = plan(tree, quantization, layouts)
+  chosen = plan(tree, quantization, layouts, prefix)
 
   def replace(path: str, module: dict) -> dict:
     if path not in chosen:
       return module
     return {**module, WEIGHT: quantize_array(module[WEIGHT], chosen[path], quantization)}
 
-  return rebuild(paths.map_modules(replace, tree))
+  return rebuild(paths.map_modules(replace, tree, prefix))
