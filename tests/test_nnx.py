@@ -354,3 +354,99 @@ def test_adapter_round_trip_through_orbax_in_a_fresh_process(tmp_path):
     [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=False
   )
   assert out.returncode == 0 and out.stdout.strip() == "ok LoRAParam", out.stderr[-2000:]
+
+
+class TinyLlamaNames(nnx.Module):
+  """A small NNX network named as a Hugging Face Llama (``model.layers.0.self_attn.q_proj``,
+  ``mlp.gate_proj``, ``lm_head``, ...): enough for PEFT to find every adapted module in its
+  PyTorch twin below."""
+
+  def __init__(self, vocab=32, dim=16, hidden=24, layers=2, *, rngs):
+    self.model = nnx.Module()
+    self.model.embed_tokens = nnx.Embed(vocab, dim, rngs=rngs)
+    self.model.layers = nnx.List([nnx.Module() for _ in range(layers)])
+    for layer in self.model.layers:
+      layer.self_attn = nnx.Module()
+      for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        setattr(layer.self_attn, name, nnx.Linear(dim, dim, use_bias=False, rngs=rngs))
+      layer.mlp = nnx.Module()
+      layer.mlp.gate_proj = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs)
+      layer.mlp.up_proj = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs)
+      layer.mlp.down_proj = nnx.Linear(hidden, dim, use_bias=False, rngs=rngs)
+    self.lm_head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
+
+  def __call__(self, ids):
+    h = self.model.embed_tokens(ids)
+    for layer in self.model.layers:
+      a = layer.self_attn
+      h = h + a.o_proj(a.v_proj(h) * jax.nn.sigmoid(a.q_proj(h)) + a.k_proj(h))
+      m = layer.mlp
+      h = h + m.down_proj(jax.nn.silu(m.gate_proj(h)) * m.up_proj(h))
+    return self.lm_head(h)
+
+
+def _torch_twin(model: TinyLlamaNames):
+  """The same network in PyTorch, with the NNX model's weights."""
+  import torch
+
+  class Twin(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      vocab, dim = model.model.embed_tokens.embedding.shape
+      hidden = model.model.layers[0].mlp.up_proj.kernel.shape[1]
+      self.model = torch.nn.Module()
+      self.model.embed_tokens = torch.nn.Embedding(vocab, dim)
+      self.model.layers = torch.nn.ModuleList()
+      for _ in model.model.layers:
+        layer = torch.nn.Module()
+        layer.self_attn = torch.nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+          setattr(layer.self_attn, name, torch.nn.Linear(dim, dim, bias=False))
+        layer.mlp = torch.nn.Module()
+        layer.mlp.gate_proj = torch.nn.Linear(dim, hidden, bias=False)
+        layer.mlp.up_proj = torch.nn.Linear(dim, hidden, bias=False)
+        layer.mlp.down_proj = torch.nn.Linear(hidden, dim, bias=False)
+        self.model.layers.append(layer)
+      self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids):
+      h = self.model.embed_tokens(ids)
+      for layer in self.model.layers:
+        a = layer.self_attn
+        h = h + a.o_proj(a.v_proj(h) * torch.sigmoid(a.q_proj(h)) + a.k_proj(h))
+        m = layer.mlp
+        h = h + m.down_proj(torch.nn.functional.silu(m.gate_proj(h)) * m.up_proj(h))
+      return self.lm_head(h)
+
+  twin = Twin()
+  state = {}
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = ".".join(str(k) for k in path[:-1])
+    leaf = path[-1]
+    array = np.asarray(value.get_value())
+    state[f"{name}.weight"] = torch.tensor(array.T if leaf == "kernel" else array)
+  twin.load_state_dict(state)
+  return twin.eval()
+
+
+def test_peft_export_of_an_nnx_model_loads_in_peft_and_round_trips(tmp_path):
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  model = TinyLlamaNames(rngs=nnx.Rngs(0))
+  twin = _torch_twin(model)
+  targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+  lora_jax.nnx.lora_init(model, LoraRule(targets, rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+  _randomize(model, scale=0.2)
+  folder = lora_jax.export_peft(
+    tmp_path / "adapter", model, base_model_name_or_path="tiny", task_type=None
+  )
+  ids = np.array([[1, 5, 9, 3, 30, 2]])
+  want = np.asarray(call(model, jnp.asarray(ids)))
+  peft_model = peft.PeftModel.from_pretrained(twin, folder).eval()
+  with torch.no_grad():
+    got = peft_model(torch.tensor(ids)).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # and back: the PEFT folder into a fresh NNX model gives the same logits
+  again = lora_jax.import_peft(folder, TinyLlamaNames(rngs=nnx.Rngs(0)))
+  assert sorted(lora_jax.nnx.tree.adapted(again)) == sorted(lora_jax.nnx.tree.adapted(model))
+  np.testing.assert_allclose(np.asarray(call(again, jnp.asarray(ids))), want, atol=1e-5)
