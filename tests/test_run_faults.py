@@ -741,6 +741,120 @@ def test_a_broken_prompts_line_is_named_with_its_file_and_line(tmp_path, text, n
 
 
 # ---------------------------------------------------------------------------------------------
+# run_clm.py's own inputs in a resumed run's signature (issue 27).
+
+CLM_FOUR_STEPS = ("--max_steps", "4", "--save_steps", "1", "--per_device_train_batch_size", "4")
+
+
+def clm_quick(out: pathlib.Path, train_file: pathlib.Path, *extra) -> list[str]:
+  """The quickstart's config (cosine schedule, 64-token packed conversations, scanned layers) on
+  ``train_file``, 4 steps, a checkpoint each; no evaluation data nor samples."""
+  return ["--config", str(REPO / "configs" / "clm_quickstart.yaml"), "--train_file",
+          str(train_file), "--validation_file", "", "--validation_split_percentage", "0",
+          "--generation_prompts_file", "", "--output_dir", str(out), "--no-progress",
+          *CLM_FOUR_STEPS, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clm_crashed_at_2(tmp_path_factory):
+  """A run_clm.py folder after a Ctrl-C at step 2 of 4 (checkpoint 2), and its data."""
+  from train.cli.main import run_script
+  from train.tasks.clm import args as clm_args
+
+  folder = tmp_path_factory.mktemp("clm_crashed_at_2")
+  train = quickstart_rows(folder, 64)
+
+  def ctrl_c(step):
+    if step == 2:
+      raise KeyboardInterrupt
+
+  argv = clm_quick(folder / "out", train)
+  assert (
+    run_script("run_clm.py", clm_args.parse_args, "train.tasks.clm.pipeline", argv, ctrl_c) == 130
+  )
+  assert checkpoint_steps(folder / "out") == ["2"]  # save_total_limit: 1
+  return folder / "out", train
+
+
+def edited_chat_template(folder: pathlib.Path) -> str:
+  """The quickstart's tokenizer with ``role : content`` turned into ``role : : content`` (one
+  more token a turn; ``role: content`` would give the same tokens)."""
+  copy = folder / "tokenizer"
+  shutil.copytree(QUICKSTART, copy)
+  config = json.loads((copy / "tokenizer_config.json").read_text())
+  config["chat_template"] = config["chat_template"].replace("}} : {{", "}} : : {{")
+  (copy / "tokenizer_config.json").write_text(json.dumps(config))
+  return str(copy)
+
+
+def edited_conversation(train: pathlib.Path, folder: pathlib.Path) -> str:
+  """``train`` with one reply of the first rows edited (the same row count)."""
+  lines = train.read_text().splitlines(keepends=True)
+  lines[5] = lines[5].replace('"assistant", "content": "', '"assistant", "content": "0 ')
+  path = folder / "edited.jsonl"
+  path.write_text("".join(lines))
+  return str(path)
+
+
+# run_clm.py's own inputs that shape the updates or the batches (the shared ones: above, on
+# run_glue.py), with the name and both values its refusal must give.
+CLM_RESUME_CHANGES = [
+  (("--lr_scheduler_type", "linear"), "lr_scheduler_type: checkpoint 'cosine', this run 'linear'"),
+  (("--max_grad_norm", "0.5"), "max_grad_norm: checkpoint 1.0, this run 0.5"),
+  (("--max_grad_norm", "0"), "max_grad_norm: checkpoint 1.0, this run None"),
+  (("--max_seq_length", "48"), "max_seq_length: checkpoint 64, this run 48"),
+  (("--no-packing",), "packing: checkpoint True, this run False"),
+  (("--no-scan_layers",), "scan_layers: checkpoint True, this run False"),
+  (("--per_device_train_batch_size", "2"), "train_batch_size: checkpoint 4, this run 2"),
+  (("--max_train_samples", "48"), "train_rows: checkpoint 64, this run 48"),
+  (("--no-completion_only_loss",), "train_data: checkpoint 'CRC-32 "),
+  (("--tokenizer_name", "TEMPLATE"), "train_data: checkpoint 'CRC-32 "),
+  (("--train_file", "EDITED"), "train_data: checkpoint 'CRC-32 "),
+]
+
+
+@pytest.mark.parametrize(
+  ("change", "named"),
+  CLM_RESUME_CHANGES,
+  ids=lambda x: " ".join(x) if isinstance(x, tuple) else None,
+)
+def test_a_run_clm_resume_with_a_changed_input_is_one_line_naming_it(
+  tmp_path, clm_crashed_at_2, capsys, change, named
+):
+  """Refused by the checkpoints' signature, before a step is compiled: exit 2, one line, the
+  folder untouched. The run's args.json is removed first, so the flags' own check (which names
+  a changed flag before the checkpoints are read; :func:`rundir.check_rerun`) does not answer
+  instead; for an edited file or chat template the signature is the only guard."""
+  from train import run_clm
+
+  crashed, train = clm_crashed_at_2
+  out = tmp_path / "out"
+  shutil.copytree(crashed, out)
+  (out / rundir.RECORD).unlink()
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  swap = {"TEMPLATE": lambda: edited_chat_template(tmp_path),
+          "EDITED": lambda: edited_conversation(train, tmp_path)}  # fmt: skip
+  change = [swap[v]() if v in swap else v for v in change]
+  capsys.readouterr()
+  assert run_clm.main(clm_quick(out, train, *change)) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "refusing to resume" in err[0] and named in err[0], err
+  if change != ["--no-scan_layers"]:  # scanning also stacks every layer's leaves: all named
+    assert err[0].count(": checkpoint ") <= 3, err  # the input changed, not everything
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_clm_resume_with_the_same_inputs_is_not_refused(tmp_path, clm_crashed_at_2):
+  from train import run_clm
+
+  crashed, train = clm_crashed_at_2
+  out = tmp_path / "out"
+  shutil.copytree(crashed, out)
+  assert run_clm.main(clm_quick(out, train)) == 0
+  assert json.loads((out / "eval_results.json").read_text())["train_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Every stop is one line: Ctrl-C, blocked malicious input.
 
 
