@@ -551,6 +551,46 @@ def test_a_failed_orbax_read_leaves_no_stray_event_loop_traceback(tmp_path):
   assert "is damaged" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+FULL_DISK_SAVE = """
+import logging, resource, signal, sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np, optax
+from train.engine import checkpoints, state as state_lib
+logging.basicConfig(level=logging.WARNING)
+weights = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)  # 256 kB
+state = jax.tree.map(np.asarray, state_lib.init_state({{"a": weights}}, optax.adam(1e-3), 0))
+ckpt = checkpoints.Checkpointer({folder!r}, {{"run": 1}}, max_to_keep=1)
+ckpt.save(1, state)
+ckpt.wait()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:  # as train.cli.main and train.engine.run hold a run
+  with checkpoints.quiet_closed_event_loops(), checkpoints.orbax_errors_held():
+    ckpt.save(2, state)
+    ckpt.wait()
+except checkpoints.CheckpointWriteFailed as e:
+  print(e, file=sys.stderr)
+step, restored, _ = checkpoints.Checkpointer({folder!r}, {{"run": 1}}).restore_latest(state)
+print(step, np.array_equal(restored.trainable["a"], weights))
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_before(tmp_path):
+  """A write past RLIMIT_FSIZE fails with EFBIG, as on a full disk: Orbax's background threads
+  logged it with tracebacks (about 300 lines in a run); now :class:`CheckpointWriteFailed` says
+  it in one line, the partial folder is gone and the checkpoint before it (which the failed save
+  was to replace: max_to_keep=1) is restored as it was saved."""
+  folder = tmp_path / "ckpt"
+  script = FULL_DISK_SAVE.format(repo=str(REPO), folder=str(folder))
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert proc.returncode == 0 and proc.stdout.split() == ["1", "True"], proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+    f"could not write checkpoint 2 in {folder} (File too large): is the disk full? checkpoint 1 "
+    "is intact: free space, then rerun the same command to resume"
+  ], proc.stderr[-3000:]
+  assert sorted(p.name for p in folder.iterdir()) == ["1"]  # no partial 2
+
+
 def test_run_clm_shares_the_guarantees(tmp_path, capsys):
   """The same machinery under ``run_clm.py``: a diverging run is one line and writes no adapter
   nor results; a directory in use is refused before anything else."""
