@@ -591,6 +591,27 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_befor
   assert sorted(p.name for p in folder.iterdir()) == ["1"]  # no partial 2
 
 
+def test_orbax_error_records_are_dropped_for_a_failed_write_only(caplog):
+  """Held while the block runs; logged when it ends, unless it ends in the one-line
+  CheckpointWriteFailed that says what they say. Other loggers' errors pass at once."""
+  absl = logging.getLogger("absl")
+
+  def orbax_error(message):  # as Orbax's threads log through absl
+    path = os.path.join(os.sep, "site-packages", "orbax", "future.py")
+    absl.handle(logging.LogRecord("absl", logging.ERROR, path, 1, message, None, None))
+
+  with checkpoints.orbax_errors_held():
+    orbax_error("a failure nobody raised")
+    logging.getLogger("train").error("not Orbax's")
+    assert "a failure nobody raised" not in caplog.text and "not Orbax's" in caplog.text
+  assert "a failure nobody raised" in caplog.text
+  with pytest.raises(checkpoints.CheckpointWriteFailed):
+    with checkpoints.orbax_errors_held():
+      orbax_error("said by the one line")
+      raise checkpoints.CheckpointWriteFailed("could not write checkpoint 2")
+  assert "said by the one line" not in caplog.text
+
+
 def test_run_clm_shares_the_guarantees(tmp_path, capsys):
   """The same machinery under ``run_clm.py``: a diverging run is one line and writes no adapter
   nor results; a directory in use is refused before anything else."""
