@@ -551,6 +551,67 @@ def test_a_failed_orbax_read_leaves_no_stray_event_loop_traceback(tmp_path):
   assert "is damaged" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+FULL_DISK_SAVE = """
+import logging, resource, signal, sys
+sys.path.insert(0, {repo!r})
+import jax, numpy as np, optax
+from train.engine import checkpoints, state as state_lib
+logging.basicConfig(level=logging.WARNING)
+weights = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)  # 256 kB
+state = jax.tree.map(np.asarray, state_lib.init_state({{"a": weights}}, optax.adam(1e-3), 0))
+ckpt = checkpoints.Checkpointer({folder!r}, {{"run": 1}}, max_to_keep=1)
+ckpt.save(1, state)
+ckpt.wait()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:  # as train.cli.main and train.engine.run hold a run
+  with checkpoints.quiet_closed_event_loops(), checkpoints.orbax_errors_held():
+    ckpt.save(2, state)
+    ckpt.wait()
+except checkpoints.CheckpointWriteFailed as e:
+  print(e, file=sys.stderr)
+step, restored, _ = checkpoints.Checkpointer({folder!r}, {{"run": 1}}).restore_latest(state)
+print(step, np.array_equal(restored.trainable["a"], weights))
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_before(tmp_path):
+  """A write past RLIMIT_FSIZE fails with EFBIG, as on a full disk: Orbax's background threads
+  logged it with tracebacks (about 300 lines in a run); now :class:`CheckpointWriteFailed` says
+  it in one line, the partial folder is gone and the checkpoint before it (which the failed save
+  was to replace: max_to_keep=1) is restored as it was saved."""
+  folder = tmp_path / "ckpt"
+  script = FULL_DISK_SAVE.format(repo=str(REPO), folder=str(folder))
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert proc.returncode == 0 and proc.stdout.split() == ["1", "True"], proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [
+    f"could not write checkpoint 2 in {folder} (File too large): is the disk full? checkpoint 1 "
+    "is intact: free space, then rerun the same command to resume"
+  ], proc.stderr[-3000:]
+  assert sorted(p.name for p in folder.iterdir()) == ["1"]  # no partial 2
+
+
+def test_orbax_error_records_are_dropped_for_a_failed_write_only(caplog):
+  """Held while the block runs; logged when it ends, unless it ends in the one-line
+  CheckpointWriteFailed that says what they say. Other loggers' errors pass at once."""
+  absl = logging.getLogger("absl")
+
+  def orbax_error(message):  # as Orbax's threads log through absl
+    path = os.path.join(os.sep, "site-packages", "orbax", "future.py")
+    absl.handle(logging.LogRecord("absl", logging.ERROR, path, 1, message, None, None))
+
+  with checkpoints.orbax_errors_held():
+    orbax_error("a failure nobody raised")
+    logging.getLogger("train").error("not Orbax's")
+    assert "a failure nobody raised" not in caplog.text and "not Orbax's" in caplog.text
+  assert "a failure nobody raised" in caplog.text
+  with pytest.raises(checkpoints.CheckpointWriteFailed):
+    with checkpoints.orbax_errors_held():
+      orbax_error("said by the one line")
+      raise checkpoints.CheckpointWriteFailed("could not write checkpoint 2")
+  assert "said by the one line" not in caplog.text
+
+
 def test_run_clm_shares_the_guarantees(tmp_path, capsys):
   """The same machinery under ``run_clm.py``: a diverging run is one line and writes no adapter
   nor results; a directory in use is refused before anything else."""
@@ -741,6 +802,120 @@ def test_a_broken_prompts_line_is_named_with_its_file_and_line(tmp_path, text, n
 
 
 # ---------------------------------------------------------------------------------------------
+# run_clm.py's own inputs in a resumed run's signature (issue 27).
+
+CLM_FOUR_STEPS = ("--max_steps", "4", "--save_steps", "1", "--per_device_train_batch_size", "4")
+
+
+def clm_quick(out: pathlib.Path, train_file: pathlib.Path, *extra) -> list[str]:
+  """The quickstart's config (cosine schedule, 64-token packed conversations, scanned layers) on
+  ``train_file``, 4 steps, a checkpoint each; no evaluation data nor samples."""
+  return ["--config", str(REPO / "configs" / "clm_quickstart.yaml"), "--train_file",
+          str(train_file), "--validation_file", "", "--validation_split_percentage", "0",
+          "--generation_prompts_file", "", "--output_dir", str(out), "--no-progress",
+          *CLM_FOUR_STEPS, *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clm_crashed_at_2(tmp_path_factory):
+  """A run_clm.py folder after a Ctrl-C at step 2 of 4 (checkpoint 2), and its data."""
+  from train.cli.main import run_script
+  from train.tasks.clm import args as clm_args
+
+  folder = tmp_path_factory.mktemp("clm_crashed_at_2")
+  train = quickstart_rows(folder, 64)
+
+  def ctrl_c(step):
+    if step == 2:
+      raise KeyboardInterrupt
+
+  argv = clm_quick(folder / "out", train)
+  assert (
+    run_script("run_clm.py", clm_args.parse_args, "train.tasks.clm.pipeline", argv, ctrl_c) == 130
+  )
+  assert checkpoint_steps(folder / "out") == ["2"]  # save_total_limit: 1
+  return folder / "out", train
+
+
+def edited_chat_template(folder: pathlib.Path) -> str:
+  """The quickstart's tokenizer with ``role : content`` turned into ``role : : content`` (one
+  more token a turn; ``role: content`` would give the same tokens)."""
+  copy = folder / "tokenizer"
+  shutil.copytree(QUICKSTART, copy)
+  config = json.loads((copy / "tokenizer_config.json").read_text())
+  config["chat_template"] = config["chat_template"].replace("}} : {{", "}} : : {{")
+  (copy / "tokenizer_config.json").write_text(json.dumps(config))
+  return str(copy)
+
+
+def edited_conversation(train: pathlib.Path, folder: pathlib.Path) -> str:
+  """``train`` with one reply of the first rows edited (the same row count)."""
+  lines = train.read_text().splitlines(keepends=True)
+  lines[5] = lines[5].replace('"assistant", "content": "', '"assistant", "content": "0 ')
+  path = folder / "edited.jsonl"
+  path.write_text("".join(lines))
+  return str(path)
+
+
+# run_clm.py's own inputs that shape the updates or the batches (the shared ones: above, on
+# run_glue.py), with the name and both values its refusal must give.
+CLM_RESUME_CHANGES = [
+  (("--lr_scheduler_type", "linear"), "lr_scheduler_type: checkpoint 'cosine', this run 'linear'"),
+  (("--max_grad_norm", "0.5"), "max_grad_norm: checkpoint 1.0, this run 0.5"),
+  (("--max_grad_norm", "0"), "max_grad_norm: checkpoint 1.0, this run None"),
+  (("--max_seq_length", "48"), "max_seq_length: checkpoint 64, this run 48"),
+  (("--no-packing",), "packing: checkpoint True, this run False"),
+  (("--no-scan_layers",), "scan_layers: checkpoint True, this run False"),
+  (("--per_device_train_batch_size", "2"), "train_batch_size: checkpoint 4, this run 2"),
+  (("--max_train_samples", "48"), "train_rows: checkpoint 64, this run 48"),
+  (("--no-completion_only_loss",), "train_data: checkpoint 'CRC-32 "),
+  (("--tokenizer_name", "TEMPLATE"), "train_data: checkpoint 'CRC-32 "),
+  (("--train_file", "EDITED"), "train_data: checkpoint 'CRC-32 "),
+]
+
+
+@pytest.mark.parametrize(
+  ("change", "named"),
+  CLM_RESUME_CHANGES,
+  ids=lambda x: " ".join(x) if isinstance(x, tuple) else None,
+)
+def test_a_run_clm_resume_with_a_changed_input_is_one_line_naming_it(
+  tmp_path, clm_crashed_at_2, capsys, change, named
+):
+  """Refused by the checkpoints' signature, before a step is compiled: exit 2, one line, the
+  folder untouched. The run's args.json is removed first, so the flags' own check (which names
+  a changed flag before the checkpoints are read; :func:`rundir.check_rerun`) does not answer
+  instead; for an edited file or chat template the signature is the only guard."""
+  from train import run_clm
+
+  crashed, train = clm_crashed_at_2
+  out = tmp_path / "out"
+  shutil.copytree(crashed, out)
+  (out / rundir.RECORD).unlink()
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  swap = {"TEMPLATE": lambda: edited_chat_template(tmp_path),
+          "EDITED": lambda: edited_conversation(train, tmp_path)}  # fmt: skip
+  change = [swap[v]() if v in swap else v for v in change]
+  capsys.readouterr()
+  assert run_clm.main(clm_quick(out, train, *change)) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "refusing to resume" in err[0] and named in err[0], err
+  if change != ["--no-scan_layers"]:  # scanning also stacks every layer's leaves: all named
+    assert err[0].count(": checkpoint ") <= 3, err  # the input changed, not everything
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_clm_resume_with_the_same_inputs_is_not_refused(tmp_path, clm_crashed_at_2):
+  from train import run_clm
+
+  crashed, train = clm_crashed_at_2
+  out = tmp_path / "out"
+  shutil.copytree(crashed, out)
+  assert run_clm.main(clm_quick(out, train)) == 0
+  assert json.loads((out / "eval_results.json").read_text())["train_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Every stop is one line: Ctrl-C, blocked malicious input.
 
 
@@ -765,6 +940,66 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_run_resumes(tiny_bert, sst2_dir
 class _Payload:
   def __reduce__(self):
     return (print, ("UNPICKLED CODE RAN",))
+
+
+# A write past this many bytes fails with EFBIG, as on a full disk (no root needed); SIGXFSZ
+# would kill the process instead: ignored, as the disk-full case has no signal.
+FULL_DISK = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.argv = ["run_glue.py", *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+# 16 to 34 s on 2 shared CPU cores (three runs, one in a subprocess): slow; the Checkpointer's
+# part is held by test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_before
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(
+  tiny_bert, sst2_dir, tmp_path, caplog
+):
+  """Orbax's background threads logged each failed write with its traceback (about 300 lines
+  before the one-line error, which quoted TensorStore's spec); now one line naming the
+  checkpoint, the folder and the OS's reason. The half-written checkpoint is removed, the one
+  before it (with --save_total_limit 1) is kept as it was, and the same command resumes from it
+  once there is room."""
+  from train import run_glue
+  from train.cli.main import run_script
+  from train.tasks.glue import args as glue_args
+
+  out = tmp_path / "out"
+  argv = vars_argv(run_args(tiny_bert, sst2_dir, out)) + [
+    "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1"
+  ]  # fmt: skip
+
+  def ctrl_c(step):
+    if step == 3:
+      raise KeyboardInterrupt
+
+  assert run_script("run_glue.py", glue_args.parse_args, glue_train.__name__, argv, ctrl_c) == 130
+  kept = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+  biggest = max(len(b) for b in kept.values())
+  limit = biggest // 2  # checkpoint 4's biggest file fails; args.json and metrics.jsonl fit
+  assert max(p.stat().st_size for p in out.glob("*") if p.is_file()) < limit
+
+  script = FULL_DISK.format(limit=limit, script=str(REPO / "train" / "run_glue.py"))
+  proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                        timeout=300)  # fmt: skip
+  err = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and len(err) <= 6, proc.stderr[-3000:]
+  assert err[-1] == (
+    f"run_glue.py: error: could not write checkpoint 4 in {out / 'checkpoints'} (File too "
+    "large): is the disk full? checkpoint 2 is intact: free space, then rerun the same command "
+    "to resume"
+  ), err
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]  # no partial 4
+  assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == kept
+
+  caplog.set_level(logging.INFO)
+  assert run_glue.main(argv) == 0  # room again: the same command resumes from checkpoint 2
+  assert f"resuming from {out / 'checkpoints' / '2'} (step 2 of 4)" in caplog.text
 
 
 def test_a_pickled_pytorch_model_bin_is_refused_in_one_line(tiny_bert, sst2_dir, tmp_path, capsys):

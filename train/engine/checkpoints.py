@@ -10,6 +10,12 @@ their CRC-32, or that holds NaN or inf is damaged. :meth:`Checkpointer.restore_l
 each damaged one in a warning, moves it aside (``checkpoints/damaged/STEP``) and resumes from the
 newest intact one; if none is intact it raises :class:`NoIntactCheckpoint`, naming the folder to
 delete.
+
+A checkpoint that cannot be written (a full disk, a quota) raises :class:`CheckpointWriteFailed`
+in one line naming it and the reason; its partial folder is removed, the ones before it stay.
+Orbax's background threads log each failed write with its traceback (hundreds of lines for one
+full disk): :func:`orbax_errors_held` keeps those records back, and drops them when the failure
+they describe is raised.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import pathlib
+import re
 import shutil
 import sys
+import traceback
 import zlib
 from typing import Any
 
@@ -42,6 +51,29 @@ class NoIntactCheckpoint(ValueError):
 
 class DamagedCheckpoint(Exception):
   """A checkpoint whose arrays are not what was saved."""
+
+
+class CheckpointWriteFailed(OSError):
+  """A checkpoint that could not be written (a full disk, a quota, a read-only folder)."""
+
+
+TMP = ".orbax-checkpoint-tmp"  # Orbax writes checkpoint STEP as STEP.orbax-checkpoint-tmp*
+
+
+def _is_write_error(e: BaseException) -> bool:
+  """Whether ``e`` is a failed file write: the OS's, or TensorStore's (which names its code)."""
+  return isinstance(e, OSError) or "os_error_code=" in str(e)
+
+
+def _write_error(e: BaseException) -> str:
+  """The reason of a failed Orbax write in a few words: the OS's (``File too large``, ``No
+  space left on device``) when TensorStore gives its code, else the first line of ``e``."""
+  code = re.search(r"os_error_code='?(\d+)", str(e))
+  if code:
+    return os.strerror(int(code.group(1)))
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  return (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [")[0][:200]
 
 
 def _leaf_paths(tree) -> dict[str, Any]:
@@ -93,6 +125,8 @@ class Checkpointer:
     self._ocp = ocp
     self.directory = pathlib.Path(directory).absolute()
     self.signature = signature
+    self._writing: int | None = None  # the step being written in the background
+    self._failed = False  # a write failed (CheckpointWriteFailed was raised)
     self.manager = ocp.CheckpointManager(
       self.directory,
       item_names=("state", "meta"),
@@ -112,13 +146,42 @@ class Checkpointer:
       "crc32": _checksums(encoded),
       **(extra or {}),
     }
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(encoded), meta=ocp.args.JsonSave(meta)),
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(encoded), meta=ocp.args.JsonSave(meta))
+    self._guarded(lambda: self.manager.save(step, args=args), step)
+    self._writing = step
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the checkpoint being written.
+
+    Raises:
+      CheckpointWriteFailed: it could not be written (see the module).
+    """
+    if not self._failed:  # else nothing is being written: the failure was raised already
+      self._guarded(self.manager.wait_until_finished, self._writing)
+    self._writing = None
+
+  def _guarded(self, call, step: int | None) -> None:
+    """``call()``; a failed write (its own, or the previous step's that it waits for) becomes
+    :class:`CheckpointWriteFailed`, raised once the failure's objects are let go (outside the
+    ``except``: its traceback holds Orbax's failed tasks, which log when they are freed). Other
+    errors pass as they are."""
+    try:
+      call()
+      return
+    except Exception as e:  # Orbax re-raises its threads' errors as they were
+      if not _is_write_error(e):
+        raise
+      failed, why = self._writing if self._writing is not None else step, _write_error(e)
+    self._writing, self._failed = None, True
+    for partial in self.directory.glob(f"*{TMP}*"):  # nothing else writes once a save failed
+      shutil.rmtree(partial, ignore_errors=True)
+    self.manager.reload()  # it dropped the steps that the failed save was to replace, not their
+    kept = sorted(self.manager.all_steps())  # folders: those are removed after a save succeeds
+    raise CheckpointWriteFailed(
+      f"could not write checkpoint {failed} in {self.directory} ({why}): is the disk full? "
+      + (f"checkpoint {kept[-1]} is intact: free space, then rerun the same command to resume"
+         if kept else "no checkpoint was kept: free space, then rerun the same command")
+    )  # fmt: skip
 
   def check(self, step: int, template: TrainState) -> dict:
     """The checkpoint's meta, after checking it fits ``template``; else CheckpointMismatch."""
@@ -227,6 +290,66 @@ def _verify(got: dict, meta: dict, path: pathlib.Path) -> None:
     if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.isfinite(value).all():
       name = jax.tree_util.keystr(key, simple=True, separator="/")
       raise DamagedCheckpoint(f"{path}: {name} holds NaN or inf")
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """An error record about Orbax's background work: absl's from Orbax's code (or with a
+  traceback through it), or asyncio's "Task exception was never retrieved" for Orbax's tasks."""
+  inside = f"{os.sep}orbax{os.sep}"
+  if record.levelno < logging.ERROR:
+    return False
+  if record.name == "asyncio":
+    return inside in record.getMessage()
+  if record.name != "absl":
+    return False
+  # absl.logging.exception's records name absl's own file: look at the traceback too
+  frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info else []
+  return inside in record.pathname or any(inside in f.filename for f in frames)
+
+
+class _Held(logging.Filter):
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if _from_orbax(record):
+      self.records.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def orbax_errors_held():
+  """Within the block, Orbax's error records (from its background threads, each with a
+  traceback) are held back. If the block ends in :class:`CheckpointWriteFailed`, which says in
+  one line what they say in hundreds, they are dropped (logged at debug level, counted); else
+  they are logged as they came, when the block ends.
+
+  Example:
+    >>> with orbax_errors_held():
+    ...   logging.getLogger("absl").filters[-1].__class__.__name__
+    '_Held'
+  """
+  held = _Held()
+  loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
+  for each in loggers:
+    each.addFilter(held)
+  failed = False
+  try:
+    yield
+  except CheckpointWriteFailed:
+    failed = True
+    raise
+  finally:
+    gc.collect()  # Orbax's failed tasks log when freed: while the filter holds
+    for each in loggers:
+      each.removeFilter(held)
+    if failed:
+      logger.debug("dropped %d Orbax error record(s) of the failed write", len(held.records))
+    else:
+      for record in held.records:
+        logging.getLogger(record.name).handle(record)
 
 
 @contextlib.contextmanager

@@ -292,12 +292,15 @@ def run(
   config = loop.LoopConfig(
     total, k, settings.logging_steps, settings.eval_steps, settings.save_steps, settings.progress
   )
-  try:
-    state = loop.fit(
-      parallel, state, frozen, batches, config, [hooks], schedule=schedule, counts=task.counts
-    )
-  finally:  # an interrupted run still finishes writing the checkpoints it started
-    ckpt.wait()
+  # A failed checkpoint write ends the run in one line (CheckpointWriteFailed), not with
+  # Orbax's background tracebacks.
+  with checkpoints.orbax_errors_held():
+    try:
+      state = loop.fit(
+        parallel, state, frozen, batches, config, [hooks], schedule=schedule, counts=task.counts
+      )
+    finally:  # an interrupted run still finishes writing the checkpoints it started
+      ckpt.wait()
   final_step = int(parallel.host(state.step)) // k
   # This process's training loop, compilation included, evaluations and on_step excluded (HF's
   # train_runtime).
