@@ -17,6 +17,10 @@ from lora_jax._src.adapter_io import adapter_info
 from lora_jax._src.adapter_io import load_adapter
 from lora_jax._src.adapter_io import save_adapter
 from lora_jax._src.apply import lora_apply
+from lora_jax._src.bank import adapter_bank
+from lora_jax._src.bank import bank_adapter
+from lora_jax._src.bank import bank_names
+from lora_jax._src.bank import replace_adapter
 from lora_jax._src.init import lora_init
 from lora_jax._src.layouts import KernelLayout
 from lora_jax._src.layouts import kernel_layouts
@@ -46,7 +50,10 @@ __all__ = (
   "LoraSpec",
   "Quantization",
   "QuantizedArray",
+  "adapter_bank",
   "adapter_info",
+  "bank_adapter",
+  "bank_names",
   "combine",
   "dequantize",
   "export_peft",
@@ -60,6 +67,7 @@ __all__ = (
   "param_report",
   "partition",
   "quantize",
+  "replace_adapter",
   "save_adapter",
   "stack_layers",
   "trainable_mask",

@@ -26,12 +26,15 @@ per output unit by ``m / ||W + s A B||`` (the norm detached), as PEFT's ``DoraLi
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable
 from collections.abc import Mapping
 
 import flax.linen as nn
 
+from lora_jax._src import bank as bank_lib
+from lora_jax._src import bank_linen
 from lora_jax._src import dora
 from lora_jax._src import dropout
 from lora_jax._src import layouts
@@ -48,6 +51,8 @@ from lora_jax.quant import linen as quant_linen
 
 STRATEGIES = ("low_rank", "merge")
 DROPOUT_RNG = "lora_dropout"
+# The adapter_ids of the lora_apply call being traced, for banked modules (None outside one).
+_ADAPTER_IDS = contextvars.ContextVar("lora_jax_adapter_ids", default=None)
 
 
 def _dropout(x, rate: float, module: nn.Module):
@@ -142,11 +147,30 @@ def _check_layout(module: nn.Module, spec: LoraSpec, path: str, args, kwargs):
     )
 
 
+def _bank_call(next_fun, module, method, args, kwargs):
+  """A banked module: its own output plus each row's adapter (see ``bank_linen``)."""
+  bank = module.get_variable("params", bank_lib.LORA_BANK)
+  path = paths.join(paths.PARAMS, *module.scope.path)
+  ids = _ADAPTER_IDS.get()
+  if ids is None:
+    raise ValueError(
+      f"module {path!r} holds an adapter bank of {list(bank.names)}: call lora_apply(...)(bank, "
+      "..., adapter_ids=ids), one id per row (-1 for the base alone)"
+    )
+  base = next_fun(*args, **kwargs)
+  x = _input(args, kwargs, "query" if method == "attend" else "inputs")
+  eq = _call_einsum_str(args, kwargs) if isinstance(module, nn.Einsum) else None
+  lora = bank_linen.contribution(module, method, x, ids, bank, base.dtype, path, eq)
+  return base + lora.astype(base.dtype)
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module, method = context.module, context.method_name
   if method in ("__call__", "attend") and quant_linen.holds_quantized(module):
     # QLoRA: the module runs on its dequantized weight, formed here, inside the step.
     next_fun = functools.partial(quant_linen.run_dequantized, module, method)
+  if method in ("__call__", "attend") and module.has_variable("params", bank_lib.LORA_BANK):
+    return _bank_call(next_fun, module, method, args, kwargs)
   if method not in ("__call__", "attend") or not module.has_variable("params", LORA_SPEC):
     return next_fun(*args, **kwargs)
   path = paths.join(paths.PARAMS, *module.scope.path)
@@ -213,8 +237,16 @@ def lora_apply(apply_fn: Callable, *, strategy: str = "low_rank") -> Callable:
     return merged_apply
 
   @functools.wraps(apply_fn)
-  def low_rank_apply(variables, *args, **kwargs):
-    with nn.intercept_methods(_interceptor):
-      return apply_fn(variables, *args, **_without_dropout_rng(kwargs))
+  def low_rank_apply(variables, *args, adapter_ids=None, **kwargs):
+    if adapter_ids is not None and not bank_lib.is_bank(variables):
+      raise ValueError(
+        "adapter_ids were given but the parameters hold no adapter bank (lora_jax.adapter_bank)"
+      )
+    token = _ADAPTER_IDS.set(adapter_ids)
+    try:
+      with nn.intercept_methods(_interceptor):
+        return apply_fn(variables, *args, **_without_dropout_rng(kwargs))
+    finally:
+      _ADAPTER_IDS.reset(token)
 
   return low_rank_apply

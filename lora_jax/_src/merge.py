@@ -50,6 +50,11 @@ def merge(params, *, check_finite: bool = True):
   tree, rebuild = paths.split_params(params)
 
   def fold(path: str, module: dict) -> dict:
+    if "lora_bank" in module:
+      raise ValueError(
+        f"{path} holds an adapter bank: merge one of its adapters, "
+        "lora_jax.merge(lora_jax.bank_adapter(bank, name))"
+      )
     # A quantized (QLoRA) weight is dequantized, adapted or not.
     module = {k: materialize(v) for k, v in module.items()}
     spec = module.get(LORA_SPEC)

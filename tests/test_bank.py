@@ -1,0 +1,223 @@
+"""Adapter banks: a mixed batch, each row through its own adapter, against the merge of that
+adapter alone and against PEFT's mixed-adapter batches; hot swaps compile nothing new."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from llm import config
+from llm import mixed_batch
+from llm import save_checkpoint
+
+import lora_jax
+from lora_jax import LoraRule
+from lora_jax.models import from_pretrained
+
+VOCAB, DIM, HEADS = 30, 12, 3
+
+
+class Zoo(nn.Module):
+  """Embed (lookup and attend), Dense, DenseGeneral over heads (in and out), Einsum."""
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(VOCAB, DIM, name="embed")
+    h = embed(ids)
+    q = nn.DenseGeneral((HEADS, DIM // HEADS), name="heads")(h)
+    h = h + nn.DenseGeneral(DIM, axis=(-2, -1), name="merge_heads")(jnp.tanh(q))
+    h = h + nn.Einsum((DIM, DIM), "btd,de->bte", name="mix")(h)
+    h = h + nn.Dense(DIM, name="proj")(jax.nn.gelu(h))
+    return embed.attend(h)
+
+
+class Layer(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return h + nn.Dense(DIM, name="proj")(jnp.tanh(h)), None
+
+
+class Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(VOCAB, DIM, name="embed")(ids)
+    layers = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    h, _ = layers(name="layers")(h, None)
+    return h
+
+
+def _randomized(tree, seed, scale=0.3):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  rng = np.random.RandomState(seed)
+  out = [
+    (scale * rng.randn(*x.shape)).astype(np.float32)
+    if jax.tree_util.keystr(kp).endswith(("['lora_a']", "['lora_b']"))
+    else x
+    for kp, x in leaves
+  ]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _adapters(model, x, rules):
+  base = model.init(jax.random.key(0), x)
+  layouts = lora_jax.kernel_layouts(model, x)
+  out = {}
+  for i, (name, rule) in enumerate(rules.items()):
+    adapted = lora_jax.lora_init(base, rule, rng=jax.random.key(i + 1), layouts=layouts)
+    out[name] = _randomized(adapted, seed=i)
+  return base, out
+
+
+def _check_rows(model, base, adapters, x, ids, atol=1e-5):
+  bank = lora_jax.adapter_bank(adapters)
+  got = jax.jit(lora_jax.lora_apply(model.apply))(bank, x, adapter_ids=jnp.asarray(ids))
+  names = list(adapters)
+  for row, i in enumerate(ids):
+    params = base if i < 0 else lora_jax.merge(adapters[names[i]])
+    want = model.apply(params, x[row : row + 1])
+    np.testing.assert_allclose(got[row : row + 1], want, atol=atol, err_msg=f"row {row}, id {i}")
+  return bank, got
+
+
+RULES = {
+  # different ranks, alphas, rsLoRA and targets: "fr" leaves mix and proj to the base
+  "fr": LoraRule(["heads", "merge_heads", "embed"], rank=2, alpha=4.0),
+  "de": LoraRule(["heads", "mix", "proj", "merge_heads"], rank=5, alpha=3.0, rslora=True),
+  "it": LoraRule(["proj", "embed"], rank=3, alpha=9.0),
+}
+
+
+def test_each_row_equals_the_merge_of_its_own_adapter():
+  model = Zoo()
+  x = jax.random.randint(jax.random.key(9), (6, 5), 0, VOCAB)
+  base, adapters = _adapters(model, x, RULES)
+  bank, got = _check_rows(model, base, adapters, x, [0, 1, -1, 2, 1, 0])
+  assert lora_jax.bank_names(bank) == ("fr", "de", "it")
+  assert bank["params"]["heads"]["lora_a"].shape == (3, DIM, 5)  # padded to the largest rank
+  # and a bank is not a merge of anything: a clear error, and each adapter comes back whole
+  with pytest.raises(ValueError, match="holds an adapter bank"):
+    lora_jax.merge(bank)
+  de = lora_jax.bank_adapter(bank, "de")
+  np.testing.assert_allclose(
+    lora_jax.merge(de)["params"]["mix"]["kernel"],
+    lora_jax.merge(adapters["de"])["params"]["mix"]["kernel"],
+    atol=1e-6,
+  )
+  assert de["params"]["heads"]["lora_a"].shape == (DIM, 5) and "lora_a" not in de["params"]["embed"]
+
+
+def test_scanned_layers_bank_per_layer():
+  model = Scanned()
+  x = jax.random.randint(jax.random.key(3), (4, 5), 0, VOCAB)
+  rules = {"a": LoraRule(["proj"], rank=2), "b": LoraRule(["proj"], rank=4, alpha=2.0)}
+  base, adapters = _adapters(model, x, rules)
+  bank, _ = _check_rows(model, base, adapters, x, [1, -1, 0, 1])
+  assert bank["params"]["layers"]["proj"]["lora_a"].shape == (3, 2, DIM, 4)  # [L, n, in, r]
+
+
+def test_ids_are_checked_and_required():
+  model = Zoo()
+  x = jax.random.randint(jax.random.key(9), (2, 5), 0, VOCAB)
+  base, adapters = _adapters(model, x, {"fr": RULES["fr"], "de": RULES["de"]})
+  bank = lora_jax.adapter_bank(adapters)
+  apply = lora_jax.lora_apply(model.apply)
+  with pytest.raises(ValueError, match=r"holds an adapter bank of \['fr', 'de'\]: call"):
+    apply(bank, x)
+  with pytest.raises(ValueError, match=r"adapter_ids holds 2: ids run from -1 .* \['fr', 'de'\]"):
+    apply(bank, x, adapter_ids=[0, 2])
+  with pytest.raises(ValueError, match="3 ids for a batch of 2 rows"):
+    apply(bank, x, adapter_ids=[0, 1, 1])
+  with pytest.raises(ValueError, match="hold no adapter bank"):
+    apply(adapters["fr"], x, adapter_ids=[0, 1])
+  dora = lora_jax.lora_init(base, LoraRule(["proj"], rank=2, use_dora=True), rng=jax.random.key(1))
+  with pytest.raises(ValueError, match="'d' is a DoRA adapter at 'params/proj'"):
+    lora_jax.adapter_bank({"fr": adapters["fr"], "d": dora})
+  other = jax.tree.map(lambda v: v + 1.0, base)
+  stranger = lora_jax.lora_init(other, LoraRule(["proj"], rank=2), rng=jax.random.key(1))
+  with pytest.raises(ValueError, match="'x' was made over another base"):
+    lora_jax.adapter_bank({"fr": adapters["fr"], "x": stranger})
+
+
+def test_hot_swaps_compile_nothing_new():
+  model = Zoo()
+  x = jax.random.randint(jax.random.key(9), (3, 5), 0, VOCAB)
+  base, adapters = _adapters(model, x, RULES)
+  bank = lora_jax.adapter_bank(adapters)
+  traces = []
+
+  @jax.jit
+  def run(bank, x, ids):
+    traces.append(1)
+    return lora_jax.lora_apply(model.apply)(bank, x, adapter_ids=ids)
+
+  ids = jnp.array([0, 1, 2])
+  run(bank, x, ids)
+  swaps = [  # another rank (<= the bank's), alpha, rsLoRA, fewer targets, new values
+    ("fr", LoraRule(["heads", "embed"], rank=1, alpha=7.0)),
+    ("de", LoraRule(["mix", "proj"], rank=4, alpha=2.0, rslora=True)),
+    ("it", LoraRule(["proj"], rank=3, alpha=1.0)),
+  ]
+  layouts = lora_jax.kernel_layouts(model, x)
+  for seed, (name, rule) in enumerate(swaps):
+    new = lora_jax.lora_init(base, rule, rng=jax.random.key(seed), layouts=layouts)
+    new = _randomized(new, seed + 10)
+    bank = lora_jax.replace_adapter(bank, name, new)
+    adapters[name] = new
+    got = run(bank, x, ids)
+    i = list(adapters).index(name)
+    want = model.apply(lora_jax.merge(new), x[i : i + 1])
+    np.testing.assert_allclose(got[i : i + 1], want, atol=1e-5)
+  assert len(traces) == 1
+  too_big = lora_jax.lora_init(base, LoraRule(["proj"], rank=6), rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="rank 6 at 'params/proj', above the bank's padded rank 5"):
+    lora_jax.replace_adapter(bank, "it", too_big)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  return save_checkpoint(
+    config("llama-tied-bias-llama3"), tmp_path_factory.mktemp("bank"), gain=0.6
+  )
+
+
+def test_mixed_batch_logits_equal_peft_mixed_adapter_batches(llama, tmp_path):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  import transformers
+
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(llama.folder).eval()
+  configs = {
+    "qv": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all": peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+  }
+  peft_model = peft.get_peft_model(torch_model, configs["qv"], adapter_name="qv")
+  peft_model.add_adapter("all", configs["all"])
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.2)
+  peft_model.save_pretrained(tmp_path)  # one folder per adapter: qv/, all/
+  module, variables = from_pretrained(llama.folder)
+  adapters = {
+    "qv": lora_jax.import_peft(tmp_path / "qv", variables, config=llama.config),
+    "all": lora_jax.import_peft(tmp_path / "all", variables, config=llama.config),
+  }
+  bank = lora_jax.adapter_bank(adapters)
+  ids, mask = mixed_batch(llama.config, lengths=(9, 5, 7, 2, 9), seed=3)
+  rows = [0, -1, 1, 0, 1]
+  ours = jax.jit(lora_jax.lora_apply(module.apply))(bank, ids, mask, adapter_ids=jnp.asarray(rows))
+  names = ["__base__" if i < 0 else list(adapters)[i] for i in rows]
+  peft_model.eval()
+  with torch.no_grad():
+    ref = (
+      peft_model(torch.tensor(ids), attention_mask=torch.tensor(mask), adapter_names=names)
+      .logits.float()
+      .numpy()
+    )
+  keep = mask.astype(bool)
+  plain = np.asarray(module.apply(variables, ids, mask))
+  for row in (0, 2, 3, 4):  # the adapters change these rows' logits
+    assert np.abs(plain[row][keep[row]] - ref[row][keep[row]]).max() > 0.05, row
+  np.testing.assert_allclose(np.asarray(ours)[keep], ref[keep], atol=1e-4, rtol=0)
