@@ -221,3 +221,45 @@ def test_mixed_batch_logits_equal_peft_mixed_adapter_batches(llama, tmp_path):
   for row in (0, 2, 3, 4):  # the adapters change these rows' logits
     assert np.abs(plain[row][keep[row]] - ref[row][keep[row]]).max() > 0.05, row
   np.testing.assert_allclose(np.asarray(ours)[keep], ref[keep], atol=1e-4, rtol=0)
+
+
+def test_generation_per_row_equals_peft_per_adapter_generation(llama, tmp_path):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  import transformers
+
+  from lora_jax.models import generate
+
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(llama.folder).eval()
+  peft_model = peft.get_peft_model(
+    torch_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "qv"
+  )
+  peft_model.add_adapter("all", peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.3)
+  peft_model.save_pretrained(tmp_path)
+  module, variables = from_pretrained(llama.folder)
+  names = ["qv", "all"]
+  bank = lora_jax.adapter_bank(
+    {n: lora_jax.import_peft(tmp_path / n, variables, config=llama.config) for n in names}
+  )
+  prompts = [[1, 5, 9, 14], [1, 7], [3, 8, 2], [1, 5, 9, 14]]
+  rows = [0, 1, -1, 1]
+  eos = llama.config.eos_token_id
+  ours = generate(module, bank, prompts, max_new_tokens=6, adapter_ids=rows, eos_token_id=eos)
+  peft_model.eval()
+  for prompt, i, got in zip(prompts, rows, ours, strict=True):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+      if i < 0:
+        with peft_model.disable_adapter():
+          out = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+      else:
+        peft_model.set_adapter(names[i])
+        out = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert got == out[0, len(prompt) :].tolist(), (prompt, i)
+  assert ours[0] != ours[3]  # the same prompt through two adapters
+  with pytest.raises(ValueError, match=r"adapter_ids holds 2: .* \['qv', 'all'\]"):
+    generate(module, bank, prompts[:2], max_new_tokens=2, adapter_ids=[0, 2])

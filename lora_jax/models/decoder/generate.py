@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.apply import lora_apply
+from lora_jax._src.bank import bank_names
 from lora_jax.models.decoder.llama import Decoder
 from lora_jax.models.decoder.llama import KVCache
 
@@ -61,13 +62,16 @@ def _next_token(logits, rng, sampling) -> jax.Array:
   return sample_token(logits, rng, *sampling)
 
 
-def decode_step(module: Decoder, variables, token, position, cache: KVCache, valid, index):
+def decode_step(
+  module: Decoder, variables, token, position, cache: KVCache, valid, index, adapter_ids=None
+):
   """Logits for one new token per row, and the cache with its key and value written.
 
   ``token`` and ``position`` ``[batch]``; the token goes into slot ``index`` (a scalar), and
   ``valid`` ``[batch, slots]`` marks the slots holding real tokens (slot ``index`` included).
   Each weight is read once per step: the compiled step's FLOPs are about ``2 * params`` per
-  row plus attention over the cache.
+  row plus attention over the cache. With an adapter bank, ``adapter_ids`` ``[batch]`` picks
+  each row's adapter.
   """
   logits, cache = lora_apply(module.apply)(
     variables,
@@ -77,12 +81,15 @@ def decode_step(module: Decoder, variables, token, position, cache: KVCache, val
     cache=cache,
     cache_index=index,
     logits_index=jnp.zeros_like(token),
+    adapter_ids=adapter_ids,
   )
   return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens"))
-def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max_new_tokens: int):
+def _generate(
+  module: Decoder, variables, ids, valid, eos, rng, sampling, adapter_ids, *, max_new_tokens: int
+):
   batch, bucket = ids.shape
   slots = bucket + max_new_tokens
   cache = KVCache.zeros(module.config, batch, slots, module.dtype)
@@ -97,6 +104,7 @@ def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max
     cache=cache,
     cache_index=0,
     logits_index=jnp.full((batch,), bucket - 1, jnp.int32),
+    adapter_ids=adapter_ids,
   )
   rng, key = jax.random.split(rng)
   token = _next_token(logits, key, sampling)
@@ -111,7 +119,9 @@ def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max
     t, token, out, cache, valid, done, rng = state
     index = bucket + t - 1  # the slot of the token fed in this step
     valid = jax.lax.dynamic_update_slice(valid, jnp.ones((batch, 1), valid.dtype), (0, index))
-    logits, cache = decode_step(module, variables, token, lengths + t - 1, cache, valid, index)
+    logits, cache = decode_step(
+      module, variables, token, lengths + t - 1, cache, valid, index, adapter_ids
+    )
     rng, key = jax.random.split(rng)
     token = _next_token(logits, key, sampling)
     out = jax.lax.dynamic_update_slice(out, jnp.where(done, 0, token)[:, None], (0, t))
@@ -120,6 +130,21 @@ def _generate(module: Decoder, variables, ids, valid, eos, rng, sampling, *, max
   state = (jnp.int32(1), token, out, cache, valid, done, rng)
   t, _, out, *_ = jax.lax.while_loop(cond, body, state)
   return out, t
+
+
+def _bank_rows(variables, adapter_ids, n: int) -> jax.Array:
+  """``adapter_ids`` checked against the bank in ``variables``: one id per prompt, in range."""
+  names = bank_names(variables)
+  ids = np.asarray(adapter_ids)
+  if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"adapter_ids={adapter_ids!r:.80} must be one int per prompt ({n} prompts)")
+  bad = ids[(ids < -1) | (ids >= len(names))]
+  if bad.size:
+    raise ValueError(
+      f"adapter_ids holds {int(bad[0])}: ids run from -1 (the base alone) to {len(names) - 1}; "
+      f"the bank's adapters: {list(names)}"
+    )
+  return jnp.asarray(ids, jnp.int32)
 
 
 def _check_ids(prompts, vocab_size: int) -> None:
@@ -162,6 +187,7 @@ def generate(
   top_k: int = 0,
   top_p: float = 1.0,
   rng: jax.Array | None = None,
+  adapter_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
   """New tokens for each prompt, from a causal LM with or without adapters.
 
@@ -177,6 +203,9 @@ def generate(
     top_k: sample among the ``top_k`` most likely tokens only (``0``: no limit).
     top_p: sample among the smallest set of tokens whose probability reaches ``top_p``.
     rng: a ``jax.random`` key, needed when sampling.
+    adapter_ids: with an adapter bank (:func:`lora_jax.adapter_bank`) in ``variables``, the
+      adapter of each prompt (its index in the bank; ``-1`` for the base alone). All prompts
+      decode in one batch, and any mix of ids runs the same compiled program.
 
   Returns:
     One list of new token ids per prompt, in order.
@@ -201,6 +230,8 @@ def generate(
     )
   _check(prompts, max_new_tokens, temperature, top_k, top_p, rng)
   _check_ids(prompts, module.config.vocab_size)
+  if adapter_ids is not None:
+    adapter_ids = _bank_rows(variables, adapter_ids, len(prompts))
   bucket = prompt_bucket(max(len(p) for p in prompts))
   ids = np.zeros((len(prompts), bucket), np.int32)
   valid = np.zeros((len(prompts), bucket), np.int32)
@@ -219,6 +250,7 @@ def generate(
     jnp.asarray(eos or [-1], jnp.int32),
     jax.random.key(0) if rng is None else rng,
     sampling,
+    adapter_ids,
     max_new_tokens=max_new_tokens,
   )
   out = np.asarray(out)[:, : int(steps)].tolist()
