@@ -37,6 +37,7 @@ from lora_jax._src.spec import LoraSpec
 from lora_jax._src.stacking import stack_layers
 from lora_jax._src.stacking import unstack_layers
 from lora_jax._src.version import __version__ as __version__
+from lora_jax._src.weighted import weighted_adapter
 from lora_jax.peft import export_peft
 from lora_jax.peft import import_peft
 from lora_jax.quant import Quantization
@@ -74,4 +75,5 @@ __all__ = (
   "unload",
   "unmerge",
   "unstack_layers",
+  "weighted_adapter",
 )
