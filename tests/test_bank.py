@@ -95,6 +95,9 @@ def test_each_row_equals_the_merge_of_its_own_adapter():
   base, adapters = _adapters(model, x, RULES)
   bank, got = _check_rows(model, base, adapters, x, [0, 1, -1, 2, 1, 0])
   assert lora_jax.bank_names(bank) == ("fr", "de", "it")
+  report = lora_jax.param_report(bank).splitlines()
+  for name, tree in adapters.items():  # each adapter counted as if alone on the base
+    assert f"adapter {name!r}: {lora_jax.param_report(tree).splitlines()[0]}" in report
   assert bank["params"]["heads"]["lora_a"].shape == (3, DIM, 5)  # padded to the largest rank
   # and a bank is not a merge of anything: a clear error, and each adapter comes back whole
   with pytest.raises(ValueError, match="holds an adapter bank"):
@@ -263,3 +266,67 @@ def test_generation_per_row_equals_peft_per_adapter_generation(llama, tmp_path):
   assert ours[0] != ours[3]  # the same prompt through two adapters
   with pytest.raises(ValueError, match=r"adapter_ids holds 2: .* \['qv', 'all'\]"):
     generate(module, bank, prompts[:2], max_new_tokens=2, adapter_ids=[0, 2])
+
+
+def _train(model, params, batches, steps=20):
+  """AdamW with weight decay on the adapters of ``params`` (a bank or one adapter): the loss
+  of each batch is the sum of its rows' weighted losses, so rows do not depend on each other."""
+  import optax
+
+  tx = lora_jax.lora_optimizer(optax.adamw(3e-2, weight_decay=0.1), params)
+  trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params))
+  state = tx.init(trainable)
+  apply = lora_jax.lora_apply(model.apply)
+
+  @jax.jit
+  def step(trainable, state, x, y, w, ids):
+    def loss(trainable):
+      kw = {} if ids is None else {"adapter_ids": ids}
+      logits = apply(lora_jax.combine(trainable, frozen), x, **kw)
+      per_row = jnp.mean((logits - y) ** 2, axis=tuple(range(1, logits.ndim)))
+      return jnp.sum(w * per_row)
+
+    grads = jax.grad(loss)(trainable)
+    updates, state = tx.update(grads, state, trainable)
+    return optax.apply_updates(trainable, updates), state
+
+  for i in range(steps):
+    x, y, w, ids = batches[i % len(batches)]
+    trainable, state = step(trainable, state, x, y, w, ids)
+  return lora_jax.combine(trainable, frozen)
+
+
+def test_a_mixed_batch_trains_each_adapter_as_if_alone():
+  model = Zoo()
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randint(0, VOCAB, (6, 5)))
+  y = jnp.asarray(rng.randn(6, 5, VOCAB).astype(np.float32))
+  w = jnp.asarray(rng.uniform(0.5, 2.0, 6).astype(np.float32))
+  ids = np.array([0, 1, 1, 0, 1, 0])
+  rules = {"fr": RULES["fr"], "de": RULES["de"], "it": RULES["it"]}  # "it" gets no rows
+  base, adapters = _adapters(model, x, rules)
+  bank = lora_jax.adapter_bank(adapters)
+  trained = _train(model, bank, [(x, y, w, jnp.asarray(ids))])
+  for i, name in enumerate(["fr", "de"]):
+    rows = ids == i
+    alone = _train(model, adapters[name], [(x[rows], y[rows], w[rows], None)])
+    got = lora_jax.bank_adapter(trained, name)
+    for module, leaves in alone["params"].items():
+      if "lora_a" in leaves:
+        for leaf in ("lora_a", "lora_b"):
+          np.testing.assert_allclose(
+            got["params"][module][leaf], leaves[leaf], atol=1e-5, err_msg=f"{name} {module}"
+          )
+    moved = float(
+      jnp.abs(
+        alone["params"]["heads"]["lora_a"] - adapters[name]["params"]["heads"]["lora_a"]
+      ).max()
+    )
+    assert moved > 1e-3
+  for leaf in ("lora_a", "lora_b"):  # "it" had no rows: bit-identical, weight decay included
+    for module in ("proj", "embed"):
+      np.testing.assert_array_equal(
+        trained["params"][module][leaf][2], bank["params"][module][leaf][2], err_msg=module
+      )
+  # padded rank slots stay zero: "fr" has rank 2 in heads, padded to 5
+  np.testing.assert_array_equal(trained["params"]["heads"]["lora_a"][0][:, 2:], 0.0)

@@ -425,3 +425,26 @@ def replace_adapter(bank, name: str, adapted):
 def _set_slice(bank_leaf, x, i: int, axis: int):
   index = (slice(None),) * axis + (i,)
   return jnp.asarray(bank_leaf).at[index].set(x.astype(bank_leaf.dtype))
+
+
+def adapter_sizes(bank) -> dict[str, int]:
+  """``{name: parameters}`` of each adapter of ``bank`` at its own rank (the padding not
+  counted where the arrays are concrete; under ``jax.eval_shape``, at the padded rank)."""
+  tree, _ = paths.split_params(bank)
+  sizes: dict[str, int] = {}
+  for _, module in paths.iter_modules(tree):
+    spec: BankSpec | None = module.get(LORA_BANK)
+    if spec is None:
+      continue
+    a, b = module[LORA_A], module[LORA_B]
+    n_in = math.prod(a.shape[spec.stacked + 1 : -1])
+    n_out = math.prod(b.shape[spec.stacked + 2 :])
+    layers = math.prod(a.shape[: spec.stacked])
+    for i, name in enumerate(spec.names):
+      rank = spec.rank
+      if not isinstance(a, jax.ShapeDtypeStruct | jax.core.Tracer):
+        take = lambda x, i=i, k=spec.stacked: jax.lax.index_in_dim(x, i, k, keepdims=False)  # noqa: E731
+        scale = np.asarray(take(module[LORA_SCALE]))
+        rank = _unpadded(take(a), take(b), spec.stacked)[0].shape[-1] if np.any(scale) else 0
+      sizes[name] = sizes.get(name, 0) + layers * rank * (n_in + n_out)
+  return sizes

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import jax
 import optax
 
+from lora_jax._src.bank import is_bank
+from lora_jax._src.bank_optimizer import skip_absent_adapters
 from lora_jax._src.merge import has_adapters
 from lora_jax._src.partition import path_labels
 from lora_jax._src.partition import trainable_mask
@@ -61,7 +63,7 @@ def lora_optimizer(
     >>> sum(x.size for x in jax.tree.leaves(state)) == 2 * (16 * 2 + 2 * 8) + 1
     True
   """
-  if not has_adapters(params):
+  if not (has_adapters(params) or is_bank(params)):
     raise ValueError("params carry no LoRA adapters; call lora_init(params, rules, rng=...) first")
   trainable_mask(params, extra_trainable)  # validates the patterns against real paths
 
@@ -69,6 +71,8 @@ def lora_optimizer(
     return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, path_labels(tree, extra_trainable))
 
   masked = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+  if is_bank(params):  # an adapter without rows in a batch stays as it was (bank_optimizer.py)
+    masked = skip_absent_adapters(masked)
   if loraplus_lr_ratio is None:
     return masked
   ratio = loraplus_lr_ratio

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from lora_jax._src import bank as bank_lib
 from lora_jax._src import paths
 from lora_jax._src.partition import compile_patterns
 from lora_jax._src.partition import is_trainable
@@ -85,7 +86,11 @@ def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
   extra = compile_patterns(extra_trainable)
   rows = []
   for path, module in paths.iter_modules(tree):
-    own = [(k, v) for k, v in module.items() if not isinstance(v, dict) and k != LORA_SPEC]
+    own = [
+      (k, v)
+      for k, v in module.items()
+      if not isinstance(v, dict) and k not in (LORA_SPEC, bank_lib.LORA_BANK)
+    ]
     if not own:
       continue
     n = sum(_size(v) for _, v in own)
@@ -96,6 +101,8 @@ def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
     adapter = f"r={spec.rank} alpha={spec.alpha} scale={spec.scale:g}" if spec else ""
     adapter += " dora" if spec and spec.use_dora else ""
     adapter += "".join(f" {k}: {v.describe()}" for k, v in own if is_quantized(v))
+    bank = module.get(bank_lib.LORA_BANK)
+    adapter += f"bank of {len(bank.names)}, r<={bank.rank}" if bank else ""
     rows.append((path, f"{n:,}", f"{t:,}", adapter.strip()))
   trainable, total = count_params(params, extra_trainable)
   header = ("module", "params", "trainable", "adapter")
@@ -104,6 +111,11 @@ def param_report(params, extra_trainable: Sequence[str] = ()) -> str:
   quantized = quantized_line(params)
   if quantized is not None:  # QLoRA: how much the quantized base takes
     lines.append(quantized)
+  if bank_lib.is_bank(params):  # an adapter bank: each adapter's own count, PEFT's line
+    flat = paths.flatten(paths.split_params(params)[0])
+    scales = sum(_size(v) for p, v in flat.items() if p.endswith("/" + bank_lib.LORA_SCALE))
+    for name, n in bank_lib.adapter_sizes(params).items():  # as if it were alone on the base
+      lines.append(f"adapter {name!r}: {summary_line(n, total - trainable - scales + n)}")
   for r in [header, *rows]:
     cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]), r[3]]
     lines.append("  ".join(cells).rstrip())
