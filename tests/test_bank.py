@@ -224,6 +224,12 @@ def test_mixed_batch_logits_equal_peft_mixed_adapter_batches(llama, tmp_path):
   for row in (0, 2, 3, 4):  # the adapters change these rows' logits
     assert np.abs(plain[row][keep[row]] - ref[row][keep[row]]).max() > 0.05, row
   np.testing.assert_allclose(np.asarray(ours)[keep], ref[keep], atol=1e-4, rtol=0)
+  # a PEFT folder into the running bank, one call: slot "qv" now holds "all" as well
+  swapped = lora_jax.replace_adapter(bank, "qv", tmp_path / "all", config=llama.config)
+  both = jax.jit(lora_jax.lora_apply(module.apply))(
+    swapped, ids[[0, 0]], mask[[0, 0]], adapter_ids=jnp.array([0, 1])
+  )
+  np.testing.assert_allclose(both[0], both[1], atol=1e-6)
 
 
 def test_generation_per_row_equals_peft_per_adapter_generation(llama, tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -351,13 +352,29 @@ def bank_adapter(bank, name: str):
   return rebuild(paths.map_modules(pick, tree))
 
 
-def replace_adapter(bank, name: str, adapted):
+def base_of(bank):
+  """``bank`` without its adapters: the base tree every adapter of it was made over."""
+  tree, rebuild = paths.split_params(bank)
+
+  def strip(path: str, module: dict) -> dict:
+    if LORA_BANK not in module:
+      return module
+    return {k: v for k, v in module.items() if k not in (*BANK_LEAVES, LORA_BANK)}
+
+  return rebuild(paths.map_modules(strip, tree))
+
+
+def replace_adapter(bank, name: str, adapted, *, config=None):
   """``bank`` with adapter ``name`` replaced by the adapter of ``adapted``: a hot swap.
 
   The result has the bank's structure, shapes and static parts, so a jitted function that ran
   the bank runs the new one without compiling again. ``adapted`` may have another rank (up to
   the bank's padded rank at each module), alpha or rsLoRA setting, and fewer target modules
   (the bank is zero there); a module the bank does not hold cannot be added.
+
+  ``adapted`` may also be a PEFT adapter folder (or Hub id): it is read with
+  :func:`lora_jax.import_peft` onto the bank's own base (``config``: the base model's
+  transformers config, as there), so loading a PEFT adapter into a running bank is one call.
 
   Raises:
     ValueError: ``name`` not in the bank; a rank above the bank's; a module outside the
@@ -377,6 +394,10 @@ def replace_adapter(bank, name: str, adapted):
   names = bank_names(bank)
   if name not in names:
     raise ValueError(f"adapter {name!r} is not in the bank; its adapters: {list(names)}")
+  if isinstance(adapted, str | os.PathLike):
+    from lora_jax.peft.load import import_peft
+
+    adapted = import_peft(adapted, base_of(bank), config=config)
   i = names.index(name)
   tree, rebuild = paths.split_params(bank)
   new_tree, _ = paths.split_params(adapted)
