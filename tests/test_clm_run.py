@@ -79,6 +79,7 @@ ANSWERS = ["1997 - 06 - 08", "1991 - 05 - 27", "2009 - 04 - 25", "2015 - 11 - 14
 HOOK_S = 4.0  # an on_step hook's sleep at step 1
 
 
+@pytest.mark.slow
 def test_the_quickstart_writes_every_output_and_its_samples_come_out_right(tmp_path):
   prompts = (FOLDER / "prompts.txt").read_text().splitlines()
   file = tmp_path / "prompts.jsonl"  # prompts.txt with the answers: samples get scored
@@ -271,6 +272,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_loss(tmp_pa
   assert written < (base / "model.safetensors").stat().st_size / 4
 
 
+@pytest.mark.slow
 def test_pallas_attention_trains_as_xla_on_packed_rows(tmp_path):
   """The quickstart's packed batches through Pallas's kernel (interpreted on CPU): the segment
   ids reach it from the batches, and the losses are XLA's."""

@@ -27,6 +27,7 @@ def run(*argv, timeout=300) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.slow
 def test_default_config_end_to_end(minilm_path, sst2_dir, tmp_path):
   out = tmp_path / "run"
   proc = run(

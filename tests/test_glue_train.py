@@ -125,6 +125,7 @@ def logged_run(model, sst2_dir, out: pathlib.Path, mode: str, *extra) -> tuple[l
   return train_losses(out), results
 
 
+@pytest.mark.slow
 def test_parallel_modes_give_the_same_losses(tiny_bert, tiny_bert_no_dropout, sst2_dir, tmp_path):
   """The issue's check: 12 logged steps in each mode, losses within 2e-3 relative. Without
   dropout the modes, and packed or padded batches, compute the same function. With dropout on,
@@ -175,6 +176,7 @@ def train_losses(output_dir: pathlib.Path) -> list[tuple[int, float]]:
   return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_accumulation_matches_a_bigger_batch(tiny_bert_no_dropout, sst2_dir, tmp_path):
   common = ("--max_steps", "2", "--lora_dropout", "0", "--save_steps", "0")
   one = run_args(tiny_bert_no_dropout, sst2_dir, tmp_path / "one", *common)
@@ -200,6 +202,7 @@ def test_accumulation_matches_a_bigger_batch(tiny_bert_no_dropout, sst2_dir, tmp
   )
 
 
+@pytest.mark.slow
 def test_bfloat16_training_and_merged_export(tiny_bert_no_dropout, sst2_dir, tmp_path):
   """--dtype bfloat16 trains (bf16 compute, float32 adapters and optimizer) to about the
   float32 run's losses, and --export_merged writes a transformers model that gives the logits
@@ -278,6 +281,7 @@ def folder_bytes(folder: pathlib.Path) -> int:
   return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny_bert, sst2_dir, tmp_path):
   """The issue's check: 20 steps straight, and 10 steps + a rerun to 20 (hidden and LoRA
   dropout on, so the rng must resume too), give the same step-20 loss within 1e-5. 64 rows / 8
@@ -351,6 +355,7 @@ def test_checkpoint_of_another_model_or_lora_shape_is_refused(
     glue_train.train_and_evaluate(other_model)
 
 
+@pytest.mark.slow
 def test_adapter_with_another_head_starts_a_task_with_ignore_mismatched_sizes(
   tiny_bert_no_dropout, sst2_dir, tmp_path
 ):

@@ -125,6 +125,7 @@ def test_neither_model_nor_config_exits_2_with_one_line():
   ]
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
   out = tmp_path / "quickstart"
   proc = run("--config", CONFIG, "--output_dir", str(out), "--no-progress", timeout=600)

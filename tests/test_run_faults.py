@@ -278,6 +278,7 @@ sys.exit(run_glue.main({argv!r}))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_metrics_write_resumes(tiny_bert, sst2_dir, tmp_path):
   from train import run_glue
 
