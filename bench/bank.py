@@ -22,6 +22,7 @@ medians in seconds and the ratios ``mixed / single`` (the issue's bound: at most
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -90,7 +91,7 @@ def _step_fn(module, params):
   apply = lora_jax.lora_apply(module.apply)
 
   @jax.jit
-  def step(trainable, state, ids, ids_adapter):
+  def step(trainable, frozen, state, ids, ids_adapter):  # frozen as an argument, not a constant
     def loss(trainable):
       kw = {} if ids_adapter is None else {"adapter_ids": ids_adapter}
       logits = apply(lora_jax.combine(trainable, frozen), ids, jnp.ones_like(ids), **kw)
@@ -100,7 +101,7 @@ def _step_fn(module, params):
     updates, state = tx.update(grads, state, trainable)
     return optax.apply_updates(trainable, updates), state, value
 
-  return step, trainable, tx.init(trainable)
+  return functools.partial(step, frozen=frozen), trainable, tx.init(trainable)
 
 
 def _timed(fn):
@@ -169,9 +170,11 @@ def main(argv=None) -> dict:
   bank_step, bank_tr, bank_st = _step_fn(module, bank)
   one_step, one_tr, one_st = _step_fn(module, adapters[names[0]])
   steps = {
-    "mixed": lambda: bank_step(bank_tr, bank_st, ids, rows)[2],
-    "single": lambda: one_step(one_tr, one_st, ids, None)[2],
-    "separate": lambda: [one_step(one_tr, one_st, ids[r], None)[2] for r in per],
+    "mixed": lambda: bank_step(bank_tr, state=bank_st, ids=ids, ids_adapter=rows)[2],
+    "single": lambda: one_step(one_tr, state=one_st, ids=ids, ids_adapter=None)[2],
+    "separate": lambda: [
+      one_step(one_tr, state=one_st, ids=ids[r], ids_adapter=None)[2] for r in per
+    ],
   }
   prompts = [list(map(int, rng.randint(1, vocab, 6))) for _ in range(args.batch)]
   gens = {
