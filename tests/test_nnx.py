@@ -450,3 +450,15 @@ def test_peft_export_of_an_nnx_model_loads_in_peft_and_round_trips(tmp_path):
   again = lora_jax.import_peft(folder, TinyLlamaNames(rngs=nnx.Rngs(0)))
   assert sorted(lora_jax.nnx.tree.adapted(again)) == sorted(lora_jax.nnx.tree.adapted(model))
   np.testing.assert_allclose(np.asarray(call(again, jnp.asarray(ids))), want, atol=1e-5)
+
+
+def test_linen_functions_point_an_nnx_user_to_lora_jax_nnx():
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  rule = LoraRule(".*", rank=2)
+  with pytest.raises(TypeError, match=r"not an NNX model: use lora_jax.nnx.lora_init"):
+    lora_jax.lora_init(model, rule, rng=jax.random.key(0))
+  with pytest.raises(TypeError, match=r"not an nnx.State: use lora_jax.nnx.lora_init"):
+    lora_jax.lora_init(nnx.split(model)[1], rule, rng=jax.random.key(0))
+  with pytest.raises(TypeError, match=r"lora_apply takes a linen parameter tree, not an nnx"):
+    lora_jax.lora_apply(lambda v, x: x)(nnx.state(model), 1.0)
+  assert lora_jax.kernel_layouts(model, jnp.ones((1, 4))) == lora_jax.nnx.layouts(model)

@@ -46,6 +46,7 @@ from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
 from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import LoraSpec
+from lora_jax.nnx import tree as nnx_tree
 from lora_jax.quant import kernel as quant_kernel
 from lora_jax.quant import linen as quant_linen
 
@@ -238,6 +239,9 @@ def lora_apply(apply_fn: Callable, *, strategy: str = "low_rank") -> Callable:
 
   @functools.wraps(apply_fn)
   def low_rank_apply(variables, *args, adapter_ids=None, **kwargs):
+    nnx_tree.refuse_nnx(
+      variables, "lora_apply", "lora_jax.nnx.lora_init: an adapted NNX model runs as it is called"
+    )
     if adapter_ids is not None and not bank_lib.is_bank(variables):
       raise ValueError(
         "adapter_ids were given but the parameters hold no adapter bank (lora_jax.adapter_bank)"

@@ -22,6 +22,7 @@ from lora_jax._src.spec import LORA_SPEC
 from lora_jax._src.spec import WEIGHT_NAMES
 from lora_jax._src.spec import LoraSpec
 from lora_jax._src.targets import assign
+from lora_jax.nnx import tree as nnx_tree
 from lora_jax.quant.array import QuantizedArray
 from lora_jax.quant.kernel import materialize
 
@@ -192,6 +193,7 @@ def lora_init(params, rules, *, rng, layouts: Mapping[str, KernelLayout] | None 
     >>> adapted["params"]["lora_a"].shape, adapted["params"]["lora_b"].shape
     ((32, 4), (4, 16))
   """
+  nnx_tree.refuse_nnx(params, "lora_init", "lora_jax.nnx.lora_init(model, rules, rngs=...)")
   tree, rebuild = paths.split_params(params)
   return rebuild(init_tree(tree, rules, rng=rng, layouts=layouts))
 

@@ -118,7 +118,8 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> Layouts:
   factored (e.g. a ``DenseGeneral`` with ``batch_dims``) are left out (the result's
   ``refused`` says why), so rules that reach them fail in ``lora_init`` with that reason.
   Modules inside ``nn.scan`` get ``stacked`` set to the number of leading axes the scan adds to
-  their weight.
+  their weight. An NNX model needs no tracing: its layouts are read off its modules
+  (:func:`lora_jax.nnx.layouts`, which :func:`lora_jax.nnx.lora_init` calls itself).
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -135,6 +136,10 @@ def kernel_layouts(module: nn.Module, *args, **kwargs) -> Layouts:
     >>> kernel_layouts(layers, jnp.zeros((1, 32)), None)  # kernel [4, 32, 32]
     {'params/proj': KernelLayout(in_axes=(0,), out_axes=(1,), kind='dense', stacked=1)}
   """
+  from lora_jax.nnx import tree as nnx_tree  # NNX modules say their own axes
+
+  if nnx_tree.is_model(module):
+    return nnx_tree.read_layouts(module)
   found: dict[str, tuple[str, KernelLayout]] = {}
   refused: dict[str, str] = {}
 

@@ -41,6 +41,13 @@ def is_model(x: Any) -> bool:
   return isinstance(x, nnx.Module)
 
 
+def refuse_nnx(x: Any, what: str, instead: str) -> None:
+  """A linen-only function given an NNX model or state: one line saying what to call instead."""
+  if is_model(x) or isinstance(x, nnx.State):
+    kind = "an NNX model" if is_model(x) else "an nnx.State"
+    raise TypeError(f"{what} takes a linen parameter tree, not {kind}: use {instead}")
+
+
 def modules(model: nnx.Module) -> dict[str, nnx.Module]:
   """``{"a/b/c": module}`` for every module of ``model`` (the root is ``""``)."""
   return {"/".join(str(k) for k in path): m for path, m in nnx.iter_modules(model)}
