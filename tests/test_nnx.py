@@ -263,6 +263,7 @@ def test_stacked_layers_from_nnx_vmap_run_under_nnx_scan():
   def make(key):
     return Layer(nnx.Rngs(key))
 
+  @nnx.jit
   def run(stack, x):
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def body(layer, x):
@@ -271,13 +272,15 @@ def test_stacked_layers_from_nnx_vmap_run_under_nnx_scan():
     return body(stack, x)
 
   stack = make(jax.random.split(jax.random.key(0), layers))
-  lora_jax.nnx.lora_init(stack, LoraRule(["proj"], rank=2), rngs=nnx.Rngs(1))
+  rule = LoraRule(["proj"], rank=2, dropout=0.5)
+  lora_jax.nnx.lora_init(stack, rule, rngs=nnx.Rngs(1, lora_dropout=2))
   assert stack.proj.lora_a.shape == (layers, DIM, 2) and stack.proj.lora_spec.stacked == 1
   _randomize(stack)
   x = jax.random.normal(jax.random.key(2), (2, DIM))
-  got = run(stack, x)
-  want = run(lora_jax.nnx.merge(stack), x)
-  np.testing.assert_allclose(got, want, atol=1e-5)
+  train_1, train_2 = run(stack, x), run(stack, x)  # dropout per layer, new masks each call
+  assert float(jnp.abs(train_1 - train_2).max()) > 1e-3
+  stack.eval()
+  np.testing.assert_allclose(run(stack, x), run(lora_jax.nnx.merge(stack), x), atol=1e-5)
   one = lora_jax.nnx.merge(stack).proj.kernel[...][1]
   a, b = stack.proj.lora_a[...][1], stack.proj.lora_b[...][1]
   np.testing.assert_allclose(one, stack.proj.kernel[...][1] + a @ b, atol=1e-6)

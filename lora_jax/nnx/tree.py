@@ -124,10 +124,13 @@ def attach(module: nnx.Module, leaves: Mapping, rngs: nnx.Rngs | None) -> None:
     setattr(module, LORA_MAGNITUDE, nnx.LoRAParam(leaves[LORA_MAGNITUDE]))
   if spec.dropout > 0.0:
     stream = dropout_stream(rngs)
-    if stream is not None and spec.stacked:  # one stream per stacked layer, for nnx.scan
-      shape = leaves[LORA_A].shape[: spec.stacked]
-      stream = stream.fork(split=shape if len(shape) > 1 else shape[0])
-    setattr(module, DROPOUT, nnx.Dropout(spec.dropout, rngs=stream))
+    if stream is None or not spec.stacked:
+      setattr(module, DROPOUT, nnx.Dropout(spec.dropout, rngs=stream))
+    else:  # layers stacked by nnx.vmap: one key per layer, sliced by nnx.scan as the weights are
+      drop = nnx.Dropout(spec.dropout)
+      shape = tuple(leaves[LORA_A].shape[: spec.stacked])
+      drop.rngs = stream.fork().split(shape if len(shape) > 1 else shape[0])
+      setattr(module, DROPOUT, drop)
 
 
 def detach(module: nnx.Module) -> None:
