@@ -336,3 +336,41 @@ def test_a_mixed_batch_trains_each_adapter_as_if_alone():
       )
   # padded rank slots stay zero: "fr" has rank 2 in heads, padded to 5
   np.testing.assert_array_equal(trained["params"]["heads"]["lora_a"][0][:, 2:], 0.0)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_a_mixed_batch_training_step_lowers_for_gpu_and_tpu(platform):
+  """A scanned, rematted bf16 Llama with a bank of two adapters: its training step over a mixed
+  batch lowers for each accelerator from this CPU (built on shapes alone)."""
+  from lora_jax.models import auto_model
+
+  module = auto_model(
+    config("llama-tied-bias-llama3"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+    scan_layers=True, remat=True,
+  )  # fmt: skip
+  ids = jnp.ones((4, 16), jnp.int32)
+  variables = jax.eval_shape(module.init, jax.random.key(0), ids)
+  layouts = lora_jax.kernel_layouts(module, ids)
+
+  def make_bank(v):
+    rules = [LoraRule(["q_proj", "v_proj"], rank=4), LoraRule("all-linear", rank=8)]
+    return lora_jax.adapter_bank({
+      f"a{i}": lora_jax.lora_init(v, r, rng=jax.random.key(i), layouts=layouts)
+      for i, r in enumerate(rules)
+    })  # fmt: skip
+
+  bank = jax.eval_shape(make_bank, variables)
+  trainable, frozen = lora_jax.partition(bank, lora_jax.trainable_mask(bank))
+  apply = lora_jax.lora_apply(module.apply)
+
+  def step(trainable, frozen, ids, adapter_ids):
+    def loss(t):
+      logits = apply(lora_jax.combine(t, frozen), ids, adapter_ids=adapter_ids)
+      return jnp.mean(logits.astype(jnp.float32) ** 2)
+
+    return jax.grad(loss)(trainable)
+
+  exported = jax.export.export(jax.jit(step), platforms=(platform,))(
+    trainable, frozen, ids, jnp.array([0, 1, -1, 1])
+  )
+  assert exported.platforms == (platform,)

@@ -465,3 +465,18 @@ def test_linen_functions_point_an_nnx_user_to_lora_jax_nnx():
   with pytest.raises(TypeError, match=r"lora_apply takes a linen parameter tree, not an nnx"):
     lora_jax.lora_apply(lambda v, x: x)(nnx.state(model), 1.0)
   assert lora_jax.kernel_layouts(model, jnp.ones((1, 4))) == lora_jax.nnx.layouts(model)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_the_nnx_training_step_lowers_for_gpu_and_tpu(platform):
+  model = Zoo(rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  lora_jax.nnx.lora_init(model, LoraRule(list(TARGETS), rank=4, dropout=0.1), rngs=nnx.Rngs(1))
+  graphdef, lora_state, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+  def step(lora_state, rest, x):  # with LoRA dropout: nnx.grad carries the rng counts
+    model = nnx.merge(graphdef, lora_state, rest)
+    loss = lambda m: jnp.mean(m(x).astype(jnp.float32) ** 2)  # noqa: E731
+    return nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+
+  exported = jax.export.export(jax.jit(step), platforms=(platform,))(lora_state, rest, make_ids())
+  assert exported.platforms == (platform,)
