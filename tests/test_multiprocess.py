@@ -63,3 +63,42 @@ def test_two_processes_train_as_one(tmp_path):
   assert a.keys() == b.keys() and a
   for k in a:
     np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+def _child(launcher: subprocess.Popen, index: int) -> int:
+  """The pid of the launcher's process ``index`` (JAX_PROCESS_ID in its environment)."""
+  for pid in subprocess.run(["ps", "--ppid", str(launcher.pid), "-o", "pid="],
+                            capture_output=True, text=True).stdout.split():  # fmt: skip
+    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    if f"JAX_PROCESS_ID={index}".encode() in environ:
+      return int(pid)
+  raise AssertionError(f"no process {index}")
+
+
+@pytest.mark.slow
+def test_a_lost_process_ends_the_job_promptly_and_the_checkpoint_resumes(tmp_path):
+  out = tmp_path / "run"
+  argv = [sys.executable, "-m", "train.launch", "--nproc", "2", "--devices_per_proc", "2",
+          "--grace", "2", "--", "train/run_clm.py", "--config", CONFIG, *SMALL,
+          "--max_steps", "40", "--output_dir", str(out)]  # fmt: skip
+  launcher = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+  first = out / "checkpoints" / "4"
+  deadline = time.time() + 240
+  while not first.is_dir() and time.time() < deadline and launcher.poll() is None:
+    time.sleep(0.05)
+  assert first.is_dir(), "the run never wrote its first checkpoint"
+  os.kill(_child(launcher, 1), signal.SIGKILL)
+  killed = time.time()
+  err = launcher.communicate(timeout=60)[1]
+  assert time.time() - killed < 15  # not JAX's heartbeat timeout (100 s)
+  assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
+  assert "launch: process 1 was killed by SIGKILL; stopping the others\n" in err
+  steps = [r["step"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+  assert 4 <= max(steps) < 40, "the run was not killed before its end"
+  # the checkpoint is whole: one process with the same 4 devices resumes from it to the end
+  again = _launch(1, 4, out, "--max_steps", "40")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from" in again.stderr
+  rows = [r["step"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+  assert rows[-1] == 40
