@@ -4,6 +4,7 @@ process 0 the only writer; a process killed mid-run ends the job promptly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -75,6 +76,10 @@ def _child(launcher: subprocess.Popen, index: int) -> int:
   raise AssertionError(f"no process {index}")
 
 
+def _zombie(pid: int) -> bool:
+  return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
 @pytest.mark.slow
 def test_a_lost_process_ends_the_job_promptly_and_the_checkpoint_resumes(tmp_path):
   out = tmp_path / "run"
@@ -88,9 +93,18 @@ def test_a_lost_process_ends_the_job_promptly_and_the_checkpoint_resumes(tmp_pat
   while not first.is_dir() and time.time() < deadline and launcher.poll() is None:
     time.sleep(0.05)
   assert first.is_dir(), "the run never wrote its first checkpoint"
+  survivor = _child(launcher, 0)
   os.kill(_child(launcher, 1), signal.SIGKILL)
   killed = time.time()
-  err = launcher.communicate(timeout=60)[1]
+  try:
+    err = launcher.communicate(timeout=60)[1]
+  finally:  # a hung job must not outlive the test
+    for pid in (launcher.pid, survivor):
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+  # process 0 is stuck in a collective (gloo logs "Connection closed by peer" and waits): the
+  # launcher must have ended it, not left it running
+  assert not pathlib.Path(f"/proc/{survivor}").exists() or _zombie(survivor)
   assert time.time() - killed < 15  # not JAX's heartbeat timeout (100 s)
   assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
   assert "launch: process 1 was killed by SIGKILL; stopping the others\n" in err
