@@ -124,8 +124,7 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period():
 def test_ctrl_c_reaches_every_process():
   code = (
     "import os, sys, time\n"
-    "print('ready', flush=True)\n"
-    "try:\n  time.sleep(60)\n"
+    "try:\n  print('ready', flush=True)\n  time.sleep(60)\n"
     "except KeyboardInterrupt:\n  print('interrupted', os.environ['JAX_PROCESS_ID'], flush=True)\n"
     "  sys.exit(130)\n"
   )
@@ -142,9 +141,10 @@ def test_ctrl_c_reaches_every_process():
     assert line, proc.stderr.read()
     ready += line.endswith("ready\n")
   proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=10)
+  proc.wait(timeout=10)  # not communicate(): it would miss what readline() buffered already
+  out, err = proc.stdout.read(), proc.stderr.read()
   assert proc.returncode == 130, err
-  assert "[p0] interrupted 0" in out and "[p1] interrupted 1" in out, out
+  assert "[p0] interrupted 0" in out and "[p1] interrupted 1" in out, out + err
 
 
 def test_the_command_line_entry_point(tmp_path):
@@ -159,3 +159,17 @@ def test_the_command_line_entry_point(tmp_path):
     env={**os.environ, "PYTHONPATH": str(REPO)},
   )
   assert (done.returncode, done.stdout) == (0, "[p0] hello 1\n"), done.stderr
+
+
+def test_an_unreachable_coordinator_is_named_within_the_timeout():
+  from train.engine import parallel
+
+  with socket.socket() as s:  # a listening coordinator: no wait
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    parallel.wait_for_coordinator(f"127.0.0.1:{s.getsockname()[1]}", timeout=1)
+  address = f"127.0.0.1:{launch.free_port()}"  # nobody listens there
+  start = time.monotonic()
+  with pytest.raises(ConnectionError, match=rf"cannot reach the coordinator at {address} .*1 s"):
+    parallel.wait_for_coordinator(address, timeout=1, poll_s=0.1)
+  assert 1 <= time.monotonic() - start < 3

@@ -116,3 +116,24 @@ def test_a_lost_process_ends_the_job_promptly_and_the_checkpoint_resumes(tmp_pat
   assert "resuming from" in again.stderr
   rows = [r["step"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
   assert rows[-1] == 40
+
+
+@pytest.mark.slow
+def test_an_unreachable_coordinator_is_one_line_and_exit_2(tmp_path):
+  """Process 1 of 2, process 0 never started: about 5 s (the imports), not JAX's abort."""
+  from train.launch import free_port
+
+  address = f"127.0.0.1:{free_port()}"
+  env = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # fmt: skip
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, "train/run_clm.py", "--config", CONFIG, "--output_dir",
+                         str(tmp_path / "out"), "--distributed_timeout", "2", "--no-progress"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+  assert time.monotonic() - start < 60
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr == (
+    f"run_clm.py: error: cannot reach the coordinator at {address} (JAX_COORDINATOR_ADDRESS) "
+    "within 2 s (Connection refused); is process 0 running? (--distributed_timeout)\n"
+  )
+  assert not (tmp_path / "out").exists()

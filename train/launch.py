@@ -136,9 +136,10 @@ def pump(stream, out, prefix: bytes, lock: threading.Lock) -> None:
 
 
 def stop(procs, grace: float, sig=signal.SIGTERM) -> None:
-  """Send ``sig`` to the processes still running; SIGKILL those left after ``grace`` seconds."""
+  """Send ``sig`` (if not None) to the processes still running; SIGKILL those left after
+  ``grace`` seconds."""
   for p in procs:
-    if p.poll() is None:
+    if sig is not None and p.poll() is None:
       p.send_signal(sig)
   deadline = time.monotonic() + grace
   for p in procs:
@@ -183,11 +184,14 @@ def run(args, environ=os.environ, stdout=None, stderr=None, poll_s: float = 0.05
         t.start()
         pumps.append(t)
     failed = None
-    while failed is None and any(p.poll() is None for p in procs):
+    while failed is None and not signalled and any(p.poll() is None for p in procs):
       failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
       if failed is None:
         time.sleep(poll_s)
-    if failed is None:  # all ended: the first non-zero one, if any
+    if signalled:  # every process has the signal: its own time to stop, then SIGKILL
+      failed = None
+      stop(procs, args.grace, sig=None)
+    elif failed is None:  # all ended: the first non-zero one, if any
       failed = next((i for i, p in enumerate(procs) if p.returncode != 0), None)
     if failed is not None:
       running = [p for p in procs if p.poll() is None]
@@ -206,7 +210,7 @@ def run(args, environ=os.environ, stdout=None, stderr=None, poll_s: float = 0.05
       signal.signal(s, handler)
     for t in pumps:
       t.join(timeout=5)
-  if failed is not None and not signalled:
+  if failed is not None:
     return exit_status(procs[failed].returncode)
   return worst_exit_code(p.returncode for p in procs)
 

@@ -39,7 +39,11 @@ def run_script(
   from train.engine import parallel
   from train.engine import rundir
 
-  parallel.maybe_initialize_distributed()
+  try:
+    parallel.maybe_initialize_distributed(timeout=getattr(args, "distributed_timeout", 300))
+  except ConnectionError as e:  # an unreachable coordinator
+    print(f"{name}: error: {e}", file=sys.stderr)
+    return 2
   claim = rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   import pickle
 
