@@ -426,6 +426,8 @@ def test_loss_fn_weights_and_regression():
 def test_distributed_initialize_only_for_multi_process_jobs(monkeypatch):
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  waits = []
+  monkeypatch.setattr(parallel, "wait_for_coordinator", lambda *a: waits.append(a))
   assert not parallel.maybe_initialize_distributed({})
   assert not parallel.maybe_initialize_distributed({"SLURM_NTASKS": "1"})
   assert calls == []
@@ -434,9 +436,15 @@ def test_distributed_initialize_only_for_multi_process_jobs(monkeypatch):
     "JAX_NUM_PROCESSES": "2",
     "JAX_PROCESS_ID": "1",
   }
-  assert parallel.maybe_initialize_distributed(env)
+  assert parallel.maybe_initialize_distributed(env, timeout=7)
   assert parallel.maybe_initialize_distributed({"SLURM_NTASKS": "4"})
-  assert calls == [{"num_processes": 2, "process_id": 1}, {}]
+  assert parallel.maybe_initialize_distributed({**env, "JAX_PROCESS_ID": "0"})
+  assert calls == [
+    {"initialization_timeout": 7, "num_processes": 2, "process_id": 1},
+    {"initialization_timeout": 300},
+    {"initialization_timeout": 300, "num_processes": 2, "process_id": 0},
+  ]
+  assert waits == [("10.0.0.1:1234", 7)]  # process 0 is the coordinator: it waits for no one
 
 
 def test_loraplus_flag_moves_b_by_the_ratio(tiny_bert_no_dropout, sst2_dir, tmp_path):

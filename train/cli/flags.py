@@ -298,6 +298,12 @@ class TrainingConfig:
     "replicating it",
   )
   progress: bool = field(True, help="tqdm")
+  distributed_timeout: int = field(
+    300,
+    type=positive_int,
+    help="multi-process jobs: seconds to reach the coordinator (JAX_COORDINATOR_ADDRESS) and "
+    "for all processes to join (jax.distributed.initialize's initialization_timeout)",
+  )
 
 
 @dataclasses.dataclass

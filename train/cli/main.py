@@ -20,7 +20,8 @@ def run_script(
   The run holds ``--output_dir`` while it works (:func:`train.engine.rundir.claim`: a second
   run on it fails at once); a rerun there with other settings needs ``--overwrite_output_dir``
   (:func:`train.engine.rundir.check_rerun`). Bad input found while running (a missing column, a
-  file that does not exist, ...), a directory in use or not writable and a diverged training
+  file that does not exist, ...), an unreachable ``JAX_COORDINATOR_ADDRESS``
+  (``--distributed_timeout``), a directory in use or not writable and a diverged training
   (``train.engine.loop.Diverged``) end it with one line, ``NAME: error: ...``, and exit status
   2, as a bad flag does; the final results are printed as ``key=value`` pairs.
   ``on_step(step)`` runs after each optimizer step (the benchmark's turn-taking; its time is not
@@ -39,7 +40,11 @@ def run_script(
   from train.engine import parallel
   from train.engine import rundir
 
-  parallel.maybe_initialize_distributed()
+  try:
+    parallel.maybe_initialize_distributed(timeout=getattr(args, "distributed_timeout", 300))
+  except ConnectionError as e:  # an unreachable coordinator
+    print(f"{name}: error: {e}", file=sys.stderr)
+    return 2
   claim = rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   import pickle
 

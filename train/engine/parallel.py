@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -38,18 +40,46 @@ MODES = PARALLEL_MODES
 _MULTI_PROCESS_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
-def maybe_initialize_distributed(environ=os.environ) -> bool:
+def wait_for_coordinator(address: str, timeout: float, poll_s: float = 0.5) -> None:
+  """Return once ``address`` (``host:port``) accepts a TCP connection; raise ``ConnectionError``
+  naming it if it does not within ``timeout`` seconds.
+
+  JAX's own wait ends the whole process with a C++ abort and a stack trace; this check comes
+  first so that an unreachable coordinator is one line.
+  """
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=poll_s):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConnectionError(
+          f"cannot reach the coordinator at {address} (JAX_COORDINATOR_ADDRESS) within "
+          f"{timeout:g} s ({e.strerror or e}); is process 0 running? (--distributed_timeout)"
+        ) from None
+      time.sleep(poll_s)
+
+
+def maybe_initialize_distributed(environ=os.environ, timeout: int = 300) -> bool:
   """``jax.distributed.initialize()`` for multi-process jobs; never for a single process.
 
   A job is multi-process when ``JAX_COORDINATOR_ADDRESS`` is set, or one of
   ``JAX_NUM_PROCESSES`` / ``SLURM_NTASKS`` / ``OMPI_COMM_WORLD_SIZE`` is above 1.
   ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, when set, are passed on; JAX detects the rest
-  (Slurm, Open MPI, Cloud TPU). Must run before anything touches a device.
+  (Slurm, Open MPI, Cloud TPU). Must run before anything touches a device. ``timeout``
+  (``--distributed_timeout``) is JAX's ``initialization_timeout``; a process other than 0 first
+  waits that long for ``JAX_COORDINATOR_ADDRESS`` to accept a connection
+  (:func:`wait_for_coordinator`: ``ConnectionError``, one line, if it never does).
   """
   counts = [int(environ.get(k, "1") or 1) for k in _MULTI_PROCESS_ENV]
   if not environ.get("JAX_COORDINATOR_ADDRESS") and max(counts) <= 1:
     return False
-  kwargs = {}
+  kwargs = {"initialization_timeout": timeout}
+  address = environ.get("JAX_COORDINATOR_ADDRESS")
+  if address and int(environ.get("JAX_PROCESS_ID", "0") or 0) != 0:
+    wait_for_coordinator(address, timeout)
   if environ.get("JAX_NUM_PROCESSES"):
     kwargs["num_processes"] = int(environ["JAX_NUM_PROCESSES"])
   if environ.get("JAX_PROCESS_ID"):

@@ -155,7 +155,7 @@ NOT_SHAPING = frozenset({
   "save_steps", "save_total_limit", "per_device_eval_batch_size", "export_merged", "do_predict",
   "test_file", "max_predict_samples", "max_eval_samples", "eval_on_start",
   "generation_prompts_file", "generation_max_new_tokens", "parallel", "shard_frozen", "bf16",
-  "fp16",
+  "fp16", "distributed_timeout",
 })  # fmt: skip
 
 

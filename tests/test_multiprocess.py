@@ -1,0 +1,140 @@
+"""Real multi-process runs through train/launch.py (slow, run by .ci/run): the CLM quickstart as
+1 process x 4 CPU devices and as 2 processes x 2 (gloo) gives the same losses and adapter, with
+process 0 the only writer; a process killed mid-run ends the job promptly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+from safetensors.numpy import load_file
+
+from train.engine import outputs
+
+CONFIG = str(REPO / "configs" / "clm_quickstart.yaml")
+# 8 rows a step over 4 devices (2 each), one logged loss a step, no evaluation before the end and
+# a small one then, q/v adapters only: about 30 s a run on 2 shared CPU cores.
+SMALL = ("--max_steps", "8", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "4",
+         "--lora_dropout", "0", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
+         "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "16",
+         "--generation_prompts_file", "", "--parallel", "mesh", "--shard_frozen",
+         "--no-progress")  # fmt: skip
+
+
+def _launch(nproc, devices, out, *extra, timeout=300, **kwargs):
+  argv = [sys.executable, "-m", "train.launch", "--nproc", str(nproc), "--devices_per_proc",
+          str(devices), "--", "train/run_clm.py", "--config", CONFIG, *SMALL,
+          "--output_dir", str(out), *extra]  # fmt: skip
+  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _files(out: pathlib.Path) -> list[str]:
+  """The run's files; the checkpoints' data files (``.../d/HASH``, as many as OCDBT makes them)
+  by folder only."""
+  files = (p.relative_to(out) for p in out.rglob("*") if p.is_file())
+  return sorted({str(f.parent / "*") if f.parent.name == "d" else str(f) for f in files})
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(tmp_path):
+  one = _launch(1, 4, tmp_path / "1x4")
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = _launch(2, 2, tmp_path / "2x2")
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert "error" not in two.stderr.lower(), two.stderr[-3000:]
+  # the results line comes from each process; the same numbers
+  results = sorted(line for line in two.stdout.splitlines() if "eval_loss=" in line)
+  assert [r[:5] for r in results] == ["[p0] ", "[p1] "], two.stdout
+  rows = {n: outputs.read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("1x4", "2x2")}
+  # every step logged once: no row missing, none written twice (by a second writer)
+  train_rows = [r for r in rows["2x2"] if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 9))
+  assert len(rows["2x2"]) == len(rows["1x4"])
+  ref = [r["loss"] for r in rows["1x4"] if "loss" in r]
+  np.testing.assert_allclose([r["loss"] for r in train_rows], ref, atol=1e-5, rtol=0)
+  assert _files(tmp_path / "2x2") == _files(tmp_path / "1x4")  # nothing more, nothing less
+  a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("1x4", "2x2"))
+  assert a.keys() == b.keys() and a
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+def _child(launcher: subprocess.Popen, index: int) -> int:
+  """The pid of the launcher's process ``index`` (JAX_PROCESS_ID in its environment)."""
+  for pid in subprocess.run(["ps", "--ppid", str(launcher.pid), "-o", "pid="],
+                            capture_output=True, text=True).stdout.split():  # fmt: skip
+    environ = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    if f"JAX_PROCESS_ID={index}".encode() in environ:
+      return int(pid)
+  raise AssertionError(f"no process {index}")
+
+
+def _zombie(pid: int) -> bool:
+  return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+@pytest.mark.slow
+def test_a_lost_process_ends_the_job_promptly_and_the_checkpoint_resumes(tmp_path):
+  out = tmp_path / "run"
+  argv = [sys.executable, "-m", "train.launch", "--nproc", "2", "--devices_per_proc", "2",
+          "--grace", "2", "--", "train/run_clm.py", "--config", CONFIG, *SMALL,
+          "--max_steps", "40", "--output_dir", str(out)]  # fmt: skip
+  launcher = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+  first = out / "checkpoints" / "4"
+  deadline = time.time() + 240
+  while not first.is_dir() and time.time() < deadline and launcher.poll() is None:
+    time.sleep(0.05)
+  assert first.is_dir(), "the run never wrote its first checkpoint"
+  survivor = _child(launcher, 0)
+  os.kill(_child(launcher, 1), signal.SIGKILL)
+  killed = time.time()
+  try:
+    err = launcher.communicate(timeout=60)[1]
+  finally:  # a hung job must not outlive the test
+    for pid in (launcher.pid, survivor):
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+  # process 0 is stuck in a collective (gloo logs "Connection closed by peer" and waits): the
+  # launcher must have ended it, not left it running
+  assert not pathlib.Path(f"/proc/{survivor}").exists() or _zombie(survivor)
+  assert time.time() - killed < 15  # not JAX's heartbeat timeout (100 s)
+  assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
+  assert "launch: process 1 was killed by SIGKILL; stopping the others\n" in err
+  steps = [r["step"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+  assert 4 <= max(steps) < 40, "the run was not killed before its end"
+  # the checkpoint is whole: one process with the same 4 devices resumes from it to the end
+  again = _launch(1, 4, out, "--max_steps", "40")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from" in again.stderr
+  rows = [r["step"] for r in outputs.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+  assert rows[-1] == 40
+
+
+@pytest.mark.slow
+def test_an_unreachable_coordinator_is_one_line_and_exit_2(tmp_path):
+  """Process 1 of 2, process 0 never started: about 5 s (the imports), not JAX's abort."""
+  from train.launch import free_port
+
+  address = f"127.0.0.1:{free_port()}"
+  env = {**os.environ, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # fmt: skip
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, "train/run_clm.py", "--config", CONFIG, "--output_dir",
+                         str(tmp_path / "out"), "--distributed_timeout", "2", "--no-progress"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+  assert time.monotonic() - start < 60
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr == (
+    f"run_clm.py: error: cannot reach the coordinator at {address} (JAX_COORDINATOR_ADDRESS) "
+    "within 2 s (Connection refused); is process 0 running? (--distributed_timeout)\n"
+  )
+  assert not (tmp_path / "out").exists()
