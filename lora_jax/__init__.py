@@ -22,8 +22,8 @@ from lora_jax._src.bank import bank_adapter
 from lora_jax._src.bank import bank_names
 from lora_jax._src.bank import replace_adapter
 from lora_jax._src.init import lora_init
+from lora_jax._src.kernel_layouts import kernel_layouts
 from lora_jax._src.layouts import KernelLayout
-from lora_jax._src.layouts import kernel_layouts
 from lora_jax._src.merge import merge
 from lora_jax._src.merge import unload
 from lora_jax._src.merge import unmerge

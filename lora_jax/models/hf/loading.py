@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from lora_jax._src.layouts import KernelLayout
-from lora_jax._src.layouts import kernel_layouts
+from lora_jax._src.layouts import trace_layouts as kernel_layouts
 from lora_jax.models.hf.checkpoint import open_checkpoint
 from lora_jax.models.hf.checkpoint import resolve_folder
 from lora_jax.models.hf.convert import flax_shape
