@@ -73,15 +73,14 @@ def test_fresh_adapters_change_no_output_bit_and_keep_the_base_variables():
 
 
 def test_low_rank_path_equals_the_merged_model():
-  model = _randomize(_adapted())
+  model = _randomize(_adapted(), scale=0.1)
   x = make_ids()
   merged = lora_jax.nnx.merge(model)
   assert not lora_jax.nnx.tree.adapted(merged)
   assert type(merged.attn.query) is nnx.LinearGeneral and type(merged.up) is nnx.Linear
   got, want = call(model, x), call(merged, x)
   assert float(jnp.abs(got - call(lora_jax.nnx.unload(model), x)).max()) > 1e-2  # adapters matter
-  # within 1e-5 of the largest logit (float32 rounding over five layers, logits up to ~20)
-  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert hasattr(model.up, "lora_a")  # merge left its input as it was
 
 
