@@ -42,14 +42,19 @@ DROPOUT = "lora_dropout"  # the nnx.Dropout submodule, and the rng stream it pre
 ADAPTER_ATTRIBUTES = (LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SPEC, DROPOUT)
 
 
-def _own_params(module: nnx.Module) -> dict[str, nnx.Variable]:
+def own_params(module: nnx.Module) -> dict[str, nnx.Variable]:
   return {k: v for k, v in vars(module).items() if isinstance(v, nnx.Param)}
+
+
+def holds_quantized(module: nnx.Module) -> bool:
+  """Whether one of the module's own weights holds a :class:`lora_jax.QuantizedArray`."""
+  return any(isinstance(v.get_value(), QuantizedArray) for v in own_params(module).values())
 
 
 @contextlib.contextmanager
 def _dequantized(module: nnx.Module):
   """Within the block, the module's quantized weights hold their dequantized values."""
-  held = {k: v for k, v in _own_params(module).items() if isinstance(v.get_value(), QuantizedArray)}
+  held = {k: v for k, v in own_params(module).items() if isinstance(v.get_value(), QuantizedArray)}
   codes = {k: v.get_value() for k, v in held.items()}
   try:
     for k, v in held.items():

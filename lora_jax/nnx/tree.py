@@ -33,7 +33,8 @@ from lora_jax.nnx.modules import DROPOUT
 from lora_jax.nnx.modules import Adapted
 from lora_jax.nnx.modules import adapted_class
 from lora_jax.nnx.modules import base_class
-from lora_jax.quant.array import QuantizedArray
+from lora_jax.nnx.modules import holds_quantized
+from lora_jax.nnx.modules import own_params
 
 
 def is_model(x: Any) -> bool:
@@ -51,11 +52,6 @@ def refuse_nnx(x: Any, what: str, instead: str) -> None:
 def modules(model: nnx.Module) -> dict[str, nnx.Module]:
   """``{"a/b/c": module}`` for every module of ``model`` (the root is ``""``)."""
   return {"/".join(str(k) for k in path): m for path, m in nnx.iter_modules(model)}
-
-
-def own_params(module: nnx.Module) -> dict[str, nnx.Variable]:
-  """The module's own ``nnx.Param`` variables (``nnx.LoRAParam`` included), by attribute."""
-  return {k: v for k, v in vars(module).items() if isinstance(v, nnx.Param)}
 
 
 def adapted(model: nnx.Module) -> dict[str, nnx.Module]:
@@ -139,8 +135,7 @@ def detach(module: nnx.Module) -> None:
   for name in ADAPTER_ATTRIBUTES:
     if name in vars(module):
       delattr(module, name)
-  quantized = any(isinstance(v.get_value(), QuantizedArray) for v in own_params(module).values())
-  if isinstance(module, Adapted) and not quantized:
+  if isinstance(module, Adapted) and not holds_quantized(module):
     module.__class__ = base_class(type(module))
 
 
@@ -158,7 +153,7 @@ def sync(model: nnx.Module, variables: Mapping, rngs: nnx.Rngs | None = None) ->
       attach(module, leaves, rngs)
   write_values(model, variables)
   for module in modules(model).values():
-    if any(isinstance(v.get_value(), QuantizedArray) for v in own_params(module).values()):
+    if holds_quantized(module):
       module.__class__ = adapted_class(type(module))
   return model
 
