@@ -22,6 +22,7 @@ import numpy as np
 
 from lora_jax._src.apply import lora_apply
 from lora_jax._src.bank import bank_names
+from lora_jax._src.bank import row_ids
 from lora_jax.models.decoder.llama import Decoder
 from lora_jax.models.decoder.llama import KVCache
 
@@ -132,21 +133,6 @@ def _generate(
   return out, t
 
 
-def _bank_rows(variables, adapter_ids, n: int) -> jax.Array:
-  """``adapter_ids`` checked against the bank in ``variables``: one id per prompt, in range."""
-  names = bank_names(variables)
-  ids = np.asarray(adapter_ids)
-  if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"adapter_ids={adapter_ids!r:.80} must be one int per prompt ({n} prompts)")
-  bad = ids[(ids < -1) | (ids >= len(names))]
-  if bad.size:
-    raise ValueError(
-      f"adapter_ids holds {int(bad[0])}: ids run from -1 (the base alone) to {len(names) - 1}; "
-      f"the bank's adapters: {list(names)}"
-    )
-  return jnp.asarray(ids, jnp.int32)
-
-
 def _check_ids(prompts, vocab_size: int) -> None:
   """Token ids outside the embedding table would read no row (NaN, or zeros): refused."""
   for i, p in enumerate(prompts):
@@ -231,7 +217,7 @@ def generate(
   _check(prompts, max_new_tokens, temperature, top_k, top_p, rng)
   _check_ids(prompts, module.config.vocab_size)
   if adapter_ids is not None:
-    adapter_ids = _bank_rows(variables, adapter_ids, len(prompts))
+    adapter_ids = row_ids(adapter_ids, bank_names(variables), len(prompts))
   bucket = prompt_bucket(max(len(p) for p in prompts))
   ids = np.zeros((len(prompts), bucket), np.int32)
   valid = np.zeros((len(prompts), bucket), np.int32)
