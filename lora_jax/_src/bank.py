@@ -83,7 +83,9 @@ def _check_spec(name: str, path: str, spec: LoraSpec) -> None:
     )
 
 
-def _same_layout(path: str, specs: Mapping[str, LoraSpec]) -> LoraSpec:
+def same_layout(path: str, specs: Mapping[str, LoraSpec]) -> LoraSpec:
+  """The first of ``specs`` (``{adapter name: spec}`` at module ``path``), after checking that
+  they all split the weight alike; else a ``ValueError`` naming two that differ."""
   first_name, first = next(iter(specs.items()))
   for name, spec in specs.items():
     key = (spec.weight, spec.in_axes, spec.out_axes, spec.stacked)
@@ -140,7 +142,7 @@ def _bank_module(names, modules, base_module, path: str) -> dict:
   specs = {n: m[LORA_SPEC] for n, m in zip(names, modules, strict=True) if m is not None}
   for n, s in specs.items():
     _check_spec(n, path, s)
-  layout = _same_layout(path, specs)
+  layout = same_layout(path, specs)
   weight_shape = tuple(np.shape(base_module[layout.weight]))
   rank = max(s.rank for s in specs.values())
   parts = [

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import paths
+from lora_jax._src.bank import same_layout
 from lora_jax._src.spec import LORA_A
 from lora_jax._src.spec import LORA_B
 from lora_jax._src.spec import LORA_MAGNITUDE
@@ -150,16 +151,8 @@ def weighted_adapter(
     present = [(f[path], w) for f, w in zip(found, weights, strict=True) if path in f]
     if not present:
       return module
-    first: LoraSpec = present[0][0][LORA_SPEC]
-    for m, _ in present:
-      s = m[LORA_SPEC]
-      if (s.weight, s.in_axes, s.out_axes, s.stacked) != (
-        first.weight,
-        first.in_axes,
-        first.out_axes,
-        first.stacked,
-      ):
-        raise ValueError(f"the adapters split {path}/{s.weight} differently: not the same model")
+    named = {f"adapted[{i}]": f[path][LORA_SPEC] for i, f in enumerate(found) if path in f}
+    first = same_layout(path, named)
     parts = []
     for m, w in present:
       a2, b2 = _flat(m[LORA_SPEC], m[LORA_A], m[LORA_B])
