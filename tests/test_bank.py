@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from llm import config
 from llm import mixed_batch
+from llm import randomize_adapters
 from llm import save_checkpoint
 
 import lora_jax
@@ -48,25 +49,13 @@ class Scanned(nn.Module):
     return h
 
 
-def _randomized(tree, seed, scale=0.3):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  rng = np.random.RandomState(seed)
-  out = [
-    (scale * rng.randn(*x.shape)).astype(np.float32)
-    if jax.tree_util.keystr(kp).endswith(("['lora_a']", "['lora_b']"))
-    else x
-    for kp, x in leaves
-  ]
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def _adapters(model, x, rules):
   base = model.init(jax.random.key(0), x)
   layouts = lora_jax.kernel_layouts(model, x)
   out = {}
   for i, (name, rule) in enumerate(rules.items()):
     adapted = lora_jax.lora_init(base, rule, rng=jax.random.key(i + 1), layouts=layouts)
-    out[name] = _randomized(adapted, seed=i)
+    out[name] = randomize_adapters(adapted, seed=i)
   return base, out
 
 
@@ -165,7 +154,7 @@ def test_hot_swaps_compile_nothing_new():
   layouts = lora_jax.kernel_layouts(model, x)
   for seed, (name, rule) in enumerate(swaps):
     new = lora_jax.lora_init(base, rule, rng=jax.random.key(seed), layouts=layouts)
-    new = _randomized(new, seed + 10)
+    new = randomize_adapters(new, seed + 10)
     bank = lora_jax.replace_adapter(bank, name, new)
     adapters[name] = new
     got = run(bank, x, ids)
