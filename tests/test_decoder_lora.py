@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from lora_jax.models import from_pretrained
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
 LLAMA_2_7B = transformers.LlamaConfig(
   vocab_size=32000,
   hidden_size=4096,
@@ -97,6 +100,31 @@ def test_exported_adapter_gives_our_logits_in_peft(ckpt, scan, tmp_path):
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
   peft_model = peft.PeftModel.from_pretrained(torch_model, folder).eval()
   assert max_error(ours, torch_logits(peft_model, ids, mask), mask) <= 1e-4
+
+
+def test_an_adapted_embedding_gives_our_logits_in_peft_tied_or_not(ckpt, tmp_path):
+  """A tied embedding's adapter changes the output layer too (its attend); PEFT does that only
+  with ``ensure_weight_tying``, which the export sets for such adapters."""
+  module, variables = from_pretrained(ckpt.folder)
+  params = adapted(module, variables, lora_jax.LoraRule(["embed_tokens", "q_proj"], rank=4))
+  ids, mask = mixed_batch(ckpt.config)
+  ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
+  folder = lora_jax.export_peft(
+    tmp_path, params, base_model_name_or_path="x", config=ckpt.config, task_type="CAUSAL_LM"
+  )
+  tied = ckpt.config.tie_word_embeddings
+  assert json.loads((folder / "adapter_config.json").read_text())["ensure_weight_tying"] is tied
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
+  peft_model = peft.PeftModel.from_pretrained(torch_model, folder).eval()
+  assert max_error(ours, torch_logits(peft_model, ids, mask), mask) <= 1e-4
+  back = lora_jax.import_peft(folder, variables, config=ckpt.config)  # and back, one adapter
+  assert max_error(ours, lora_jax.lora_apply(module.apply)(back, ids, mask), mask) <= 1e-5
+  if tied:  # an output adapter of its own is not the tied embedding's
+    tensors = peft.utils.load_peft_weights(str(folder))
+    tensors["base_model.model.lm_head.lora_B.weight"] *= 2
+    safetensors_torch.save_file(tensors, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="the tied output layer 'lm_head' has an adapter of its"):
+      lora_jax.import_peft(folder, variables, config=ckpt.config)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])

@@ -36,6 +36,10 @@ TASK_TYPES = (
 )
 
 
+# transformers' causal LMs' output layer: with tied word embeddings and ensure_weight_tying, PEFT
+# adapts it with the embedding's factors (transposed) and saves them under this name too
+TIED_OUTPUT = "lm_head"
+
 # ``LoraConfig().to_dict()`` of PEFT 0.21.2, as ``save_pretrained`` writes it (inference mode).
 PEFT_DEFAULTS: dict[str, Any] = {
   "alora_invocation_tokens": None,

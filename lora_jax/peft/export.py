@@ -65,6 +65,7 @@ from lora_jax.peft.config import CONFIG_NAME
 from lora_jax.peft.config import KEY_PREFIX
 from lora_jax.peft.config import PEFT_DEFAULTS
 from lora_jax.peft.config import TASK_TYPES
+from lora_jax.peft.config import TIED_OUTPUT
 from lora_jax.peft.config import WEIGHTS_NAME
 from lora_jax.peft.config import most_common
 from lora_jax.peft.config import number
@@ -295,6 +296,20 @@ def export_peft(
     dora.add(spec.use_dora)
     ranks[name], alphas[name], dropouts[name] = spec.rank, float(spec.alpha), spec.dropout
     rslora.add(spec.rslora)
+  # A causal LM's tied embedding is its output layer too, adapter included (the decoder's
+  # attend): PEFT adapts transformers' output layer alike when asked to tie the adapters, and
+  # saves that layer's factors (the embedding's, transposed) as it does.
+  tied_output = None
+  embedded = [n for n, s in specs.items() if s.weight == "embedding"]
+  if task_type == "CAUSAL_LM" and getattr(config, "tie_word_embeddings", False) and embedded:
+    tied_output = TIED_OUTPUT
+    name = _module_name(names, _named(embedded[0], embedded[0]))
+    tensors[f"{KEY_PREFIX}{tied_output}.lora_A.weight"] = tensors[
+      f"{KEY_PREFIX}{name}.lora_embedding_B"
+    ].T
+    tensors[f"{KEY_PREFIX}{tied_output}.lora_B.weight"] = tensors[
+      f"{KEY_PREFIX}{name}.lora_embedding_A"
+    ].T
   if len(rslora) > 1:
     mixed = sorted(n for n, s in specs.items() if s.rslora)
     raise ValueError(
@@ -335,6 +350,7 @@ def export_peft(
     "rank_pattern": patterns(ranks, rank),
     "alpha_pattern": patterns(alphas, alpha),
     "modules_to_save": [_module_name(names, m) for m in to_save] or None,
+    "ensure_weight_tying": tied_output is not None,
   }
 
   def write(tmp: Path) -> None:

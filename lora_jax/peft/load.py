@@ -27,6 +27,7 @@ from lora_jax._src.spec import LoraSpec
 from lora_jax.nnx import tree as nnx_tree
 from lora_jax.peft.config import CONFIG_NAME
 from lora_jax.peft.config import KEY_PREFIX
+from lora_jax.peft.config import TIED_OUTPUT
 from lora_jax.peft.config import TORCH_WEIGHTS_NAME
 from lora_jax.peft.config import WEIGHTS_NAME
 from lora_jax.peft.config import check_supported
@@ -134,6 +135,27 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
   return factors, others
 
 
+def _without_tied_output(factors: dict, config: Any, source: str) -> dict:
+  """``factors`` without a tied output layer's (:data:`TIED_OUTPUT`), which PEFT saves beside
+  the embedding's with ``ensure_weight_tying``: lora_jax's tied embedding carries one adapter
+  for both uses. Refused in one line when they are not the embedding's factors."""
+  if TIED_OUTPUT not in factors or not getattr(config, "tie_word_embeddings", False):
+    return factors
+  out = factors[TIED_OUTPUT]
+  embedded = [k for k in factors.values() if "lora_embedding_A" in k]
+  if (
+    len(embedded) != 1
+    or "lora_A" not in out
+    or not np.array_equal(out["lora_A"], embedded[0]["lora_embedding_B"].T)
+    or not np.array_equal(out["lora_B"], embedded[0]["lora_embedding_A"].T)
+  ):
+    raise ValueError(
+      f"{source}: the tied output layer {TIED_OUTPUT!r} has an adapter of its own, not the "
+      "embedding's; lora_jax's tied embedding carries one adapter for its input and output uses"
+    )
+  return {k: v for k, v in factors.items() if k != TIED_OUTPUT}
+
+
 def _stacked_in(flat: Mapping[str, Any], modules: list[str]) -> tuple[str, str] | None:
   """``(module, container)`` where a per-layer module path (``.../layers/3/q_proj``) is missing
   but the tree has it without the layer index (``.../layers/q_proj``): scanned layers."""
@@ -203,6 +225,7 @@ def import_peft(
   check_supported(cfg, source)
   tensors = _read_weights(folder)
   factors, others = _split_keys(tensors, source)
+  factors = _without_tied_output(factors, config, source)
 
   tree, rebuild = paths.split_params(params)
   names = names_for(config, tree)
