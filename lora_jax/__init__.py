@@ -20,6 +20,7 @@ from lora_jax._src.apply import lora_apply
 from lora_jax._src.bank import adapter_bank
 from lora_jax._src.bank import bank_adapter
 from lora_jax._src.bank import bank_names
+from lora_jax._src.bank import is_bank
 from lora_jax._src.bank import replace_adapter
 from lora_jax._src.init import lora_init
 from lora_jax._src.kernel_layouts import kernel_layouts
@@ -59,6 +60,7 @@ __all__ = (
   "dequantize",
   "export_peft",
   "import_peft",
+  "is_bank",
   "kernel_layouts",
   "load_adapter",
   "lora_apply",

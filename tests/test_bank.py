@@ -98,6 +98,12 @@ def test_each_row_equals_the_merge_of_its_own_adapter():
     atol=1e-6,
   )
   assert de["params"]["heads"]["lora_a"].shape == (DIM, 5) and "lora_a" not in de["params"]["embed"]
+  # unload: the base the bank was made over, leaf for leaf
+  assert lora_jax.is_bank(bank) and not lora_jax.is_bank(de)
+  plain = lora_jax.unload(bank)
+  assert jax.tree.structure(plain) == jax.tree.structure(base)
+  for got_leaf, want in zip(jax.tree.leaves(plain), jax.tree.leaves(base), strict=True):
+    np.testing.assert_array_equal(got_leaf, want)
 
 
 def test_scanned_layers_bank_per_layer():

@@ -253,6 +253,16 @@ def bank_names(bank) -> tuple[str, ...]:
 
 
 def is_bank(params) -> bool:
+  """Whether ``params`` holds an adapter bank (from :func:`lora_jax.adapter_bank`).
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import lora_jax
+    >>> base = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 8)))
+    >>> one = lora_jax.lora_init(base, lora_jax.LoraRule(".*", rank=2), rng=jax.random.key(1))
+    >>> lora_jax.is_bank(one), lora_jax.is_bank(lora_jax.adapter_bank({"a": one}))
+    (False, True)
+  """
   tree, _ = paths.split_params(params)
   return any(LORA_BANK in m for _, m in paths.iter_modules(tree))
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import bank
 from lora_jax._src import dora
 from lora_jax._src import paths
 from lora_jax._src.spec import LORA_A
@@ -50,7 +51,7 @@ def merge(params, *, check_finite: bool = True):
   tree, rebuild = paths.split_params(params)
 
   def fold(path: str, module: dict) -> dict:
-    if "lora_bank" in module:
+    if bank.LORA_BANK in module:
       raise ValueError(
         f"{path} holds an adapter bank: merge one of its adapters, "
         "lora_jax.merge(lora_jax.bank_adapter(bank, name))"
@@ -196,7 +197,7 @@ def unload(params):
 
   PEFT's ``unload()``: the tree the original model's ``apply`` accepts, with the weights as they
   were before :func:`lora_init` (the adapters are dropped, not merged). Other leaves, trained
-  heads included, are kept as they are.
+  heads included, are kept as they are. A bank (:func:`lora_jax.adapter_bank`) gives its base.
 
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -207,6 +208,8 @@ def unload(params):
     >>> sorted(plain["params"]), bool((plain["params"]["kernel"] == base["params"]["kernel"]).all())
     (['bias', 'kernel'], True)
   """
+  if bank.is_bank(params):
+    return bank.base_of(params)
   tree, rebuild = paths.split_params(params)
 
   def drop(path: str, module: dict) -> dict:
