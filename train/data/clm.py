@@ -19,12 +19,16 @@
   each batch padded to a bucketed length. Either way a batch holds ``input_ids``,
   ``attention_mask``, ``segment_ids`` and ``weights`` (``[rows, length]``), and the targets
   listed per row (:func:`targets`).
+* **Several adapters** (``--adapter_column``, :func:`adapter_ids`): each sequence names the
+  adapter it trains; a packed row holds one adapter's sequences only, and batches carry
+  ``adapter_ids`` (``[rows]``, ``-1`` for an empty filler row).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 TEXT, MESSAGES = "text", "messages"  # the default column names of the two kinds of data
 ROLES = ("system", "user", "assistant")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +148,8 @@ class Sequences:
   weights: list[np.ndarray]
   truncated: int = 0  # examples cut to max_seq_length
   without_targets: int = 0  # examples left with no target token
+  adapters: np.ndarray | None = None  # each example's adapter (an index), or None: one adapter
+  kept: np.ndarray | None = None  # the source rows these examples are, where some were skipped
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -164,7 +171,7 @@ def check_max_seq_length(max_len: int) -> None:
     )
 
 
-def _finish(ids, weights, max_len: int, source: str) -> Sequences:
+def _finish(ids, weights, max_len: int, source: str, kept=None) -> Sequences:
   """Truncated to ``max_len``, counting what was cut; refused when no example is left with a
   target token (the loss would be 0/0: nothing learnt, a meaningless eval loss)."""
   truncated = sum(len(x) > max_len for x in ids)
@@ -192,7 +199,7 @@ def _finish(ids, weights, max_len: int, source: str) -> Sequences:
       without,
       len(ids),
     )
-  return Sequences(ids, weights, truncated, without)
+  return Sequences(ids, weights, truncated, without, kept=kept)
 
 
 def _check_texts(texts: Sequence, source: str) -> None:
@@ -291,7 +298,8 @@ def encode_conversations(
       "completion-only loss needs the turn a reply answers before it",
       source, len(skipped), len(conversations), rows,
     )  # fmt: skip
-  return _finish(ids, weights, max_len, source)
+  kept = np.setdiff1d(np.arange(len(conversations)), skipped) if skipped else None
+  return _finish(ids, weights, max_len, source, kept)
 
 
 def _render_row(tokenizer, messages, add_generation_prompt: bool, i: int, source: str):
@@ -325,9 +333,52 @@ def encode(dataset, kind: str, column: str, tokenizer, max_len: int, completion_
 # Batches.
 
 
+def adapter_ids(values: Sequence, names: Sequence[str] | None, column: str, source: str):
+  """``(names, ids)``: each row's adapter as an index into ``names`` (``int32``).
+
+  ``names=None`` (the training split): the distinct values, sorted. Otherwise a value outside
+  ``names`` is refused in one line. Names become folder names (``OUTPUT_DIR/adapter/NAME``): a
+  value that is not a non-empty string of letters, digits, ``_``, ``-`` and ``.`` is refused.
+
+  Example:
+    >>> names, ids = adapter_ids(["fr", "de", "fr"], None, "task", "t.jsonl")
+    >>> names, ids.tolist()
+    (('de', 'fr'), [1, 0, 1])
+    >>> adapter_ids(["it"], names, "task", "v.jsonl")
+    Traceback (most recent call last):
+    ...
+    ValueError: v.jsonl: row 0 names the adapter 'it' in column 'task'; the training split's ...
+  """
+  for i, v in enumerate(values):
+    if not isinstance(v, str) or not ADAPTER_NAME.fullmatch(v) or v in (".", ".."):
+      raise ValueError(
+        f"{source}: row {i} names the adapter {v!r} in column {column!r}: an adapter name is a "
+        "non-empty string of letters, digits, '_', '-' and '.' (it names a folder)"
+      )
+  if names is None:
+    names = tuple(sorted(set(values)))
+  index = {n: i for i, n in enumerate(names)}
+  for i, v in enumerate(values):
+    if v not in index:
+      raise ValueError(
+        f"{source}: row {i} names the adapter {v!r} in column {column!r}; the training "
+        f"split's adapters: {', '.join(names)}"
+      )
+  return tuple(names), np.array([index[v] for v in values], np.int32)
+
+
 def pack(seqs: Sequences, row_len: int) -> list[list[int]]:
-  """The sequences placed into rows of ``row_len`` tokens (first-fit decreasing length)."""
-  return packing.first_fit_decreasing(seqs.lengths, row_len)
+  """The sequences placed into rows of ``row_len`` tokens (first-fit decreasing length); with
+  ``seqs.adapters``, each adapter's sequences apart (a row trains one adapter)."""
+  if seqs.adapters is None:
+    return packing.first_fit_decreasing(seqs.lengths, row_len)
+  rows = []
+  for a in np.unique(seqs.adapters):
+    members = np.flatnonzero(seqs.adapters == a)
+    rows += [
+      members[r].tolist() for r in packing.first_fit_decreasing(seqs.lengths[members], row_len)
+    ]
+  return rows
 
 
 def _rows_batch(seqs: Sequences, rows: Sequence[Sequence[int]], n_rows: int, length: int,
@@ -350,6 +401,9 @@ def _rows_batch(seqs: Sequences, rows: Sequence[Sequence[int]], n_rows: int, len
     "segment_ids": segments,
     "weights": weights,
   }
+  if seqs.adapters is not None:
+    batch["adapter_ids"] = np.full(n_rows, -1, np.int32)
+    batch["adapter_ids"][: len(rows)] = [seqs.adapters[m[0]] for m in rows]
   return batch | targets(ids, segments, weights)
 
 

@@ -299,7 +299,13 @@ def _rewrites_base(params) -> bool:
 
 def adapter_summary(params) -> str:
   """``"2 x r=8 alpha=16.0 rslora=False dropout=0.1"``: the adapters' settings, for checkpoint
-  signatures (``dora``, and an ``init`` other than gaussian, are named where they apply)."""
+  signatures (``dora``, and an ``init`` other than gaussian, are named where they apply); for a
+  bank, each adapter's (``"fr: ..., de: ..."``)."""
+  if lora_jax.is_bank(params):
+    return "; ".join(
+      f"{name}: {adapter_summary(lora_jax.bank_adapter(params, name))}"
+      for name in lora_jax.bank_names(params)
+    )
   counts = collections.Counter(
     f"r={s.rank} alpha={s.alpha} rslora={s.rslora} dropout={s.dropout}"
     + (" dora" if s.use_dora else "")
@@ -325,7 +331,8 @@ def step_zero(params):
 
 def export(args, config, tokenizer, params, out: pathlib.Path, *, task_type: str,
            extra_trainable=(), initial=None) -> None:  # fmt: skip
-  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``); ``--export_merged``: ``merged/``.
+  """The adapter in PEFT's format (``OUTPUT_DIR/adapter``; a bank's adapters each in
+  ``adapter/NAME``); ``--export_merged``: ``merged/``.
 
   A model trained from scratch also gets its base written (``base_model/``, see
   :func:`export_base_model`): the adapter is useless without those random weights.
@@ -336,16 +343,21 @@ def export(args, config, tokenizer, params, out: pathlib.Path, *, task_type: str
     return
   if not args.model_name_or_path:
     export_base_model(args, config, tokenizer, params if initial is None else initial)
-  lora_jax.export_peft(
-    out / "adapter",
-    params,
-    base_model_name_or_path=base_model_path(args),
-    config=config,
-    task_type=task_type,
-    extra_trainable=extra_trainable,
-    initial=initial,
-  )
-  logger.info("wrote the adapter (PEFT format) to %s", out / "adapter")
+  banked = lora_jax.is_bank(params)
+  for name in lora_jax.bank_names(params) if banked else [None]:
+    folder = out / "adapter" if name is None else out / "adapter" / name
+    lora_jax.export_peft(
+      folder,
+      params if name is None else lora_jax.bank_adapter(params, name),
+      base_model_name_or_path=base_model_path(args),
+      config=config,
+      task_type=task_type,
+      extra_trainable=extra_trainable,
+      initial=initial,
+    )
+    logger.info(
+      "wrote the adapter%s (PEFT format) to %s", "" if name is None else f" {name!r}", folder
+    )
   if args.export_merged:
     models.export_merged(out / "merged", params, config=config, tokenizer=tokenizer)
     logger.info("wrote the merged model to %s", out / "merged")

@@ -77,6 +77,13 @@ class ClmData:
     help="padding-free rows of max_seq_length tokens holding several sequences (segment_ids); "
     "--no-packing: one sequence per row, padded to a bucketed length",
   )
+  adapter_column: str | None = flags.field(
+    help="train several adapters at once: one per name in this column of the training data, "
+    "each example training its own (a packed row holds one adapter's examples), one adapter "
+    "bank over the base; each is written to OUTPUT_DIR/adapter/NAME and its eval loss reported "
+    "as eval_loss_NAME (a .jsonl --generation_prompts_file then names each prompt's adapter in "
+    "the same field)"
+  )
   max_train_samples: int | None = flags.max_samples("training")
   max_eval_samples: int | None = flags.max_samples("eval")
 
@@ -130,6 +137,17 @@ def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Na
   flags.check_shared(args, parser, None)
   if not args.dataset_name and not args.train_file:
     parser.error("argument --train_file: give a training file or --dataset_name (Hub)")
+  if args.adapter_column:
+    # what one adapter bank over one base cannot hold, or what the run would not know to write
+    for flag, refused, why in (
+      ("--adapter_name_or_path", args.adapter_name_or_path, "the bank's adapters start new"),
+      ("--use_dora", args.use_dora, "a bank holds plain LoRA adapters"),
+      ("--init_lora_weights", args.init_lora_weights.startswith(("pissa", "olora")),
+       "PiSSA and OLoRA rewrite the base, which a bank's adapters share"),
+      ("--export_merged", args.export_merged, "one merged model per adapter is not written"),
+    ):  # fmt: skip
+      if refused:
+        parser.error(f"argument {flag}: not with --adapter_column: {why}")
   return args
 
 

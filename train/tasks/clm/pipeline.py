@@ -9,6 +9,11 @@
    and perplexity, greedy samples of ``--generation_prompts_file`` at every evaluation).
 4. Outputs: ``metrics.jsonl``, ``eval_results.json``, ``samples.jsonl``, ``curves.png``, the
    adapter in PEFT's format (``CAUSAL_LM``), Orbax checkpoints, ``--export_merged``.
+
+``--adapter_column COLUMN`` trains several adapters at once: one per name in that column of the
+training split, in one adapter bank over the base (:func:`lora_jax.adapter_bank`); each example
+trains its own adapter (a packed row holds one adapter's examples), evaluation reports each
+adapter's loss beside the whole, and each adapter is written to ``adapter/NAME``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Data:
   train: clm_data.Sequences
   eval: clm_data.Sequences | None
   kind: str  # clm_data.TEXT or clm_data.MESSAGES
+  adapters: tuple[str, ...] | None = None  # --adapter_column's names, in the bank's order
 
 
 def load_data(args: argparse.Namespace, tokenizer) -> Data:
@@ -69,7 +75,9 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
       f"text column {column!r}"
     )
 
-  def encode(split: str, limit: int | None) -> clm_data.Sequences:
+  adapters = None  # the training split's names, which the validation split's must be among
+
+  def encode(split: str, limit: int | None):
     ds = raw[split]
     if column not in ds.column_names:
       raise ValueError(
@@ -80,15 +88,27 @@ def load_data(args: argparse.Namespace, tokenizer) -> Data:
       ds = ds.select(range(min(limit, len(ds))))
     name = args.train_file if split == "train" else args.validation_file
     where = f"{name!r} (the {split} split)" if name else f"the {split} split of {source!r}"
-    return clm_data.encode(ds, kind, column, tokenizer, args.max_seq_length, completion_only, where)
+    seqs = clm_data.encode(ds, kind, column, tokenizer, args.max_seq_length, completion_only, where)
+    if args.adapter_column:
+      if args.adapter_column not in ds.column_names:
+        raise ValueError(
+          f"--adapter_column {args.adapter_column!r}: {where} has no such column; its columns: "
+          f"{ds.column_names}"
+        )
+      names, ids = clm_data.adapter_ids(ds[args.adapter_column], adapters, args.adapter_column,
+                                        where)  # fmt: skip
+      seqs.adapters = ids if seqs.kept is None else ids[seqs.kept]
+      return seqs, names
+    return seqs, None
 
-  train = encode("train", args.max_train_samples)
-  evals = encode("validation", args.max_eval_samples) if "validation" in raw else None
-  return Data(train, evals, kind)
+  train, adapters = encode("train", args.max_train_samples)
+  evals = encode("validation", args.max_eval_samples)[0] if "validation" in raw else None
+  return Data(train, evals, kind, adapters)
 
 
-def load_model(args: argparse.Namespace):
-  """``(module, params with adapters, transformers config)``."""
+def load_model(args: argparse.Namespace, adapters: tuple[str, ...] | None = None):
+  """``(module, params with adapters, transformers config)``; with ``adapters`` (names), a bank
+  of one new adapter per name (:func:`lora_jax.adapter_bank`), each from its own seed."""
   module, variables, config = setup.base_model(
     args,
     "causal-lm",
@@ -103,9 +123,16 @@ def load_model(args: argparse.Namespace):
     params = setup.load_adapter(args.adapter_name_or_path, variables, config)
   else:
     layouts = lora_jax.kernel_layouts(module, jnp.ones((1, 1), jnp.int32))
-    params = lora_jax.lora_init(
-      variables, setup.lora_rule(args), rng=jax.random.key(args.seed + 1), layouts=layouts
-    )
+    rule = setup.lora_rule(args)
+
+    def new(i: int):
+      return lora_jax.lora_init(variables, rule, rng=jax.random.key(args.seed + 1 + i),
+                                layouts=layouts)  # fmt: skip
+
+    if adapters is None:
+      params = new(0)
+    else:
+      params = lora_jax.adapter_bank({name: new(i) for i, name in enumerate(adapters)})
   return module, params, config
 
 
@@ -137,10 +164,13 @@ def fit_batch(args: argparse.Namespace, rows: int, devices: int) -> int:
   return per_device * devices
 
 
-def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> Sampler | None:
+def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path,
+             adapters: tuple[str, ...] | None) -> Sampler | None:  # fmt: skip
   if not args.generation_prompts_file:
     return None
-  prompts, references = read_prompts(args.generation_prompts_file)
+  prompts, references, ids_of = read_prompts(
+    args.generation_prompts_file, args.adapter_column, adapters
+  )
   if kind == clm_data.MESSAGES:  # ask as a user turn, as the model is trained
     ids = [
       clm_data.render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
@@ -150,7 +180,7 @@ def _sampler(args, module, params, tokenizer, kind: str, out: pathlib.Path) -> S
     ids = [tokenizer(p)["input_ids"] for p in prompts]
   base = lora_jax.partition(params, lora_jax.trainable_mask(params))[1]
   return Sampler(module, base, prompts, references, ids, tokenizer,
-                 args.generation_max_new_tokens, out / SAMPLES)  # fmt: skip
+                 args.generation_max_new_tokens, out / SAMPLES, ids_of)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +198,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
   setup.check_vocabulary(tokenizer, setup.model_config(args))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   data = load_data(args, tokenizer)
-  module, params, hf_config = load_model(args)
+  module, params, hf_config = load_model(args, data.adapters)
   logger.info(lora_jax.param_report(params).splitlines()[0])
   initial = None if args.adapter_name_or_path else setup.step_zero(params)
 
@@ -188,8 +218,9 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     eval_rows=args.per_device_eval_batch_size * devices,
     seed=args.seed,
     fused_loss=llama.output_weight(module.config, params["params"])[1] is not None,
+    adapters=data.adapters,
   )
-  task.sampler = _sampler(args, module, params, tokenizer, data.kind, out)
+  task.sampler = _sampler(args, module, params, tokenizer, data.kind, out, data.adapters)
   logger.info(
     "%d training sequences in %d %s rows; %d steps of %d rows x %d (accumulation), %s parallel "
     "over %d device(s)",
@@ -221,7 +252,11 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       packing=args.packing,
       train_batch_size=global_rows,
       train_rows=len(data.train),
-      train_data=setup.fingerprint([*data.train.ids, *data.train.weights]),
+      train_data=setup.fingerprint(
+        [*data.train.ids, *data.train.weights]
+        + ([] if data.adapters is None else [data.train.adapters])
+      ),
+      **({} if data.adapters is None else {"adapter_column": list(data.adapters)}),
     ),
     record=as_dict(args),
     on_step=on_step,

@@ -15,6 +15,7 @@ import numpy as np
 import lora_jax
 from lora_jax import models
 from lora_jax.models.decoder.generate import prompt_bucket
+from train.data import clm as clm_data
 from train.engine import outputs
 
 logger = logging.getLogger(__name__)
@@ -22,16 +23,24 @@ logger = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
 
 
-def read_prompts(path: str) -> tuple[list[str], list[str] | None]:
-  """Prompts of ``--generation_prompts_file`` and their reference answers, if it gives them.
+def read_prompts(path: str, adapter_column: str | None = None,
+                 adapters: tuple[str, ...] | None = None):  # fmt: skip
+  """``(prompts, references or None, adapter ids or None)`` of ``--generation_prompts_file``.
 
   One prompt per line; or JSONL rows with ``"prompt"`` and, on every row or none,
-  ``"completion"`` (the expected answer: samples then get an exact-match score).
+  ``"completion"`` (the expected answer: samples then get an exact-match score). With
+  ``adapter_column`` (a run training the bank ``adapters``), JSONL rows whose
+  ``adapter_column`` field names the adapter that answers them: their indices are returned.
   """
   file = pathlib.Path(path)
   if not file.is_file():
     raise FileNotFoundError(f"--generation_prompts_file {path!r} does not exist")
-  prompts, references = [], []
+  if adapter_column and file.suffix != ".jsonl":
+    raise ValueError(
+      f"--generation_prompts_file {path!r}: with --adapter_column each prompt names its adapter, "
+      f"so the prompts are a .jsonl file with 'prompt' and {adapter_column!r} fields"
+    )
+  prompts, references, names = [], [], []
   for i, line in enumerate(file.read_text().splitlines()):
     if not line.strip():
       continue
@@ -50,13 +59,19 @@ def read_prompts(path: str) -> tuple[list[str], list[str] | None]:
         f"--generation_prompts_file {path!r}: line {i + 1} has no string 'prompt' field"
       )
     prompts.append(row["prompt"])
+    if adapter_column:
+      names.append(row.get(adapter_column))
     if "completion" in row:
       references.append(str(row["completion"]))
   if not prompts:
     raise ValueError(f"--generation_prompts_file {path!r} holds no prompt")
   if references and len(references) != len(prompts):
     raise ValueError(f"{path}: some rows have a 'completion' and some do not")
-  return prompts, references or None
+  ids = None
+  if adapter_column:
+    ids = clm_data.adapter_ids(names, adapters, adapter_column,
+                               f"--generation_prompts_file {path!r}")[1]  # fmt: skip
+  return prompts, references or None, ids
 
 
 @dataclasses.dataclass
@@ -71,6 +86,7 @@ class Sampler:
   tokenizer: Any
   max_new_tokens: int
   path: pathlib.Path
+  adapter_ids: np.ndarray | None = None  # each prompt's adapter in the bank (--adapter_column)
 
   def __call__(self, step: int, trainable_host) -> dict[str, float]:
     """Writes this step's samples; returns ``samples_exact_match`` when references exist."""
@@ -87,12 +103,17 @@ class Sampler:
         [self.prompt_ids[i] for i in members],
         max_new_tokens=self.max_new_tokens,
         eos_token_id=self.tokenizer.eos_token_id,
+        **({} if self.adapter_ids is None else {"adapter_ids": self.adapter_ids[members]}),
       )
       for i, tokens in zip(members, new_tokens, strict=True):
         out[i] = tokens
     texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out]
     pairs = zip(self.prompts, texts, strict=True)
     new = [{"step": step, "prompt": p, "generation": t} for p, t in pairs]
+    if self.adapter_ids is not None:
+      names = lora_jax.bank_names(params)
+      for row, i in zip(new, self.adapter_ids, strict=True):
+        row["adapter"] = names[i]
     metrics = {}
     if self.references is not None:
       for row, ref in zip(new, self.references, strict=True):

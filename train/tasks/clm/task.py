@@ -44,6 +44,8 @@ def forward(apply_fn, trainable, frozen, batch, *, fused: bool = True, **kwargs)
   variables = lora_jax.combine(trainable, frozen)
   if fused:
     kwargs["target_ids"] = batch["target_ids"]
+  if "adapter_ids" in batch:  # a bank (--adapter_column): each row through its own adapter
+    kwargs["adapter_ids"] = batch["adapter_ids"]
   out = apply_fn(
     variables,
     batch["input_ids"],
@@ -71,6 +73,7 @@ class CausalLM:
   seed: int
   sampler: Sampler | None = None
   fused_loss: bool = True  # see forward()
+  adapters: tuple[str, ...] | None = None  # a bank's names: each one's eval loss is reported
 
   def loss(self, trainable, frozen, batch, rngs):
     nll = forward(self.apply_fn, trainable, frozen, batch, fused=self.fused_loss,
@@ -96,17 +99,22 @@ class CausalLM:
   def evaluate(self, step: int, parallel, trainable, frozen) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if self.eval is not None:
-      t0, total, weight = time.perf_counter(), 0.0, 0.0
+      t0 = time.perf_counter()
+      n = len(self.adapters or ())
+      per = np.zeros((n + 1, 2))  # [adapter, (loss, weight)]; the last: filler rows, or all
       for batch in self.eval.eval_batches(self.eval_rows):
-        sums = parallel.eval(trainable, frozen, parallel.put_batch(batch))
-        total, weight = total + float(sums[:, 0].sum()), weight + float(sums[:, 1].sum())
+        sums = np.asarray(parallel.eval(trainable, frozen, parallel.put_batch(batch)), np.float64)
+        np.add.at(per, batch.get("adapter_ids", np.full(len(sums), n)), sums)
+      total, weight = per.sum(axis=0)
       loss = total / max(weight, 1.0)
       results = {
         "eval_loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "eval_tokens": int(weight),
-        "eval_runtime_s": round(time.perf_counter() - t0, 3),
       }
+      for name, (t, w) in zip(self.adapters or (), per, strict=False):
+        results[f"eval_loss_{name}"] = t / max(w, 1.0)
+      results["eval_runtime_s"] = round(time.perf_counter() - t0, 3)
     if self.sampler is not None:
       results.update(self.sampler(step, parallel.host(trainable)))
     return results
