@@ -106,14 +106,14 @@ class CausalLM:
         sums = np.asarray(parallel.eval(trainable, frozen, parallel.put_batch(batch)), np.float64)
         np.add.at(per, batch.get("adapter_ids", np.full(len(sums), n)), sums)
       total, weight = per.sum(axis=0)
-      loss = total / max(weight, 1.0)
+      loss = float(total / max(weight, 1.0))
       results = {
         "eval_loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
         "eval_tokens": int(weight),
       }
       for name, (t, w) in zip(self.adapters or (), per, strict=False):
-        results[f"eval_loss_{name}"] = t / max(w, 1.0)
+        results[f"eval_loss_{name}"] = float(t / max(w, 1.0))
       results["eval_runtime_s"] = round(time.perf_counter() - t0, 3)
     if self.sampler is not None:
       results.update(self.sampler(step, parallel.host(trainable)))
