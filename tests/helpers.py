@@ -131,3 +131,13 @@ def with_numpy_adapters(base, rules, seed, layouts=None, scale=0.1):
     return flat_base[keypath]
 
   return jax.tree_util.tree_map_with_path(fill, adapted)
+
+
+def script_main(capsys, main, *argv) -> tuple[int, list[str]]:
+  """A training script's ``main(argv)``: its exit code (argparse's ``SystemExit`` included) and
+  the lines it wrote to stderr."""
+  try:
+    code = main(list(argv))
+  except SystemExit as e:  # argparse errors
+    code = e.code
+  return code, capsys.readouterr().err.strip().splitlines()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import transformers
 from conftest import REPO
+from helpers import script_main
 
 from train import run_clm
 from train.data import clm as clm_data
@@ -56,11 +57,7 @@ def _write_data(folder: pathlib.Path, rows: int = 200) -> dict[str, str]:
 
 
 def _main(capsys, *argv) -> tuple[int, list[str]]:
-  try:
-    code = run_clm.main(list(argv))
-  except SystemExit as e:  # argparse errors
-    code = e.code
-  return code, capsys.readouterr().err.strip().splitlines()
+  return script_main(capsys, run_clm.main, *argv)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import transformers
 from conftest import REPO
+from helpers import script_main
 
 from configs.tools import make_clm_quickstart
 from configs.tools import make_dates_recipe
@@ -128,11 +129,7 @@ def test_a_prompts_file_with_completions_on_some_rows_is_refused(tmp_path):
 
 
 def _main(capsys, *argv) -> tuple[int, list[str]]:
-  try:
-    code = run_clm.main(list(argv))
-  except SystemExit as e:  # argparse errors
-    code = e.code
-  return code, capsys.readouterr().err.strip().splitlines()
+  return script_main(capsys, run_clm.main, *argv)
 
 
 @pytest.mark.parametrize("script", [run_clm, run_glue], ids=["run_clm", "run_glue"])

@@ -14,6 +14,7 @@ import pathlib
 import datasets
 import pytest
 import transformers
+from helpers import script_main
 
 from train import run_clm
 from train import run_glue
@@ -259,16 +260,11 @@ def test_clm_empty_and_unreadable_files_are_named(tmp_path, name, text, message)
 # End to end: exit 2, one line, before any training.
 
 
-def _main(capsys, main, *argv) -> tuple[int, list[str]]:
-  code = main(list(argv))
-  return code, capsys.readouterr().err.strip().splitlines()
-
-
 def test_run_glue_refuses_a_bad_validation_label_before_training(capsys, tmp_path):
   dev = _tsv(tmp_path / "dev.tsv", "sentence\tlabel", *GOOD, "odd .\t7")
   out = tmp_path / "out"
   config = str(REPO / "configs" / "quickstart.yaml")
-  code, err = _main(capsys, run_glue.main, "--config", config, "--validation_file", dev,
+  code, err = script_main(capsys, run_glue.main, "--config", config, "--validation_file", dev,
                     "--output_dir", str(out), "--no-progress")  # fmt: skip
   assert code == 2 and err == [
     f"run_glue.py: error: the validation split ({dev!r}) has label 7; valid: 0..1 "
@@ -292,7 +288,7 @@ def test_run_clm_refuses_bad_data_before_training(capsys, tmp_path):
     ),  # fmt: skip
   ]
   for extra, message in cases:
-    code, err = _main(capsys, run_clm.main, *common, *extra)
+    code, err = script_main(capsys, run_clm.main, *common, *extra)
     assert code == 2 and len(err) == 1, (extra, err)
     assert err[0].startswith("run_clm.py: error: ") and message in err[0], (extra, err)
   assert not any(out.glob("*"))
