@@ -52,7 +52,8 @@ def _inputs(seq, heads, kv_heads, dtype, seed=0):
 def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, interpret):
   q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
   kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
-  got = causal_segment_attention(q, k, v, seg, interpret=interpret)
+  # jitted: an interpreted kernel compiles into one program instead of running op by op
+  got = jax.jit(functools.partial(causal_segment_attention, interpret=interpret))(q, k, v, seg)
   want = _reference(q, kr, vr, seg)
   tol = TOL[dtype, interpret]
   np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol)
@@ -67,7 +68,7 @@ def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, interpre
   def dense(q, k, v):
     return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg)
 
-  grads = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2))(q, k, v)
+  grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2)))(q, k, v)
   ref = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
   for name, g, r in zip("qkv", grads, ref, strict=True):
     r = np.float32(r)
@@ -167,9 +168,9 @@ def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtyp
     return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg)
 
   tol = TPU_TOL[dtype]
-  with pltpu.force_tpu_interpret_mode():
-    got = fused(q, k, v)
-    grads = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2))(q, k, v)
+  with pltpu.force_tpu_interpret_mode():  # jitted: one program, not the kernel op by op
+    got = jax.jit(fused)(q, k, v)
+    grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2)))(q, k, v)
   want = dense(q, k, v)
   np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol)
   ref = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
