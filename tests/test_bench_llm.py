@@ -1,6 +1,7 @@
 """The training-step benchmark's causal-LM configurations (``bench/llm_*.py``): both sides
 compute the same loss on the same packed or padded batch, the smallest configuration runs
-beside PEFT, and the memory script plans a step from shapes. No timing assertions."""
+beside PEFT (slow: a subprocess run of the benchmark), and the memory script plans a step from
+shapes. No timing assertions."""
 
 import doctest
 import importlib.util
@@ -87,6 +88,7 @@ def _train_step(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess run of the benchmark beside PEFT: .ci/run runs it
 def test_smallest_llm_configuration_runs_two_steps_beside_peft(tmp_path):
   extra = ["--peft", "--peft_impl", "eager"] if HAS_PEFT else []
   proc = _train_step("--configs", SMALLEST, "--steps", "2", "--warmup", "1",
