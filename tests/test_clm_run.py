@@ -245,7 +245,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_loss(tmp_pa
           "--config_name", "", "--model_name_or_path", str(base), "--max_steps", "16",
           "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
           "--lora_dropout", "0.1", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
-          "--no-progress"]  # fmt: skip
+          "--generation_prompts_file", "", "--no-progress"]  # fmt: skip
   env = {**os.environ, "XLA_FLAGS": ""}
   straight = subprocess.run([*argv, "--output_dir", str(tmp_path / "straight")], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
