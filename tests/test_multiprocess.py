@@ -45,9 +45,10 @@ def _files(out: pathlib.Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path):
-  one = _launch(1, 4, tmp_path / "1x4")
+  # 13 validation rows: a count that the processes (and devices) do not divide
+  one = _launch(1, 4, tmp_path / "1x4", "--max_eval_samples", "13")
   assert one.returncode == 0, one.stderr[-3000:]
-  two = _launch(2, 2, tmp_path / "2x2")
+  two = _launch(2, 2, tmp_path / "2x2", "--max_eval_samples", "13")
   assert two.returncode == 0, two.stderr[-3000:]
   assert "error" not in two.stderr.lower(), two.stderr[-3000:]
   # the results line comes from each process; the same numbers
@@ -60,6 +61,11 @@ def test_two_processes_train_as_one(tmp_path):
   assert len(rows["2x2"]) == len(rows["1x4"])
   ref = [r["loss"] for r in rows["1x4"] if "loss" in r]
   np.testing.assert_allclose([r["loss"] for r in train_rows], ref, atol=1e-5, rtol=0)
+  # the evaluation saw every validation token once: none dropped, none counted twice
+  evals = {n: [r for r in rows[n] if "eval_loss" in r] for n in rows}
+  assert [r["eval_tokens"] for r in evals["2x2"]] == [r["eval_tokens"] for r in evals["1x4"]]
+  np.testing.assert_allclose([r["eval_loss"] for r in evals["2x2"]],
+                             [r["eval_loss"] for r in evals["1x4"]], atol=1e-5, rtol=0)  # fmt: skip
   assert _files(tmp_path / "2x2") == _files(tmp_path / "1x4")  # nothing more, nothing less
   a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("1x4", "2x2"))
   assert a.keys() == b.keys() and a
