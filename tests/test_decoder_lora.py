@@ -125,6 +125,16 @@ def test_an_adapted_embedding_gives_our_logits_in_peft_tied_or_not(ckpt, tmp_pat
     safetensors_torch.save_file(tensors, str(folder / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="the tied output layer 'lm_head' has an adapter of its"):
       lora_jax.import_peft(folder, variables, config=ckpt.config)
+    # PEFT's own adapter on the tied embedding, without ensure_weight_tying: input only
+    del tensors["base_model.model.lm_head.lora_A.weight"]
+    del tensors["base_model.model.lm_head.lora_B.weight"]
+    safetensors_torch.save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+      json.dumps({**config, "ensure_weight_tying": False})
+    )
+    with pytest.warns(UserWarning, match="adapts the tied embedding without ensure_weight_tying"):
+      lora_jax.import_peft(folder, variables, config=ckpt.config)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])

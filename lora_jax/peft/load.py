@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -135,11 +136,25 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
   return factors, others
 
 
-def _without_tied_output(factors: dict, config: Any, source: str) -> dict:
+def _without_tied_output(factors: dict, cfg: Mapping, config: Any, source: str) -> dict:
   """``factors`` without a tied output layer's (:data:`TIED_OUTPUT`), which PEFT saves beside
   the embedding's with ``ensure_weight_tying``: lora_jax's tied embedding carries one adapter
-  for both uses. Refused in one line when they are not the embedding's factors."""
-  if TIED_OUTPUT not in factors or not getattr(config, "tie_word_embeddings", False):
+  for both uses. Refused in one line when they are not the embedding's factors; a warning when
+  PEFT would apply the embedding's adapter to the input only (no ``ensure_weight_tying``)."""
+  if not getattr(config, "tie_word_embeddings", False):
+    return factors
+  if TIED_OUTPUT not in factors:
+    if (
+      cfg.get("task_type") == "CAUSAL_LM"
+      and not cfg.get("ensure_weight_tying")
+      and any("lora_embedding_A" in k for k in factors.values())
+    ):
+      warnings.warn(
+        f"{source} adapts the tied embedding without ensure_weight_tying: PEFT applies it to "
+        "the input embedding only, lora_jax to the output layer too, so the logits differ "
+        "from PEFT's",
+        stacklevel=3,
+      )
     return factors
   out = factors[TIED_OUTPUT]
   embedded = [k for k in factors.values() if "lora_embedding_A" in k]
@@ -225,7 +240,7 @@ def import_peft(
   check_supported(cfg, source)
   tensors = _read_weights(folder)
   factors, others = _split_keys(tensors, source)
-  factors = _without_tied_output(factors, config, source)
+  factors = _without_tied_output(factors, cfg, config, source)
 
   tree, rebuild = paths.split_params(params)
   names = names_for(config, tree)
