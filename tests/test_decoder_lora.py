@@ -137,6 +137,29 @@ def test_an_adapted_embedding_gives_our_logits_in_peft_tied_or_not(ckpt, tmp_pat
       lora_jax.import_peft(folder, variables, config=ckpt.config)
 
 
+def test_a_peft_made_embedding_adapter_imports_to_peft_logits(ckpt, tmp_path):
+  """PEFT saves the embedding layers it adapts (``base_layer.weight``; ``lm_head``'s too when
+  tied), which ``import_peft`` refused as leaves the base lacks."""
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt.folder).eval()
+  tied = ckpt.config.tie_word_embeddings
+  peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"],
+                                ensure_weight_tying=tied)  # fmt: skip
+  peft_model = peft.get_peft_model(torch_model, peft_config)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name or "lora_embedding_B" in name:
+        p.normal_(0.0, 0.3)
+  peft_model.eval().save_pretrained(tmp_path)
+  saved = peft.utils.load_peft_weights(str(tmp_path))
+  assert "base_model.model.model.embed_tokens.base_layer.weight" in saved
+  module, variables = from_pretrained(ckpt.folder)
+  params = lora_jax.import_peft(tmp_path, variables, config=ckpt.config)
+  ids, mask = mixed_batch(ckpt.config)
+  ours = lora_jax.lora_apply(module.apply)(params, ids, mask)
+  assert max_error(ours, module.apply(variables, ids, mask), mask) > 0.1
+  assert max_error(ours, torch_logits(peft_model, ids, mask), mask) <= 1e-4
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_peft_made_adapter_imports_to_peft_logits(qwen3, scan, tmp_path):
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(qwen3.folder).eval()

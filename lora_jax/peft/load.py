@@ -115,8 +115,10 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
       factors[m["module"]][m["kind"]] = array
     elif "lora_" in name:
       unknown.append(key)
-    else:
-      others[re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)] = array
+    else:  # a module's own weights: modules_to_save, or an embedding's base_layer (PEFT saves
+      # the embedding layers it adapts, for a resized vocabulary)
+      name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+      others[re.sub(r"\.base_layer\.", ".", name)] = array
   if unknown:
     raise ValueError(
       f"{source} holds tensors lora_jax cannot place (a LoRA variant?): {sorted(unknown)[:10]}"
@@ -134,6 +136,14 @@ def _split_keys(tensors: Mapping[str, np.ndarray], source: str):
         "linear layers only"
       )
   return factors, others
+
+
+def _without_tied_output_weight(others: dict, config: Any) -> dict:
+  """``others`` without the tied output layer's saved base weight (PEFT saves it beside the
+  embedding's when it adapts a tied embedding): the model's output layer is its embedding."""
+  if not getattr(config, "tie_word_embeddings", False):
+    return others
+  return {k: v for k, v in others.items() if k != f"{TIED_OUTPUT}.weight"}
 
 
 def _without_tied_output(factors: dict, cfg: Mapping, config: Any, source: str) -> dict:
@@ -241,6 +251,7 @@ def import_peft(
   tensors = _read_weights(folder)
   factors, others = _split_keys(tensors, source)
   factors = _without_tied_output(factors, cfg, config, source)
+  others = _without_tied_output_weight(others, config)
 
   tree, rebuild = paths.split_params(params)
   names = names_for(config, tree)
