@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -590,6 +591,27 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_one_befor
     "is intact: free space, then rerun the same command to resume"
   ], proc.stderr[-3000:]
   assert sorted(p.name for p in folder.iterdir()) == ["1"]  # no partial 2
+
+
+def test_a_failed_save_removes_files_its_other_writes_add_after_the_error(tmp_path):
+  """Orbax raises the first failed write while TensorStore's threads finish the others, which
+  add files to the partial folder after it was first removed (CI once kept
+  ``4.orbax-checkpoint-tmp`` beside checkpoint 2): the removal waits until none comes back."""
+  ckpt = checkpoints.Checkpointer(tmp_path, {"run": 1})
+
+  def late_writes():  # as the writes that were still going when the failure was raised
+    for i in range(4):
+      part = tmp_path / f"2{checkpoints.TMP}" / "state" / f"d{i}"
+      part.mkdir(parents=True, exist_ok=True)
+      (part / "chunk").write_bytes(b"x")
+      time.sleep(0.1)
+
+  writer = threading.Thread(target=late_writes)
+  writer.start()
+  time.sleep(0.05)  # the folder exists when the failure arrives
+  ckpt._remove_partials()
+  writer.join()
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_orbax_error_records_are_dropped_for_a_failed_write_only(caplog):

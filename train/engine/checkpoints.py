@@ -28,6 +28,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 import traceback
 import zlib
 from typing import Any
@@ -173,8 +174,7 @@ class Checkpointer:
         raise
       failed, why = self._writing if self._writing is not None else step, _write_error(e)
     self._writing, self._failed = None, True
-    for partial in self.directory.glob(f"*{TMP}*"):  # nothing else writes once a save failed
-      shutil.rmtree(partial, ignore_errors=True)
+    self._remove_partials()
     self.manager.reload()  # it dropped the steps that the failed save was to replace, not their
     kept = sorted(self.manager.all_steps())  # folders: those are removed after a save succeeds
     raise CheckpointWriteFailed(
@@ -182,6 +182,20 @@ class Checkpointer:
       + (f"checkpoint {kept[-1]} is intact: free space, then rerun the same command to resume"
          if kept else "no checkpoint was kept: free space, then rerun the same command")
     )  # fmt: skip
+
+  def _remove_partials(self, quiet_s: float = 0.5, limit_s: float = 30.0) -> None:
+    """Removes the failed save's folders (``STEP.orbax-checkpoint-tmp*``) until none has come back
+    for ``quiet_s``. Orbax raises the first failed write while the others go on in TensorStore's
+    threads, and those still create files in the folder after it was first removed (seen in CI:
+    ``4.orbax-checkpoint-tmp`` left beside checkpoint 2). No new save starts once one failed."""
+    start = last_seen = time.monotonic()
+    while time.monotonic() - last_seen < quiet_s and time.monotonic() - start < limit_s:
+      partials = list(self.directory.glob(f"*{TMP}*"))
+      for partial in partials:
+        shutil.rmtree(partial, ignore_errors=True)
+      if partials:
+        last_seen = time.monotonic()
+      time.sleep(0.05)
 
   def check(self, step: int, template: TrainState) -> dict:
     """The checkpoint's meta, after checking it fits ``template``; else CheckpointMismatch."""
