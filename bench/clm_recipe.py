@@ -193,15 +193,15 @@ def transformers_answers(model_path: str, adapter: str, prompts: list[str], max_
   return answers
 
 
-def check_export(config: str, out: str) -> dict:
+def check_export(config: str, out: str, prompts: int | None = None) -> dict:
   """The packed run's ``adapter/`` in transformers + PEFT: greedy answers equal to lora_jax's
-  final samples?"""
+  final samples (the first ``prompts`` of them; all by default)?"""
   from train.tasks.clm import args as clm_args
 
   args = clm_args.parse_args(["--config", config])
   rows = [json.loads(x) for x in (pathlib.Path(out) / "samples.jsonl").read_text().splitlines()]
   last = max(r["step"] for r in rows)
-  ours = [r for r in rows if r["step"] == last]
+  ours = [r for r in rows if r["step"] == last][:prompts]
   theirs = transformers_answers(
     args.model_name_or_path,
     str(pathlib.Path(out) / "adapter"),
@@ -217,8 +217,9 @@ def check_export(config: str, out: str) -> dict:
 
 
 def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int = 1,
-            check: bool = True, log=print) -> dict:  # fmt: skip
-  """Alternating runs of the three sides; the summary the module doc describes."""
+            check: bool = True, check_prompts: int | None = None, log=print) -> dict:  # fmt: skip
+  """Alternating runs of the three sides; the summary the module doc describes. ``check``: the
+  export check, on the first ``check_prompts`` test prompts (all by default)."""
   padded = ["--no-packing", "--per_device_train_batch_size", str(PADDED_ROWS), *NO_SAMPLES]
   if padded_steps is not None:
     padded += ["--max_steps", str(padded_steps)]
@@ -231,7 +232,7 @@ def compare(config: str = CONFIG, padded_steps: int | None = None, rounds: int =
       ours, theirs = lockstep_pair(config, str(adapter), f"{tmp}/padded{r}", padded)
       packed = lora_jax_run(config, str(adapter), f"{tmp}/packed{r}", [])
       if check and r == 0:
-        result["export_check"] = check_export(config, f"{tmp}/packed{r}")
+        result["export_check"] = check_export(config, f"{tmp}/packed{r}", check_prompts)
       for side, row in zip(sides, (ours, theirs, packed), strict=True):
         row = {"side": side, "round": r, **row}
         log(json.dumps({k: v for k, v in row.items() if k != "losses"}))
