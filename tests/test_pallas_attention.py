@@ -46,9 +46,15 @@ def _inputs(seq, heads, kv_heads, dtype, seed=0):
   return q, k, v, jnp.array([row0, row1], jnp.int32)
 
 
+# Two diagonal cases of the dtype x length grid: one block and several blocks each run once, and
+# so do float32 (the tight tolerance, on the several blocks) and bfloat16.
+DIAGONAL = pytest.mark.parametrize(
+  ("dtype", "seq"), [(jnp.float32, 160), (jnp.bfloat16, 40)], ids=["float32-160", "bfloat16-40"]
+)
+
+
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("seq", [40, 160])  # padded to 64 and to 256 (past one 128-query block)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@DIAGONAL  # 40 is padded to 64, 160 to 256 (past one 128-query block)
 def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, interpret):
   q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
   kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
@@ -152,8 +158,7 @@ def test_pallas_off_a_gpu_or_tpu_is_xlas_attention():
 TPU_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-@pytest.mark.parametrize("seq", [40, 160])  # padded to 128 and 256 (past one block)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@DIAGONAL  # 40 is padded to 128, 160 to 256 (past one block)
 def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype):
   q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
   cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
