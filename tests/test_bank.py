@@ -50,7 +50,7 @@ class Scanned(nn.Module):
 
 
 def _adapters(model, x, rules):
-  base = model.init(jax.random.key(0), x)
+  base = jax.jit(model.init)(jax.random.key(0), x)  # one program, not op by op
   layouts = lora_jax.kernel_layouts(model, x)
   out = {}
   for i, (name, rule) in enumerate(rules.items()):
@@ -63,9 +63,10 @@ def _check_rows(model, base, adapters, x, ids, atol=1e-5):
   bank = lora_jax.adapter_bank(adapters)
   got = jax.jit(lora_jax.lora_apply(model.apply))(bank, x, adapter_ids=jnp.asarray(ids))
   names = list(adapters)
+  apply = jax.jit(model.apply)  # every row's merge has the base's structure: one compile
   for row, i in enumerate(ids):
     params = base if i < 0 else lora_jax.merge(adapters[names[i]])
-    want = model.apply(params, x[row : row + 1])
+    want = apply(params, x[row : row + 1])
     np.testing.assert_allclose(got[row : row + 1], want, atol=atol, err_msg=f"row {row}, id {i}")
   return bank, got
 
