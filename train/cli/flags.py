@@ -301,8 +301,9 @@ class TrainingConfig:
   distributed_timeout: int = field(
     300,
     type=positive_int,
-    help="multi-process jobs: seconds to reach the coordinator (JAX_COORDINATOR_ADDRESS) and "
-    "for all processes to join (jax.distributed.initialize's initialization_timeout)",
+    help="multi-process jobs: seconds to reach the coordinator (JAX_COORDINATOR_ADDRESS), for "
+    "all processes to join (jax.distributed.initialize's initialization_timeout), and after "
+    "which a process not heard from counts as lost (the others stop with one line, exit 1)",
   )
 
 

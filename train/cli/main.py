@@ -38,13 +38,18 @@ def run_script(
 
   from train.engine import checkpoints
   from train.engine import parallel
+  from train.engine import peers
   from train.engine import rundir
 
+  timeout = getattr(args, "distributed_timeout", 300)
   try:
-    parallel.maybe_initialize_distributed(timeout=getattr(args, "distributed_timeout", 300))
+    distributed = parallel.maybe_initialize_distributed(timeout=timeout)
   except ConnectionError as e:  # an unreachable coordinator
     print(f"{name}: error: {e}", file=sys.stderr)
     return 2
+  watching = None
+  if distributed:  # a lost process ends the others with one line (exit 1), not JAX's abort
+    watching = peers.start(peers.client(), jax.process_index(), jax.process_count(), timeout, name)
   claim = rundir.claim(args.output_dir) if jax.process_index() == 0 else contextlib.nullcontext()
   import pickle
 
@@ -63,8 +68,16 @@ def run_script(
   except (ValueError, OSError, NotImplementedError, FloatingPointError, pickle.UnpicklingError,
           jinja2.TemplateError) as e:  # fmt: skip
     why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if watching is not None:  # a lost process's broken collective first lets the watch name it
+      watching.end(f"{name}: error: {why}", 2, e)
     print(f"{name}: error: {why}", file=sys.stderr)
     return 2
+  except Exception as e:  # a collective whose peer was lost (JaxRuntimeError); else a bug
+    if watching is not None and peers.broke(e):
+      watching.end(f"{name}: error: {str(e).strip().splitlines()[0]}", 1, e)
+    raise
+  if watching is not None:
+    watching.finish()
   print(
     " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items())
   )

@@ -71,12 +71,15 @@ def maybe_initialize_distributed(environ=os.environ, timeout: int = 300) -> bool
   (Slurm, Open MPI, Cloud TPU). Must run before anything touches a device. ``timeout``
   (``--distributed_timeout``) is JAX's ``initialization_timeout``; a process other than 0 first
   waits that long for ``JAX_COORDINATOR_ADDRESS`` to accept a connection
-  (:func:`wait_for_coordinator`: ``ConnectionError``, one line, if it never does).
+  (:func:`wait_for_coordinator`: ``ConnectionError``, one line, if it never does). JAX's
+  heartbeat timeout is ``2 * timeout + 10`` s, past :mod:`train.engine.peers`' ``timeout``.
   """
   counts = [int(environ.get(k, "1") or 1) for k in _MULTI_PROCESS_ENV]
   if not environ.get("JAX_COORDINATOR_ADDRESS") and max(counts) <= 1:
     return False
-  kwargs = {"initialization_timeout": timeout}
+  # JAX's heartbeat timeout past train.engine.peers' (``timeout``): a lost process is named in
+  # one line by the survivors before the coordination service aborts them.
+  kwargs = {"initialization_timeout": timeout, "heartbeat_timeout_seconds": 2 * timeout + 10}
   address = environ.get("JAX_COORDINATOR_ADDRESS")
   if address and int(environ.get("JAX_PROCESS_ID", "0") or 0) != 0:
     wait_for_coordinator(address, timeout)
