@@ -179,6 +179,7 @@ def test_attn_implementation_reaches_the_model(tmp_path, choice, implementation)
   assert module.attention_implementation == implementation
 
 
+@pytest.mark.slow  # a whole run (~12 s)
 def test_examples_longer_than_max_seq_length_are_truncated_and_counted(tmp_path, caplog):
   args = _args(tmp_path / "out", "--max_seq_length", "12", "--max_steps", "1",
                "--max_train_samples", "64", "--generation_prompts_file", "")  # fmt: skip

@@ -292,6 +292,8 @@ def quickstart_elsewhere(tmp_path_factory) -> tuple[subprocess.CompletedProcess,
   return proc, out
 
 
+# Both read one whole run_glue.py process (~28 s of the README's suite): CI's slow set runs them.
+@pytest.mark.slow
 def test_the_quickstart_config_runs_from_another_folder(quickstart_elsewhere):
   proc, out = quickstart_elsewhere
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -299,6 +301,7 @@ def test_the_quickstart_config_runs_from_another_folder(quickstart_elsewhere):
   assert (out / "eval_results.json").is_file() and (out / "adapter").is_dir()
 
 
+@pytest.mark.slow
 def test_the_log_is_the_projects_not_its_libraries(quickstart_elsewhere):
   proc, _ = quickstart_elsewhere
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -635,6 +635,7 @@ def test_orbax_error_records_are_dropped_for_a_failed_write_only(caplog):
   assert "said by the one line" not in caplog.text
 
 
+@pytest.mark.slow  # a whole run_clm.py run to its divergence (~15 s); run_glue.py's: above
 def test_run_clm_shares_the_guarantees(tmp_path, capsys):
   """The same machinery under ``run_clm.py``: a diverging run is one line and writes no adapter
   nor results; a directory in use is refused before anything else."""
@@ -735,6 +736,7 @@ def quickstart_rows(tmp_path: pathlib.Path, n: int, name="train.jsonl") -> pathl
   return path
 
 
+@pytest.mark.slow  # a whole run_clm.py run of 3 epochs on 512-token rows (~15 s)
 def test_run_clm_with_its_defaults_trains_on_40_rows(tmp_path, caplog):
   """Its defaults (512-token packed rows, 8 a batch) make 2 rows of 40 short conversations:
   "fewer than one global batch" before; now the batch is lowered to fit, with a warning."""
@@ -770,6 +772,7 @@ def test_run_clm_says_which_accumulation_fits_a_tiny_dataset(tmp_path, capsys):
   ), err
 
 
+@pytest.mark.slow  # two whole run_clm.py runs (~14 s)
 def test_conversations_opening_with_an_assistant_turn_are_skipped_and_counted(
   tmp_path, caplog, capsys
 ):
@@ -1077,6 +1080,7 @@ def test_curves_plot_perplexity_and_exact_match_not_the_token_count():
   )
 
 
+@pytest.mark.slow  # a whole run_clm.py run with evaluations and samples each step (~18 s)
 def test_run_clm_shows_mid_run_evaluations_and_samples_and_plots_them(tmp_path, caplog):
   """Mid-run evaluations and samples reached only metrics.jsonl and samples.jsonl, and
   curves.png plotted eval_tokens (a constant) instead of perplexity."""
