@@ -128,6 +128,7 @@ class Watching:
     if broke(error):
       time.sleep(self.watch.timeout + 3 * self.interval)
     print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
     os._exit(code)
 
   def finish(self) -> None:
@@ -155,6 +156,7 @@ def start(client, process_id: int, num_processes: int, timeout: float, name: str
           file=sys.stderr,
           flush=True,
         )
+        sys.stdout.flush()
         os._exit(1)
 
   atexit.register(stop.set)  # after jax.distributed's own handler: runs before it
