@@ -29,11 +29,19 @@ SMALL = ("--max_steps", "8", "--logging_steps", "1", "--eval_steps", "0", "--sav
          "--no-progress")  # fmt: skip
 
 
-def _launch(nproc, devices, out, *extra, timeout=300, **kwargs):
+# The GLUE quickstart the same way: 12 steps of 8 rows, 13 validation and 13 test rows.
+GLUE = ("train/run_glue.py", "--config", str(REPO / "configs" / "quickstart.yaml"),
+        "--max_steps", "12", "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "4",
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "16",
+        "--max_eval_samples", "13", "--max_predict_samples", "13", "--parallel", "mesh",
+        "--shard_frozen", "--no-progress")  # fmt: skip
+
+
+def _launch(nproc, devices, out, *extra, command=("train/run_clm.py", "--config", CONFIG, *SMALL),
+            timeout=300):  # fmt: skip
   argv = [sys.executable, "-m", "train.launch", "--nproc", str(nproc), "--devices_per_proc",
-          str(devices), "--", "train/run_clm.py", "--config", CONFIG, *SMALL,
-          "--output_dir", str(out), *extra]  # fmt: skip
-  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+          str(devices), "--", *command, "--output_dir", str(out), *extra]  # fmt: skip
+  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _files(out: pathlib.Path) -> list[str]:
@@ -41,6 +49,29 @@ def _files(out: pathlib.Path) -> list[str]:
   by folder only."""
   files = (p.relative_to(out) for p in out.rglob("*") if p.is_file())
   return sorted({str(f.parent / "*") if f.parent.name == "d" else str(f) for f in files})
+
+
+def _same_run(one: pathlib.Path, two: pathlib.Path, steps: int) -> None:
+  """``two`` (2 processes x 2 devices) logged, evaluated and wrote what ``one`` (1 x 4) did."""
+  rows = {n: outputs.read_jsonl(n / "metrics.jsonl") for n in (one, two)}
+  # every step logged once: no row missing, none written twice (by a second writer)
+  train_rows = [r for r in rows[two] if "loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
+  assert len(rows[two]) == len(rows[one])
+  ref = [r["loss"] for r in rows[one] if "loss" in r]
+  np.testing.assert_allclose([r["loss"] for r in train_rows], ref, atol=1e-5, rtol=0)
+  # the evaluation saw every validation example once: none dropped, none counted twice
+  evals = {n: [r for r in rows[n] if "eval_loss" in r] for n in rows}
+  assert [sorted(r) for r in evals[two]] == [sorted(r) for r in evals[one]] and evals[one]
+  for a, b in zip(evals[one], evals[two], strict=True):
+    for key in a:
+      if key.startswith("eval_") and not key.endswith("runtime_s"):
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0, err_msg=key)
+  assert _files(two) == _files(one)  # nothing more, nothing less
+  a, b = (load_file(n / "adapter" / "adapter_model.safetensors") for n in (one, two))
+  assert a.keys() == b.keys() and a
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0, err_msg=k)
 
 
 @pytest.mark.slow
@@ -54,23 +85,20 @@ def test_two_processes_train_as_one(tmp_path):
   # the results line comes from each process; the same numbers
   results = sorted(line for line in two.stdout.splitlines() if "eval_loss=" in line)
   assert [r[:5] for r in results] == ["[p0] ", "[p1] "], two.stdout
-  rows = {n: outputs.read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("1x4", "2x2")}
-  # every step logged once: no row missing, none written twice (by a second writer)
-  train_rows = [r for r in rows["2x2"] if "loss" in r]
-  assert [r["step"] for r in train_rows] == list(range(1, 9))
-  assert len(rows["2x2"]) == len(rows["1x4"])
-  ref = [r["loss"] for r in rows["1x4"] if "loss" in r]
-  np.testing.assert_allclose([r["loss"] for r in train_rows], ref, atol=1e-5, rtol=0)
-  # the evaluation saw every validation token once: none dropped, none counted twice
-  evals = {n: [r for r in rows[n] if "eval_loss" in r] for n in rows}
-  assert [r["eval_tokens"] for r in evals["2x2"]] == [r["eval_tokens"] for r in evals["1x4"]]
-  np.testing.assert_allclose([r["eval_loss"] for r in evals["2x2"]],
-                             [r["eval_loss"] for r in evals["1x4"]], atol=1e-5, rtol=0)  # fmt: skip
-  assert _files(tmp_path / "2x2") == _files(tmp_path / "1x4")  # nothing more, nothing less
-  a, b = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("1x4", "2x2"))
-  assert a.keys() == b.keys() and a
-  for k in a:
-    np.testing.assert_allclose(b[k], a[k], atol=1e-6, rtol=0, err_msg=k)
+  _same_run(tmp_path / "1x4", tmp_path / "2x2", steps=8)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_glue_quickstart_as_one(tmp_path):
+  """The same for run_glue.py: losses, the evaluation of 13 rows (accuracy included), the test
+  predictions (process 0 writes them), the adapter."""
+  for name, nproc, devices in (("1x4", 1, 4), ("2x2", 2, 2)):
+    run = _launch(nproc, devices, tmp_path / name, command=GLUE)
+    assert run.returncode == 0, run.stderr[-3000:]
+  _same_run(tmp_path / "1x4", tmp_path / "2x2", steps=12)
+  predictions = {n: sorted((tmp_path / n).glob("predict_results*")) for n in ("1x4", "2x2")}
+  assert len(predictions["1x4"]) == 1, _files(tmp_path / "1x4")
+  assert predictions["2x2"][0].read_text() == predictions["1x4"][0].read_text()
 
 
 @pytest.mark.slow
