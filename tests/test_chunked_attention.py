@@ -41,8 +41,9 @@ def test_chunked_equals_xla_attention_with_gradients(mask_kind, chunk):
 
   full = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)  # noqa: E731
   blocks = lambda q, k, v: chunked_attention(q, k, v, mask, chunk=chunk)  # noqa: E731
-  np.testing.assert_allclose(blocks(q, k, v), full(q, k, v), atol=2e-6)
-  want = jax.grad(loss(full), argnums=(0, 1, 2))(q, k, v)
+  # jitted: one program each, not op by op
+  np.testing.assert_allclose(jax.jit(blocks)(q, k, v), jax.jit(full)(q, k, v), atol=2e-6)
+  want = jax.jit(jax.grad(loss(full), argnums=(0, 1, 2)))(q, k, v)
   got = jax.jit(jax.grad(loss(blocks), argnums=(0, 1, 2)))(q, k, v)
   for g, r in zip(got, want, strict=True):
     np.testing.assert_allclose(g, r, atol=1e-5)
@@ -71,10 +72,10 @@ def test_decoder_with_chunked_attention_gives_the_same_logits():
   ids = jax.random.randint(jax.random.key(1), (1, seq), 0, 64)
   segments = jnp.array([[1] * 300 + [2] * (seq - 300)])
   plain = auto_model(cfg, attention_implementation="xla")
-  variables = plain.init(jax.random.key(0), ids[:, :4])
-  want = plain.apply(variables, ids, segment_ids=segments)
+  variables = jax.jit(plain.init)(jax.random.key(0), ids[:, :4])  # one program, not op by op
+  want = jax.jit(plain.apply)(variables, ids, segment_ids=segments)
   chunked = auto_model(cfg, attention_implementation="xla_chunked")
-  got = chunked.apply(variables, ids, segment_ids=segments)
+  got = jax.jit(chunked.apply)(variables, ids, segment_ids=segments)
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
