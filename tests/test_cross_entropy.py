@@ -129,10 +129,10 @@ def test_decoder_target_ids_equal_the_loss_of_its_logits(tied, dtype):
   ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 97)
   index = jnp.array([[0, 3, 8], [2, 5, 7]])  # targets at listed positions, as run_clm.py
   targets = jnp.take_along_axis(jnp.roll(ids, -1, 1), index, axis=1)
-  init = jax.jit(model.init)  # each program compiled whole, not run op by op
-  variables = init(jax.random.key(0), ids)
-  assert jax.tree.structure(init(jax.random.key(0), ids, target_ids=jnp.roll(ids, -1, 1))) \
-    == jax.tree.structure(variables)  # fmt: skip
+  variables = jax.jit(model.init)(jax.random.key(0), ids)  # one program, not op by op
+  targets_next = jnp.roll(ids, -1, 1)
+  with_targets = jax.eval_shape(model.init, jax.random.key(0), ids, target_ids=targets_next)
+  assert jax.tree.structure(with_targets) == jax.tree.structure(variables)
   rule = lora_jax.LoraRule(["q_proj", "v_proj"], 4)
   adapted = lora_jax.lora_init(variables, rule, rng=jax.random.key(2),
                                layouts=lora_jax.kernel_layouts(model, ids))  # fmt: skip
@@ -148,10 +148,17 @@ def test_decoder_target_ids_equal_the_loss_of_its_logits(tied, dtype):
     return apply(lora_jax.combine(tr, frozen), ids, logits_index=index, target_ids=targets,
                  loss_chunk_size=4)  # fmt: skip
 
-  np.testing.assert_allclose(jax.jit(fused)(trainable), jax.jit(from_logits)(trainable),
-                             atol=TOL[dtype])  # fmt: skip
-  want = jax.jit(jax.grad(lambda tr: jnp.mean(from_logits(tr))))(trainable)
-  got = jax.jit(jax.grad(lambda tr: jnp.mean(fused(tr))))(trainable)
+  def losses_and_grads(losses):  # one compiled program a side: the losses and their gradients
+    def mean(tr):
+      each = losses(tr)
+      return jnp.mean(each), each
+
+    (_, each), grads = jax.jit(jax.value_and_grad(mean, has_aux=True))(trainable)
+    return each, grads
+
+  got_losses, got = losses_and_grads(fused)
+  want_losses, want = losses_and_grads(from_logits)
+  np.testing.assert_allclose(got_losses, want_losses, atol=TOL[dtype])
   scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(want))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, atol=TOL[dtype] * scale)
