@@ -94,8 +94,10 @@ def tiny_model(kind: str):
   return module, params
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
-@pytest.mark.parametrize("groups", [1, 3])
+# Two diagonal cases of the model x groups grid: BERT's and RoBERTa's positions each restart
+# per packed sequence once, and one group and three each pack once (packed_batch's layout does
+# not depend on the model; the model's positions not on the groups).
+@pytest.mark.parametrize(("kind", "groups"), [("bert", 3), ("roberta", 1)])
 def test_packed_rows_give_the_padded_logits_and_gradients(kind, groups):
   module, params = tiny_model(kind)
   apply = jax.jit(lora_jax.lora_apply(module.apply))
