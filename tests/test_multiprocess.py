@@ -86,6 +86,18 @@ def test_two_processes_train_as_one(tmp_path):
   results = sorted(line for line in two.stdout.splitlines() if "eval_loss=" in line)
   assert [r[:5] for r in results] == ["[p0] ", "[p1] "], two.stdout
   _same_run(tmp_path / "1x4", tmp_path / "2x2", steps=8)
+  # two processes start from the checkpoint and the adapter one process wrote (each process
+  # reads its own copy: the loaders placed it on device 0, which process 1 does not have)
+  base, adapter = (str(tmp_path / "1x4" / n) for n in ("base_model", "adapter"))
+  again = _launch(2, 2, tmp_path / "again", "--max_eval_samples", "13", "--config_name", "",
+                  "--model_name_or_path", base, "--adapter_name_or_path", adapter,
+                  "--max_steps", "1", "--eval_on_start")  # fmt: skip
+  assert again.returncode == 0, again.stderr[-3000:]
+  start = next(
+    r for r in outputs.read_jsonl(tmp_path / "again" / "metrics.jsonl") if r["step"] == 0
+  )
+  end = outputs.read_jsonl(tmp_path / "1x4" / "metrics.jsonl")[-1]
+  np.testing.assert_allclose(start["eval_loss"], end["eval_loss"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

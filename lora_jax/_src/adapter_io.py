@@ -362,7 +362,7 @@ def _check_checksums(info: Mapping, restored: Mapping[str, Any], where) -> None:
 
 def _abstract(info: Mapping, flat: Mapping[str, Any]) -> dict:
   """Shapes, dtypes and placements to restore into: a base leaf's sharding where one exists."""
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   out = {}
   for record in info["leaves"]:
     shape = tuple(record["shape"])

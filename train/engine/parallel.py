@@ -104,6 +104,31 @@ def _fsdp_spec(leaf, n: int) -> P:
   return P(*spec)
 
 
+def held_here(tree) -> tuple[int, int]:
+  """``(bytes, devices)``: what ``tree``'s arrays take on this process's devices (every shard
+  and replica held here), and on how many of them.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> held_here({"w": jnp.zeros((4, 8), jnp.float32)})  # one device holds it whole
+    (128, 1)
+  """
+  shards = [s for x in jax.tree.leaves(tree) for s in x.addressable_shards]
+  return sum(s.data.nbytes for s in shards), len({s.device for s in shards})
+
+
+def _via_host(tree):
+  """In a multi-process job, ``tree``'s arrays that this process holds alone (a checkpoint or an
+  adapter loaded on its first device) as host arrays: ``jax.device_put`` onto devices of every
+  process takes each process's slices of a host array, where it would refuse to move a device
+  array to other processes' devices (cross-host transfers, off on CPU and GPU)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(
+    lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree
+  )
+
+
 def data_parallel_size(mode: str) -> int:
   """Devices (over all processes) that share one global batch in ``mode``."""
   return 1 if mode == "none" else jax.device_count()
@@ -161,7 +186,7 @@ class Parallel:
         state,
       )
     if self.mode == "mesh":
-      return jax.device_put(state, self.replicated)
+      return jax.device_put(_via_host(state), self.replicated)
     # committed to the device, as the step's outputs are: its second call must not compile again
     return jax.device_put(state, jax.local_devices()[0])
 
@@ -169,7 +194,7 @@ class Parallel:
     if self.mode == "mesh" and self.shard_frozen:
       n = self.mesh.size
       shardings = jax.tree.map(lambda x: NamedSharding(self.mesh, _fsdp_spec(x, n)), frozen)
-      return jax.device_put(frozen, shardings)
+      return jax.device_put(_via_host(frozen), shardings)
     return self.put_state(frozen)
 
   def put_batch(self, batch: dict) -> dict:

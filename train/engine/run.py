@@ -28,6 +28,7 @@ import lora_jax
 from train.engine import checkpoints
 from train.engine import loop
 from train.engine import outputs
+from train.engine import parallel as parallel_lib
 from train.engine import state as state_lib
 from train.engine import step as step_lib
 from train.engine.loop import Diverged
@@ -280,7 +281,13 @@ def run(
   if record is not None and main_process:
     outputs.write_json(out / "args.json", record)
   state = parallel.put_state(host_state)
+  whole = sum(x.nbytes for x in jax.tree.leaves(frozen))
   frozen = parallel.put_frozen(frozen)
+  here, devices = parallel_lib.held_here(frozen)
+  logger.info(
+    "frozen base: %.1f MB on this process's %d device(s), one copy %.1f MB%s",
+    here / 1e6, devices, whole / 1e6, " (sharded: --shard_frozen)" if parallel.shard_frozen else "",
+  )  # fmt: skip
 
   hooks = _RunHooks(task, parallel, frozen, log, ckpt, on_step)
   batches = task.batches(int(host_state.step), parallel.data_parallel)

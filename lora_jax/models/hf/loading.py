@@ -104,7 +104,7 @@ def _sources(path: str, shape: tuple[int, ...], container: str | None) -> list[s
 
 def _sharding_for(sharding: Sharding | None, path: str, shape) -> jax.sharding.Sharding:
   if sharding is None:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
     return sharding
   return sharding(f"params/{path}", tuple(shape))
@@ -161,7 +161,7 @@ def _quantized_kernels(module, expected: dict, quantize, sharding) -> set[str]:
 def _quantized_array(path: str, tensors: list, stacked: bool, shape, dtype, quantize):
   """One kernel, quantized layer by layer as each layer's tensor is read."""
   layer_shape = shape[1:] if stacked else shape
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   layout = KernelLayout((0,), (1,), "dense")
   parts = [
     quantization.quantize_array(
@@ -190,12 +190,13 @@ def load_params(
   ``state_dict`` maps transformers names to arrays or lazy tensors
   (:func:`.checkpoint.open_checkpoint`); each parameter is read into a device array of
   ``param_dtype`` on ``sharding`` (a ``jax.sharding.Sharding``, or a function of the
-  ``"params/a/b/c"`` path and shape returning one; default: the first device), stacked from
-  per-layer tensors when ``module`` scans its layers; with ``quantize``, the kernels it selects
-  are quantized one layer at a time as they are read (:func:`lora_jax.quantize`). Encoder heads
-  (``pooler``, ``classifier``) absent from the checkpoint are initialised from ``rng`` and
-  reported in one warning; tensors the model does not use, likewise. Any other missing tensor or
-  any shape mismatch raises one error listing all of them.
+  ``"params/a/b/c"`` path and shape returning one; default: this process's first device),
+  stacked from per-layer tensors when ``module`` scans its layers; with ``quantize``, the
+  kernels it selects are quantized one layer at a time as they are read
+  (:func:`lora_jax.quantize`). Encoder heads (``pooler``, ``classifier``) absent from the
+  checkpoint are initialised from ``rng`` and reported in one warning; tensors the model does
+  not use, likewise. Any other missing tensor or any shape mismatch raises one error listing
+  all of them.
   """
   fam = family_of(config)
   dummy = jnp.zeros((1, 1), jnp.int32)
@@ -394,7 +395,8 @@ def from_pretrained(
     attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"``; decoders
       also ``"pallas"`` and ``"pallas_interpret"`` (see ``lora_jax.models.layers.attention``).
     sharding: where parameters go: a ``jax.sharding.Sharding`` for all, or a function of the
-      ``"params/a/b/c"`` path and shape; each device reads only its slice from disk.
+      ``"params/a/b/c"`` path and shape; each device reads only its slice from disk. Default:
+      this process's first device (in a multi-process job, each process loads its own copy).
     quantize: a :class:`lora_jax.Quantization` (QLoRA's frozen base, e.g.
       ``Quantization("all-linear")`` for NF4 with double quantization): each kernel it selects
       is quantized as it is read, one layer at a time, so the unquantized checkpoint is never
