@@ -439,10 +439,12 @@ def test_distributed_initialize_only_for_multi_process_jobs(monkeypatch):
   assert parallel.maybe_initialize_distributed(env, timeout=7)
   assert parallel.maybe_initialize_distributed({"SLURM_NTASKS": "4"})
   assert parallel.maybe_initialize_distributed({**env, "JAX_PROCESS_ID": "0"})
+  # JAX's heartbeat timeout past the peer watch's (--distributed_timeout): its line comes first
+  beat = {7: {"heartbeat_timeout_seconds": 24}, 300: {"heartbeat_timeout_seconds": 610}}
   assert calls == [
-    {"initialization_timeout": 7, "num_processes": 2, "process_id": 1},
-    {"initialization_timeout": 300},
-    {"initialization_timeout": 300, "num_processes": 2, "process_id": 0},
+    {"initialization_timeout": 7, **beat[7], "num_processes": 2, "process_id": 1},
+    {"initialization_timeout": 300, **beat[300]},
+    {"initialization_timeout": 300, **beat[300], "num_processes": 2, "process_id": 0},
   ]
   assert waits == [("10.0.0.1:1234", 7)]  # process 0 is the coordinator: it waits for no one
 
