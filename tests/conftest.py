@@ -9,13 +9,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_OWN_CACHE = None  # the folder this process made (xdist's workers inherit the variable)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  # One persistent compilation cache per test session (fresh, never reused across sessions):
-  # runs that build the same step functions again (resume, parallel modes, subprocesses) load
-  # the compiled programs instead of compiling them again.
+  # One persistent compilation cache per test session (fresh, never reused across sessions,
+  # removed at its end: pytest_unconfigure): runs that build the same step functions again
+  # (resume, parallel modes, subprocesses) load the compiled programs instead of compiling them.
   import tempfile
 
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lora_jax_xla_cache_")
+  _OWN_CACHE = tempfile.mkdtemp(prefix="lora_jax_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
@@ -97,3 +99,11 @@ def smollm2_path() -> pathlib.Path:
   path = REPO / ".cache" / "SmolLM2-135M-Instruct"
   require(path / ".fetched", "SmolLM2-135M-Instruct", "run .ci/fetch_smollm2.sh first")
   return path
+
+
+def pytest_unconfigure(config):
+  """The session's compilation cache goes with it (about 160 MB after the whole suite)."""
+  if _OWN_CACHE:
+    import shutil
+
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
