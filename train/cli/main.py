@@ -11,6 +11,10 @@ from train.cli.flags import as_dict
 from train.cli.logs import configure_logging
 
 
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def run_script(
   name: str, parse_args: Callable, task_module: str, argv=None, on_step: Callable | None = None
 ) -> int:
@@ -67,14 +71,14 @@ def run_script(
   # refusing a pickled checkpoint; TemplateError: a chat template's sandbox or raise_exception.
   except (ValueError, OSError, NotImplementedError, FloatingPointError, pickle.UnpicklingError,
           jinja2.TemplateError) as e:  # fmt: skip
-    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    why = _first_line(e)
     if watching is not None:  # a lost process's broken collective first lets the watch name it
       watching.end(f"{name}: error: {why}", 2, e)
     print(f"{name}: error: {why}", file=sys.stderr)
     return 2
   except Exception as e:  # a collective whose peer was lost (JaxRuntimeError); else a bug
     if watching is not None and peers.broke(e):
-      watching.end(f"{name}: error: {str(e).strip().splitlines()[0]}", 1, e)
+      watching.end(f"{name}: error: {_first_line(e)}", 1, e)
     raise
   if watching is not None:
     watching.finish()
