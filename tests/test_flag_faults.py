@@ -388,7 +388,7 @@ def test_the_lora_inits_are_the_librarys_in_peft_spelling():
 def test_the_attention_choices_are_the_librarys():
   from lora_jax.models.layers.attention import ATTENTION_IMPLEMENTATIONS
 
-  assert clm_args.ATTENTION == ("auto", *(a for a in ATTENTION_IMPLEMENTATIONS if a is not None))
+  assert flags.ATTENTION == ("auto", *(a for a in ATTENTION_IMPLEMENTATIONS if a is not None))
 
 
 def test_the_engines_names_are_what_it_builds():

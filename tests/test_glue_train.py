@@ -470,3 +470,12 @@ def test_loraplus_flag_moves_b_by_the_ratio(tiny_bert_no_dropout, sst2_dir, tmp_
     moved_plain, moved_plus = a[key] - np.asarray(first[key]), b[key] - np.asarray(first[key])
     ratio = 16.0 if key.endswith("lora_b") else 1.0
     np.testing.assert_allclose(moved_plus, ratio * moved_plain, rtol=1e-5, atol=1e-8, err_msg=key)
+
+
+@pytest.mark.parametrize("choice,implementation", [("auto", None), ("pallas", "pallas")])
+def test_attn_implementation_reaches_the_encoder(
+  tiny_bert, sst2_dir, tmp_path, choice, implementation
+):
+  args = run_args(tiny_bert, sst2_dir, tmp_path, "--attn_implementation", choice)
+  module, _, _ = glue_train.load_model(args, glue_data.TASKS["sst2"])
+  assert module.attention_implementation == implementation

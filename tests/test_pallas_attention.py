@@ -1,8 +1,10 @@
-"""attention_implementation="pallas": Pallas's fused causal kernels from segment ids (Triton on
-GPUs, Mosaic on TPUs), checked against XLA's attention with the dense mask. On CPU the kernels
-run interpreted by JAX (the same kernel code); on a GPU the compiled Triton kernel is checked
-too; both lower for their accelerator from this CPU (jax.export)."""
+"""attention_implementation="pallas": Pallas's fused kernels from segment ids (Triton on GPUs,
+Mosaic on TPUs), causal (decoders) or bidirectional (encoders) within each packed sequence,
+checked against XLA's attention with the dense mask. On CPU the kernels run interpreted by JAX
+(the same kernel code); on a GPU the compiled Triton kernel is checked too; both lower for their
+accelerator from this CPU (jax.export)."""
 
+import contextlib
 import functools
 
 import jax
@@ -17,9 +19,9 @@ from lora_jax.models import auto_model
 from lora_jax.models import generate
 from lora_jax.models.layers.attention import attention
 from lora_jax.models.layers.attention import check_implementation
-from lora_jax.models.layers.pallas_attention import causal_segment_attention
 from lora_jax.models.layers.pallas_attention import padded_length
-from lora_jax.models.layers.pallas_attention import tpu_causal_segment_attention
+from lora_jax.models.layers.pallas_attention import segment_attention
+from lora_jax.models.layers.pallas_attention import tpu_segment_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 MODES = [True, False] if ON_GPU else [True]  # interpret, and compiled where Triton exists
@@ -28,11 +30,12 @@ TOL = {(jnp.float32, True): 2e-5, (jnp.float32, False): 3e-3, (jnp.bfloat16, Tru
        (jnp.bfloat16, False): 3e-2}  # fmt: skip
 
 
-def _reference(q, k, v, segment_ids):
+def _reference(q, k, v, segment_ids, causal=True):
   seq = q.shape[1]
-  causal = jnp.tril(jnp.ones((seq, seq), bool))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return jax.nn.dot_product_attention(q, k, v, mask=(causal & same)[:, None])
+  mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+  if causal:
+    mask &= jnp.tril(jnp.ones((seq, seq), bool))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
 def _inputs(seq, heads, kv_heads, dtype, seed=0):
@@ -46,21 +49,25 @@ def _inputs(seq, heads, kv_heads, dtype, seed=0):
   return q, k, v, jnp.array([row0, row1], jnp.int32)
 
 
-# Two diagonal cases of the dtype x length grid: one block and several blocks each run once, and
-# so do float32 (the tight tolerance, on the several blocks) and bfloat16.
+# Diagonal cases of the dtype x length x causality grid: one block and several blocks each run
+# once, and so do float32 (the tight tolerance, on the several blocks) and bfloat16, causal
+# (decoders) and bidirectional (encoders).
 DIAGONAL = pytest.mark.parametrize(
-  ("dtype", "seq"), [(jnp.float32, 160), (jnp.bfloat16, 40)], ids=["float32-160", "bfloat16-40"]
+  ("dtype", "seq", "causal"),
+  [(jnp.float32, 160, True), (jnp.bfloat16, 40, True), (jnp.float32, 160, False)],
+  ids=["float32-160", "bfloat16-40", "float32-160-bidirectional"],
 )
 
 
 @pytest.mark.parametrize("interpret", MODES)
 @DIAGONAL  # 40 is padded to 64, 160 to 256 (past one 128-query block)
-def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, interpret):
+def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, causal, interpret):
   q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
   kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+  kernel = functools.partial(segment_attention, causal=causal, interpret=interpret)
   # jitted: an interpreted kernel compiles into one program instead of running op by op
-  got = jax.jit(functools.partial(causal_segment_attention, interpret=interpret))(q, k, v, seg)
-  want = _reference(q, kr, vr, seg)
+  got = jax.jit(kernel)(q, k, v, seg)
+  want = _reference(q, kr, vr, seg, causal)
   tol = TOL[dtype, interpret]
   np.testing.assert_allclose(np.float32(got), np.float32(want), atol=tol, rtol=tol)
   cot = jax.random.normal(jax.random.key(9), got.shape, jnp.float32)
@@ -69,10 +76,10 @@ def test_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, interpre
     return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
 
   def fused(q, k, v):
-    return causal_segment_attention(q, k, v, seg, interpret=interpret)
+    return kernel(q, k, v, seg)
 
   def dense(q, k, v):
-    return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg)
+    return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg, causal)
 
   grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2)))(q, k, v)
   ref = jax.grad(functools.partial(loss, dense), argnums=(0, 1, 2))(q, k, v)
@@ -159,7 +166,7 @@ TPU_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
 @DIAGONAL  # 40 is padded to 128, 160 to 256 (past one block)
-def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype):
+def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtype, causal):
   q, k, v, seg = _inputs(seq, heads=4, kv_heads=2, dtype=dtype)
   cot = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
 
@@ -167,10 +174,10 @@ def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtyp
     return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
 
   def fused(q, k, v):
-    return tpu_causal_segment_attention(q, k, v, seg)
+    return tpu_segment_attention(q, k, v, seg, causal=causal)
 
   def dense(q, k, v):
-    return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg)
+    return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg, causal)
 
   tol = TPU_TOL[dtype]
   with pltpu.force_tpu_interpret_mode():  # jitted: one program, not the kernel op by op
@@ -205,40 +212,107 @@ def test_decoder_logits_with_the_tpu_kernel_equal_xla(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Encoders: bidirectional within each packed sequence.
+
+
+def _encoder_config(**kw):
+  return transformers.RobertaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=2, max_position_embeddings=64, **kw,
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", ["triton", "tpu"])
+def test_encoder_outputs_equal_xla_packed_and_padded(kernel, monkeypatch):
+  """A RoBERTa encoder with the fused kernel (Triton's interpreted, or the TPU kernel chosen for
+  this CPU and interpreted): packed rows (GLUE's --pack_sequences) and padded rows give XLA's
+  hidden states at every real token, and the packed classifier XLA's logits."""
+  from lora_jax.models.layers import attention as attention_lib
+
+  implementation, interpreting = "pallas_interpret", contextlib.nullcontext()
+  if kernel == "tpu":
+    interpreting = pltpu.force_tpu_interpret_mode()
+    tpu = attention_lib.FUSED_SEGMENT_KERNELS["tpu"]
+    monkeypatch.setitem(attention_lib.FUSED_SEGMENT_KERNELS, "default", tpu)
+    implementation = "pallas"
+  cfg = _encoder_config()
+  ids = jax.random.randint(jax.random.key(1), (2, 40), 3, 64)
+  xla = auto_model(cfg, "sequence-classification", attention_implementation="xla")
+  fused = auto_model(cfg, "sequence-classification", attention_implementation=implementation)
+  variables = xla.init(jax.random.key(0), ids[:, :4])
+  segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 12 + [2] * 28])
+  cls_index = jnp.array([[0, 17, 40, 52]])
+  mask = jnp.array([[1] * 33 + [0] * 7, [1] * 40])
+  with interpreting:
+    got_packed = fused.apply(variables, ids, segment_ids=segments, cls_index=cls_index)
+    got_hidden = fused.clone(task="base").apply(variables, ids, segment_ids=segments)
+    got_padded = fused.clone(task="base").apply(variables, ids, attention_mask=mask)
+  want_packed = xla.apply(variables, ids, segment_ids=segments, cls_index=cls_index)
+  want_hidden = xla.clone(task="base").apply(variables, ids, segment_ids=segments)
+  want_padded = xla.clone(task="base").apply(variables, ids, attention_mask=mask)
+  np.testing.assert_allclose(np.asarray(got_packed), np.asarray(want_packed), atol=2e-5)
+  real = np.asarray(segments) > 0
+  np.testing.assert_allclose(np.asarray(got_hidden)[real], np.asarray(want_hidden)[real], atol=2e-5)
+  real = np.asarray(mask) > 0
+  np.testing.assert_allclose(np.asarray(got_padded)[real], np.asarray(want_padded)[real], atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
 # Lowering for absent accelerators.
 
 CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_the_scanned_bf16_lora_step_with_pallas_lowers_for_gpu_and_tpu(platform):
-  """A decoder with "pallas", LoRA on every linear layer, scanned, rematted, a bf16 base,
-  packed rows: its training step lowers for each accelerator with that accelerator's kernel."""
-  cfg = _config()
+def _decoder_step_parts():
+  """A decoder with "pallas", LoRA on every linear layer, scanned, rematted, a bf16 base."""
   module = auto_model(
-    cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True, remat=True,
+    _config(), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True, remat=True,
     attention_implementation="pallas",
   )  # fmt: skip
   ids = jnp.ones((2, 40), jnp.int32)
   segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 40])
-  variables = jax.eval_shape(module.init, jax.random.key(0), ids)
   layouts = lora_jax.kernel_layouts(module, ids)
-  params = lora_jax.lora_init(
-    variables, lora_jax.LoraRule("all-linear", rank=4), rng=jax.random.key(1), layouts=layouts
-  )
+  rule = lora_jax.LoraRule("all-linear", rank=4)
+  return module, ids, {"segment_ids": segments}, rule, layouts
+
+
+def _encoder_step_parts():
+  """A RoBERTa classifier with "pallas", LoRA on query and value, a bf16 base, remat, packed
+  rows (GLUE's --pack_sequences: segment ids and each sequence's first token)."""
+
+  module = auto_model(
+    _encoder_config(), "sequence-classification", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+    remat=True, attention_implementation="pallas",
+  )  # fmt: skip
+  ids = jnp.ones((2, 40), jnp.int32)
+  segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 12 + [2] * 28])
+  kwargs = {"segment_ids": segments, "cls_index": jnp.array([[0, 17, 40, 52]])}
+  return module, ids, kwargs, lora_jax.LoraRule(["query", "value"], rank=4), None
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("model", ["decoder", "encoder"])
+def test_the_bf16_lora_step_with_pallas_lowers_for_gpu_and_tpu(model, platform):
+  """The LoRA training step on packed rows with "pallas" (a scanned, rematted bf16 decoder with
+  LoRA on every linear layer; a bf16 RoBERTa classifier) lowers for each accelerator with that
+  accelerator's kernel, and not the other's."""
+  parts = _decoder_step_parts if model == "decoder" else _encoder_step_parts
+  module, ids, kwargs, rule, layouts = parts()
+  variables = jax.eval_shape(module.init, jax.random.key(0), ids)
+  params = lora_jax.lora_init(variables, rule, rng=jax.random.key(1), layouts=layouts)
   trainable, frozen = lora_jax.partition(params, lora_jax.trainable_mask(params))
   apply = lora_jax.lora_apply(module.apply)
 
-  def step(trainable, frozen, ids, segments):
+  def step(trainable, frozen, ids, kwargs):
     def loss(t):
-      logits = apply(lora_jax.combine(t, frozen), ids, segment_ids=segments)
+      logits = apply(lora_jax.combine(t, frozen), ids, **kwargs)
       return jnp.mean(logits.astype(jnp.float32) ** 2)
 
     return jax.grad(loss)(trainable)
 
   checks = [jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALLS[platform])]
   exported = jax.export.export(jax.jit(step), platforms=(platform,), disabled_checks=checks)(
-    trainable, frozen, ids, segments
+    trainable, frozen, ids, kwargs
   )
   text = exported.mlir_module()
   assert CUSTOM_CALLS[platform] in text, f"the {platform} program has no fused attention kernel"
@@ -246,7 +320,7 @@ def test_the_scanned_bf16_lora_step_with_pallas_lowers_for_gpu_and_tpu(platform)
   assert other not in text
 
 
-def test_dense_mask_only_and_sliding_windows_and_encoders_are_refused():
+def test_dense_mask_only_and_sliding_windows_and_unknown_names_are_refused():
   q, k, v, _ = _inputs(40, 4, 2, jnp.float32)
   with pytest.raises(ValueError, match="needs the rows' segment ids"):
     attention(q, k, v, None, implementation="pallas_interpret")
@@ -257,5 +331,7 @@ def test_dense_mask_only_and_sliding_windows_and_encoders_are_refused():
   model = auto_model(mistral, attention_implementation="pallas_interpret")
   with pytest.raises(ValueError, match=r"has no sliding windows \(this config's: \[8\]\)"):
     model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
-  with pytest.raises(ValueError, match="'pallas' is for decoders only; valid for encoders: "):
-    check_implementation("pallas", decoder=False)
+  with pytest.raises(
+    ValueError, match=r"unknown attention_implementation 'flash'; valid: \(None, "
+  ):
+    check_implementation("flash")

@@ -231,9 +231,16 @@ def max_samples(rows: str) -> Any:
   return field(type=positive_int, help=f"keep the first N {rows} rows")
 
 
+# --attn_implementation: "auto", then lora_jax.models.layers.attention.ATTENTION_IMPLEMENTATIONS
+# but None: a copy, so parsing flags imports no jax (tests/test_flag_faults.py checks it against
+# the library's)
+ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
+
+
 @dataclasses.dataclass
 class ModelConfig:
-  """``--model_name_or_path``, ``--config_name``, ``--tokenizer_name``, ``--dtype``."""
+  """``--model_name_or_path``, ``--config_name``, ``--tokenizer_name``, ``--dtype``,
+  ``--attn_implementation``."""
 
   model_name_or_path: str | None = field(
     help="checkpoint folder or Hub id; if not given: {fallback}with --config_name a new model "
@@ -253,6 +260,16 @@ class ModelConfig:
   bf16: bool = field(False, help="transformers' flag: the same as --dtype bfloat16")
   fp16: bool = field(
     False, help="transformers' flag: not supported (no float16 compute here); use --bf16"
+  )
+  attn_implementation: str = field(
+    "auto",
+    choices=ATTENTION,
+    help="auto: cuDNN's fused kernel on GPU for bf16/fp16, else XLA's (on every platform but "
+    "GPUs: XLA's); xla_chunked: XLA's, 512 queries at a time (long sequences without whole "
+    "[seq, seq] scores); pallas: Pallas's fused kernel from segment ids (packed rows without a "
+    "dense mask; causal in decoders, bidirectional in encoders), Triton on GPUs, Mosaic on "
+    "TPUs, XLA elsewhere; pallas_interpret: the Triton kernel interpreted by JAX on any backend "
+    "(slow: for tests)",
   )
 
 

@@ -227,6 +227,12 @@ def base_model(args: argparse.Namespace, task: str, **kwargs):
   return module, variables, config
 
 
+def attention_implementation(args: argparse.Namespace) -> str | None:
+  """The model's ``attention_implementation`` for ``--attn_implementation`` (``auto``: None,
+  the library's default)."""
+  return None if args.attn_implementation == "auto" else args.attn_implementation
+
+
 def model_source(args: argparse.Namespace) -> str:
   """Where the base weights come from: a checkpoint, or a config and a seed (from scratch)."""
   if args.model_name_or_path:

@@ -49,6 +49,7 @@ from lora_jax.models.layers.attention import SEGMENT_IMPLEMENTATIONS
 from lora_jax.models.layers.attention import SegmentMask
 from lora_jax.models.layers.attention import attention
 from lora_jax.models.layers.attention import check_implementation
+from lora_jax.models.layers.attention import mask_segment_ids
 from lora_jax.models.layers.attention import same_segment
 from lora_jax.models.layers.attention import segment_positions
 from lora_jax.models.layers.block import Block
@@ -297,19 +298,6 @@ class _LayerList(_Base):
     return x, (KVCache(jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
 
 
-def _segments(segment_ids, attention_mask, shape: tuple[int, int]) -> jax.Array:
-  """Segment ids that say, for every real token, what a decoder's uncached dense mask says (each
-  token sees the tokens at or before it with its id): one segment, or the packed rows' ids, with
-  ``0`` wherever the dense mask hides a key (ids not above 0, ``attention_mask`` 0)."""
-  seg = jnp.ones(shape, jnp.int32)
-  if segment_ids is not None:
-    seg = jnp.asarray(segment_ids, jnp.int32)
-    seg = jnp.where(seg > 0, seg, 0)
-  if attention_mask is not None:
-    seg = jnp.where(jnp.asarray(attention_mask).astype(bool), seg, 0)
-  return seg
-
-
 def _scanned_layers(config: DecoderConfig, remat: bool):
   layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if remat else DecoderLayer
   return nn.scan(
@@ -484,7 +472,9 @@ class Decoder(_Base):
       mask = mask & valid[:, None, None, :]
     if segment_ids is not None:
       mask = mask & same_segment(segment_ids)
-    segments = None if cache is not None else _segments(segment_ids, attention_mask, (batch, seq))
+    segments = (
+      None if cache is not None else mask_segment_ids(segment_ids, attention_mask, (batch, seq))
+    )
     mask = SegmentMask(mask, segments)
     if position_ids is None:
       if segment_ids is not None:

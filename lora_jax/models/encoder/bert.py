@@ -27,8 +27,10 @@ from lora_jax.models.encoder import heads
 from lora_jax.models.layers.activations import ACTIVATIONS
 from lora_jax.models.layers.activations import activation
 from lora_jax.models.layers.activations import gelu_exact  # noqa: F401  (its home before activations)
+from lora_jax.models.layers.attention import SegmentMask
 from lora_jax.models.layers.attention import attention
 from lora_jax.models.layers.attention import check_implementation
+from lora_jax.models.layers.attention import mask_segment_ids
 from lora_jax.models.layers.attention import same_segment
 from lora_jax.models.layers.attention import segment_positions
 from lora_jax.models.layers.block import Block
@@ -306,7 +308,9 @@ class Bert(_Base):
     remat: rematerialise each layer in the backward pass (``nn.remat``); parameter names are
       unchanged.
     attention_implementation: ``None`` (cuDNN on GPU for 16-bit dtypes, else XLA), ``"xla"``,
-      ``"xla_chunked"`` (XLA's, a block of queries at a time) or ``"cudnn"``.
+      ``"xla_chunked"`` (XLA's, a block of queries at a time), ``"cudnn"``, ``"pallas"``
+      (Pallas's fused kernel from the segment ids: packed rows without a dense mask, on GPUs
+      and TPUs; XLA's attention elsewhere) or ``"pallas_interpret"`` (tests).
   """
 
   task: str = "base"
@@ -353,6 +357,9 @@ class Bert(_Base):
     if mask is not None:
       # Full [B, 1, T, S]: cuDNN takes the mask as a bias and wants both sequence axes.
       mask = jnp.broadcast_to(mask, (batch, 1, seq, seq))
+    # the same mask as segment ids, for the fused kernels (bidirectional within a sequence)
+    segments = mask_segment_ids(segment_ids, attention_mask, (batch, seq))
+    mask = SegmentMask(mask, segments, causal=False)
 
     kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
     x = BertEmbeddings(**kw, name="embeddings")(
@@ -398,8 +405,8 @@ def auto_model(
     dtype: compute dtype.
     param_dtype: parameter dtype.
     remat: rematerialise each layer (``nn.remat``).
-    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"`` or ``"cudnn"`` (see
-      :func:`attention`).
+    attention_implementation: ``None``, ``"xla"``, ``"xla_chunked"``, ``"cudnn"``, ``"pallas"``
+      or ``"pallas_interpret"`` (see :func:`attention`).
 
   Returns:
     A :class:`Bert` module; call it as ``module.apply(variables, input_ids,
@@ -420,7 +427,7 @@ def auto_model(
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-  check_implementation(attention_implementation, decoder=False)
+  check_implementation(attention_implementation)
   cfg = config if isinstance(config, EncoderConfig) else EncoderConfig.from_hf(config)
   return Bert(
     cfg,

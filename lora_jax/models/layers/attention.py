@@ -9,15 +9,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.layers.pallas_attention import causal_segment_attention
-from lora_jax.models.layers.pallas_attention import tpu_causal_segment_attention
+from lora_jax.models.layers.pallas_attention import segment_attention
+from lora_jax.models.layers.pallas_attention import tpu_segment_attention
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
-# kernels that take segment ids and causality instead of a dense mask: decoders only
+# kernels that take segment ids and causality instead of a dense mask
 SEGMENT_IMPLEMENTATIONS = ("pallas", "pallas_interpret")
-# the rest take the dense mask: encoders, sliding windows
+# the rest take the dense mask (what sliding windows need)
 DENSE_MASK_IMPLEMENTATIONS = tuple(
   i for i in ATTENTION_IMPLEMENTATIONS if i not in SEGMENT_IMPLEMENTATIONS
 )
@@ -26,13 +26,15 @@ QUERY_CHUNK = 512  # queries per block of "xla_chunked"
 
 @flax.struct.dataclass
 class SegmentMask:
-  """A decoder's mask twice: ``dense`` ``[batch, 1, seq, keys]`` booleans, and the same mask as
-  ``segment_ids`` ``[batch, seq]`` (each query sees the keys at or before it with its id) for
-  kernels that take segment ids (:data:`SEGMENT_IMPLEMENTATIONS`); ``None`` where the dense
-  mask is not of that form."""
+  """A mask twice: ``dense`` ``[batch, 1, seq, keys]`` booleans (or ``None``: every key), and,
+  for kernels that take segment ids (:data:`SEGMENT_IMPLEMENTATIONS`), the same mask for every
+  real query as ``segment_ids`` ``[batch, seq]``: each query sees the keys with its id, those at
+  or before it where ``causal`` (decoders), all of them otherwise (encoders). ``segment_ids``
+  is ``None`` where the dense mask is not of that form (sliding windows, a cache)."""
 
-  dense: jax.Array
+  dense: jax.Array | None
   segment_ids: jax.Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=True)
 
 
 def attention(
@@ -52,18 +54,19 @@ def attention(
   ``"xla_chunked"``: XLA's attention :data:`QUERY_CHUNK` queries at a time, each block's
   scores recomputed in the backward pass (:func:`chunked_attention`).
 
-  ``"pallas"``: Pallas's fused kernel from the mask's segment ids, causal, no dense mask, for the
-  platform the program is lowered for: Triton on GPUs, Mosaic on TPUs
-  (:mod:`lora_jax.models.layers.pallas_attention`), XLA's attention with the dense mask on other
-  platforms. ``"pallas_interpret"`` runs the Triton kernel interpreted by JAX on any backend
-  (slow: for tests). Both need a :class:`SegmentMask` with segment ids.
+  ``"pallas"``: Pallas's fused kernel from the mask's segment ids (causal or not, as the
+  :class:`SegmentMask` says), no dense mask, for the platform the program is lowered for:
+  Triton on GPUs, Mosaic on TPUs (:mod:`lora_jax.models.layers.pallas_attention`), XLA's
+  attention with the dense mask on other platforms. ``"pallas_interpret"`` runs the Triton
+  kernel interpreted by JAX on any backend (slow: for tests). Both need a :class:`SegmentMask`
+  with segment ids.
   """
   check_implementation(implementation)
-  segment_ids = None
+  segment_ids, causal = None, True
   if isinstance(mask, SegmentMask):
-    mask, segment_ids = mask.dense, mask.segment_ids
+    mask, segment_ids, causal = mask.dense, mask.segment_ids, mask.causal
   if implementation in SEGMENT_IMPLEMENTATIONS:
-    return _segment_attention(query, key, value, segment_ids, mask, implementation)
+    return _segment_attention(query, key, value, segment_ids, mask, implementation, causal)
   if implementation == "xla_chunked":
     return chunked_attention(query, key, value, mask)
   call = functools.partial(jax.nn.dot_product_attention, query, key, value, mask=mask)
@@ -77,32 +80,42 @@ def attention(
   return call(implementation="xla")
 
 
-def _segment_attention(query, key, value, segment_ids, dense, implementation: str) -> jax.Array:
+def _segment_attention(
+  query, key, value, segment_ids, dense, implementation: str, causal: bool
+) -> jax.Array:
   if segment_ids is None:
     raise ValueError(
-      f"attention implementation {implementation!r} needs the rows' segment ids (a decoder "
-      "call without a cache or sliding windows); this call has a dense mask only"
+      f"attention implementation {implementation!r} needs the rows' segment ids (a call "
+      "without a cache or sliding windows); this call has a dense mask only"
     )
   if implementation == "pallas_interpret":
-    return causal_segment_attention(query, key, value, segment_ids, interpret=True)
+    return segment_attention(query, key, value, segment_ids, causal=causal, interpret=True)
   # The fused kernel of the platform the program is lowered for (chosen at lowering, so a CPU
   # machine exports GPU and TPU programs), XLA's attention with the dense mask elsewhere.
-  return jax.lax.platform_dependent(query, key, value, segment_ids, dense, **FUSED_SEGMENT_KERNELS)
+  kernels = {
+    name: functools.partial(kernel, causal=causal) for name, kernel in FUSED_SEGMENT_KERNELS.items()
+  }
+  return jax.lax.platform_dependent(query, key, value, segment_ids, dense, **kernels)
 
 
-def _xla_with_dense_mask(query, key, value, segment_ids, dense):
-  del segment_ids
+def _xla_with_dense_mask(query, key, value, segment_ids, dense, causal):
+  del segment_ids, causal  # the dense mask says both
   return jax.nn.dot_product_attention(query, key, value, mask=dense, implementation="xla")
 
 
 def _without_dense(kernel):
-  return lambda query, key, value, segment_ids, dense: kernel(query, key, value, segment_ids)
+  def call(query, key, value, segment_ids, dense, causal):
+    del dense
+    return kernel(query, key, value, segment_ids, causal=causal)
+
+  return call
 
 
-# attention_implementation="pallas": the kernel for each platform (jax.lax.platform_dependent)
+# attention_implementation="pallas": the kernel for each platform (jax.lax.platform_dependent),
+# each called as kernel(query, key, value, segment_ids, dense, causal)
 FUSED_SEGMENT_KERNELS = {
-  "cuda": _without_dense(causal_segment_attention),
-  "tpu": _without_dense(tpu_causal_segment_attention),
+  "cuda": _without_dense(segment_attention),
+  "tpu": _without_dense(tpu_segment_attention),
   "default": _xla_with_dense_mask,
 }
 
@@ -143,17 +156,34 @@ def chunked_attention(query, key, value, mask, chunk: int = QUERY_CHUNK) -> jax.
   return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, *out.shape[3:])[:, :seq]
 
 
-def check_implementation(implementation: str | None, decoder: bool = True) -> None:
-  """Refuses an unknown ``attention_implementation`` (and, for encoders, the decoder-only
-  :data:`SEGMENT_IMPLEMENTATIONS`) in one line naming the valid ones."""
-  valid = ATTENTION_IMPLEMENTATIONS if decoder else DENSE_MASK_IMPLEMENTATIONS
-  if implementation in SEGMENT_IMPLEMENTATIONS and not decoder:
+def check_implementation(implementation: str | None) -> None:
+  """Refuses an unknown ``attention_implementation`` in one line naming the valid ones."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(
-      f"attention_implementation {implementation!r} is for decoders only; valid for encoders: "
-      f"{valid}"
+      f"unknown attention_implementation {implementation!r}; valid: {ATTENTION_IMPLEMENTATIONS}"
     )
-  if implementation not in valid:
-    raise ValueError(f"unknown attention_implementation {implementation!r}; valid: {valid}")
+
+
+def mask_segment_ids(segment_ids, attention_mask, shape: tuple[int, int]) -> jax.Array:
+  """Segment ids ``[batch, seq]`` that say, for every real token, what the dense mask of
+  ``segment_ids`` (packed rows, ``None``: one sequence a row) and ``attention_mask`` (``0``:
+  a hidden key) says: the rows' ids, and ``0`` wherever a key is hidden (ids not above 0,
+  ``attention_mask`` 0). A hidden token then sees the hidden tokens of its row only; its
+  output is not used.
+
+  Example:
+    >>> import numpy as np
+    >>> ids = mask_segment_ids(jnp.array([[1, 1, 2, 2]]), jnp.array([[1, 0, 1, 1]]), (1, 4))
+    >>> np.asarray(ids).tolist()
+    [[1, 0, 2, 2]]
+  """
+  seg = jnp.ones(shape, jnp.int32)
+  if segment_ids is not None:
+    seg = jnp.asarray(segment_ids, jnp.int32)
+    seg = jnp.where(seg > 0, seg, 0)
+  if attention_mask is not None:
+    seg = jnp.where(jnp.asarray(attention_mask).astype(bool), seg, 0)
+  return seg
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -1,14 +1,16 @@
-"""Causal attention within packed sequences by Pallas's fused kernels, from segment ids.
+"""Attention within packed sequences by Pallas's fused kernels, from segment ids.
 
 XLA's attention takes a dense ``[batch, 1, seq, keys]`` boolean mask and forms float32
 ``[batch, heads, seq, keys]`` scores. Pallas's flash-attention kernels take the rows' segment
 ids and a causal flag instead and never form the scores whole, forward or backward: packed rows
-keep their sequences apart without a dense mask. Two kernels, one per accelerator:
+keep their sequences apart without a dense mask, causal within each sequence for decoders
+(``causal=True``) or bidirectional within it for encoders (``causal=False``). Two kernels, one
+per accelerator:
 
-* :func:`causal_segment_attention`: ``jax.experimental.pallas.ops.gpu.attention.mha``
+* :func:`segment_attention`: ``jax.experimental.pallas.ops.gpu.attention.mha``
   (Triton, GPUs); elsewhere only interpreted by JAX (``interpret=True``: the same kernel code,
   slowly);
-* :func:`tpu_causal_segment_attention`: ``jax.experimental.pallas.ops.tpu.flash_attention``
+* :func:`tpu_segment_attention`: ``jax.experimental.pallas.ops.tpu.flash_attention``
   (Mosaic, TPUs); on other backends under ``jax.experimental.pallas.tpu
   .force_tpu_interpret_mode()`` (what the CPU tests run).
 
@@ -19,8 +21,8 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> q = jax.random.normal(jax.random.key(0), (1, 40, 2, 16))
   >>> seg = jnp.array([[1] * 25 + [2] * 15])  # two sequences packed in one row
-  >>> out = causal_segment_attention(q, q, q, seg, interpret=True)
-  >>> alone = causal_segment_attention(q[:, 25:], q[:, 25:], q[:, 25:], seg[:, 25:], interpret=True)
+  >>> out = segment_attention(q, q, q, seg, interpret=True)
+  >>> alone = segment_attention(q[:, 25:], q[:, 25:], q[:, 25:], seg[:, 25:], interpret=True)
   >>> bool(jnp.allclose(out[:, 25:], alone, atol=1e-5))  # the second sequence sees only itself
   True
 """
@@ -45,13 +47,13 @@ def padded_length(seq: int) -> int:
 
 def _grouped_and_padded(query, key, value, segment_ids, length: int):
   """Key and value heads repeated for their query heads (grouped-query attention), and every
-  array padded to ``length`` with segment id ``-1`` after the real tokens (causality hides it
-  from them; its outputs are dropped)."""
+  array padded to ``length`` with segment id ``-1`` after the real tokens (a segment of its own,
+  which no real token sees; its outputs are dropped)."""
   batch, seq, heads, _ = query.shape
   kv_heads = key.shape[2]
   if key.shape[1] != seq or value.shape[:3] != key.shape[:3] or heads % kv_heads:
     raise ValueError(
-      f"causal_segment_attention: query {query.shape}, key {key.shape} and value {value.shape} "
+      f"segment_attention: query {query.shape}, key {key.shape} and value {value.shape} "
       "need one length and heads a multiple of kv_heads"
     )
   if kv_heads != heads:
@@ -66,16 +68,17 @@ def _grouped_and_padded(query, key, value, segment_ids, length: int):
   return query, key, value, segment_ids
 
 
-def causal_segment_attention(
+def segment_attention(
   query: jax.Array,
   key: jax.Array,
   value: jax.Array,
   segment_ids: jax.Array,
   *,
+  causal: bool = True,
   interpret: bool = False,
 ) -> jax.Array:
-  """``softmax(q k^T / sqrt(head_dim)) v`` where each query sees the keys at or before its own
-  position with its segment id.
+  """``softmax(q k^T / sqrt(head_dim)) v`` where each query sees the keys with its segment id:
+  those at or before its own position (``causal``, decoders) or all of them (encoders).
 
   Args:
     query: ``[batch, seq, heads, head_dim]``.
@@ -83,11 +86,13 @@ def causal_segment_attention(
       multiple of ``kv_heads``; each key/value head is repeated for its group).
     segment_ids: ``[batch, seq]`` integers: the sequence each token belongs to (padding
       included: a padding token sees only padding, so it gets no real token's attention).
+    causal: each query sees only the keys at or before it (decoders); ``False``: every key of
+      its segment (encoders).
     interpret: run the kernel interpreted by JAX (any backend) instead of compiled by Triton
       (GPU only).
 
   The length is padded up to :func:`padded_length` with segment id ``-1``, after every real
-  token (so causality hides it); the padding's outputs are dropped. Compiled on a GPU, float32
+  token (no real token sees it); the padding's outputs are dropped. Compiled on a GPU, float32
   inputs are multiplied in TF32 (Pallas's default precision for Triton), as cuDNN does.
   """
   from jax.experimental.pallas.ops.gpu import attention as pallas_mha  # needs jax[...] only
@@ -102,7 +107,7 @@ def causal_segment_attention(
     value,
     segment_ids,
     sm_scale=dim**-0.5,
-    causal=True,
+    causal=causal,
     block_sizes=pallas_mha.BlockSizes(
       block_q=BLOCK,
       block_k=BLOCK,
@@ -121,8 +126,8 @@ def tpu_padded_length(seq: int) -> int:
   return -(-seq // BLOCK) * BLOCK
 
 
-def tpu_causal_segment_attention(query, key, value, segment_ids) -> jax.Array:
-  """:func:`causal_segment_attention` by Pallas's TPU flash-attention kernel (Mosaic).
+def tpu_segment_attention(query, key, value, segment_ids, *, causal: bool = True) -> jax.Array:
+  """:func:`segment_attention` by Pallas's TPU flash-attention kernel (Mosaic).
 
   Same arguments and result (``[batch, seq, heads, head_dim]``, grouped-query heads
   repeated); the length is padded to :func:`tpu_padded_length`. Off a TPU it runs only under
@@ -134,8 +139,8 @@ def tpu_causal_segment_attention(query, key, value, segment_ids) -> jax.Array:
     >>> q = jax.random.normal(jax.random.key(0), (1, 40, 2, 16))
     >>> seg = jnp.array([[1] * 25 + [2] * 15])
     >>> with pltpu.force_tpu_interpret_mode():
-    ...   out = tpu_causal_segment_attention(q, q, q, seg)
-    >>> bool(jnp.allclose(out, causal_segment_attention(q, q, q, seg, interpret=True), atol=1e-5))
+    ...   out = tpu_segment_attention(q, q, q, seg)
+    >>> bool(jnp.allclose(out, segment_attention(q, q, q, seg, interpret=True), atol=1e-5))
     True
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
@@ -148,7 +153,7 @@ def tpu_causal_segment_attention(query, key, value, segment_ids) -> jax.Array:
   out = tpu_flash.flash_attention(
     *(jnp.transpose(x, heads_first) for x in (query, key, value)),
     segment_ids=tpu_flash.SegmentIds(q=segment_ids, kv=segment_ids),
-    causal=True,
+    causal=causal,
     sm_scale=dim**-0.5,
     block_sizes=tpu_flash.BlockSizes(
       block_q=BLOCK,

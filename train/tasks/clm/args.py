@@ -17,10 +17,6 @@ from train.cli import config_file
 from train.cli import flags
 from train.engine.kinds import LR_SCHEDULERS
 
-# "auto", then lora_jax.models.layers.attention.ATTENTION_IMPLEMENTATIONS but None: a copy, so
-# parsing flags imports no jax (tests/test_flag_faults.py checks it against the library's)
-ATTENTION = ("auto", "xla", "xla_chunked", "cudnn", "pallas", "pallas_interpret")
-
 
 @dataclasses.dataclass
 class ClmModel(flags.ModelConfig):
@@ -31,15 +27,6 @@ class ClmModel(flags.ModelConfig):
   )
   remat: bool = flags.field(
     False, help="rematerialise each layer in the backward pass (less memory, more compute)"
-  )
-  attn_implementation: str = flags.field(
-    "auto",
-    choices=ATTENTION,
-    help="auto: cuDNN's fused kernel on GPU for bf16/fp16, else XLA's; xla_chunked: XLA's, "
-    "512 queries at a time (long sequences without whole [seq, seq] scores); pallas: "
-    "Pallas's fused kernel from segment ids (packed rows without a dense mask), Triton on "
-    "GPUs, Mosaic on TPUs, XLA elsewhere; pallas_interpret: the Triton kernel interpreted by "
-    "JAX on any backend (slow: for tests)",
   )
 
 

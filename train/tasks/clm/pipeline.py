@@ -114,9 +114,7 @@ def load_model(args: argparse.Namespace, adapters: tuple[str, ...] | None = None
     "causal-lm",
     scan_layers=args.scan_layers,
     remat=args.remat,
-    attention_implementation=None
-    if args.attn_implementation == "auto"
-    else args.attn_implementation,
+    attention_implementation=setup.attention_implementation(args),
     quantize=setup.quantization(args),
   )
   if args.adapter_name_or_path:

@@ -106,6 +106,7 @@ def load_model(args: argparse.Namespace, task: glue_data.GlueTask):
     args,
     "sequence-classification",
     num_labels=task.num_labels,
+    attention_implementation=setup.attention_implementation(args),
     quantize=setup.quantization(args, HEAD_MODULES),
   )
   config.num_labels = task.num_labels
