@@ -74,6 +74,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -190,8 +191,9 @@ class Terminated(Exception):
 class Stage:
   """One subprocess of the check and how to read its figures.
 
-  ``parse(stage, returncode, out)`` returns ``(figures, error or None)``; ``skip``: a reason to
-  record instead of running (the platform has no such stage).
+  ``parse(stage, returncode, out)`` returns ``(figures, error or None)``; a stage whose
+  figures lack a finite number for a name in ``required`` fails. ``skip``: a reason to record
+  instead of running (the platform has no such stage).
   """
 
   name: str
@@ -200,6 +202,7 @@ class Stage:
   limit_s: float
   parse: Callable[[Stage, int, pathlib.Path], tuple[dict, str | None]]
   env: dict = dataclasses.field(default_factory=dict)
+  required: tuple[str, ...] = ()
   skip: str | None = None
   note: str | None = None
   data: dict = dataclasses.field(default_factory=dict)  # what parse needs (paths, options)
@@ -269,6 +272,10 @@ def _kill(proc: subprocess.Popen) -> None:
   proc.wait()
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _last_line(path: pathlib.Path) -> str:
   lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
   return lines[-1][:300] if lines else ""
@@ -301,6 +308,9 @@ def execute(stage: Stage, out: pathlib.Path, timeout: float) -> dict:
     figures, error = {}, None if rc else f"reading its outputs: {type(e).__name__}: {str(e)[:200]}"
   if rc != 0 and error is None:
     error = f"exit {rc}: {_last_line(stderr) or _last_line(stdout)}"
+  missing = [k for k in stage.required if not _is_number(figures.get(k))]
+  if error is None and missing:
+    error = f"no figure for {missing}"
   status = "passed" if error is None else "failed"
   return {"status": status, "seconds": seconds, "error": error, "figures": figures}
 
@@ -333,7 +343,9 @@ def kernels_stage(out: pathlib.Path, smoke: bool) -> Stage:
          f"--junitxml={out / 'kernels.xml'}", "tests/test_pallas_attention.py"]  # fmt: skip
   if smoke:  # one quick case: the plumbing, not the kernels
     cmd += ["-k", "padded_lengths"]
-  return Stage("kernels", "kernels", cmd, _limit("kernels", smoke), _parse_kernels)
+  stage = Stage("kernels", "kernels", cmd, _limit("kernels", smoke), _parse_kernels)
+  stage.required = ("tests", "passed")
+  return stage
 
 
 def junit_counts(xml_text: str) -> dict:
@@ -405,6 +417,7 @@ def llama_stages(platform_: str, smoke: bool, peak: float | None, torch_cuda: bo
     stage = Stage(
       name, "llama", [sys.executable, "-m", module, json.dumps(opts)], _limit(name, smoke),
       _parse_llama, note=f"as {equivalent}",
+      required=("step_ms", "tokens_per_s", "peak_mem_gib") + (("mfu",) if peak else ()),
     )  # fmt: skip
     if compile_ is not None and platform_ == "tpu":
       stage.skip = "a TPU: torch has no device here"
@@ -452,6 +465,7 @@ def smollm2_stages(platform_: str, smoke: bool, choices: str, tokenizer: pathlib
            "--no-progress"]  # fmt: skip
     cmd += ["--max_steps", "2"] if smoke else ["--dtype", "bfloat16"]
     stage = Stage(f"smollm2-{attn}", "smollm2", cmd, _limit("smollm2", smoke), _parse_smollm2)
+    stage.required = ("tokens_per_s", "loss", "eval_loss")
     stage.data.update(run_dir=run_dir, attention=attn)
     stages.append(stage)
   return stages
