@@ -13,14 +13,17 @@ Usage (repository root):
   python bench/device_check.py --out OUT --dry_run --platform gpu   # the plan; runs nothing
   python bench/device_check.py --out OUT --smoke                # the same plumbing on CPU, tiny
 
-Stages, in this order (``--stages`` picks groups; later ones are skipped, with that reason, once
-``--budget`` seconds are spent):
+Stages, in this order (``--stages`` picks groups; a stage is skipped, with the reason, once
+``--budget`` seconds are spent, or when this python lacks a module it imports, e.g. pytest or
+datasets; ``ok`` in the JSON is true when every stage passed or does not apply to the platform):
 
 * ``probe``: ``jax.devices()[0].device_kind``, the platform, torch's ``get_device_name()``,
   versions (a subprocess: this process never holds the device).
-* ``kernels``: ``pytest tests/test_pallas_attention.py`` (junit XML in ``OUT/kernels.xml``).
-  On a GPU its ``interpret=False`` cases run the Pallas kernel compiled by Triton, the
-  ``interpret=True`` ones the same kernel interpreted; counts of both. On a TPU the file has no
+* ``kernels``: ``pytest tests/test_pallas_attention.py`` (junit XML in ``OUT/kernels.xml``),
+  on a GPU ``-k "not tpu"`` (``--kernel_tests``; the TPU kernel's interpreted cases and the TPU
+  lowering are CPU checks that CI runs). On a GPU its ``interpret=False`` cases run the Pallas
+  kernel compiled by Triton, the ``interpret=True`` ones the same kernel interpreted; counts of
+  both. On a TPU the file has no
   compiled-kernel case (its Mosaic cases run interpreted); the ``smollm2-pallas`` stage then runs
   the compiled Mosaic kernel in training.
 * ``llama-lora_jax``, ``llama-peft-eager``, ``llama-peft-compile``: the step of
@@ -63,9 +66,9 @@ A JAX compilation cache (``--compile_cache``, under /tmp) and Inductor's own cac
 on the same machine faster; the compile seconds of a rerun are then not first-run figures.
 
 ``--smoke`` runs every stage on CPU with tiny sizes (``llama-tiny-64x4-packed``, a 2-layer
-SmolLM2-shaped model for 3 steps, one pytest case, MFU against a nominal 1 TFLOP/s, the
-torch.compile stage with ``TORCH_COMPILE_DISABLE=1``): tests/test_device_check.py checks the
-JSON it writes.
+SmolLM2-shaped model for 2 steps, one pytest case, MFU against a nominal 1 TFLOP/s, the
+torch.compile stage with ``TORCH_COMPILE_DISABLE=1``; about 75 s on 2 busy CPU cores):
+tests/test_device_check.py checks the JSON it writes.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ PLATFORMS = ("gpu", "tpu", "cpu")
 STATUSES = ("passed", "failed", "timeout", "skipped", "running")  # "running": cut off during it
 MIN_STAGE_S = 20  # a stage that would get less than this of the budget is skipped
 ATTENTION = {"gpu": "pallas,cudnn,xla", "tpu": "pallas,xla", "cpu": "xla"}
+KERNEL_TESTS = {"gpu": "not tpu", "tpu": "", "cpu": "padded_lengths"}  # pytest -k ("": all)
 PEAK_TFLOPS = {"gpu": 790.0}  # H100 bf16 dense, as the PEFT anchors; TPU: give --peak_tflops
 SMOKE_PEAK_TFLOPS = 1.0  # nominal: a smoke run's MFU only proves the plumbing
 LLAMA = "llama-1.1b-1024x8-packed"
@@ -159,9 +163,23 @@ OFFLINE = {
   "TOKENIZERS_PARALLELISM": "false",
 }
 
-PROBE = """
-import importlib.metadata as md, json, platform
+# What each stage imports beyond the standard library (the probe lists those absent)
+NEEDS = {
+  "kernels": ("pytest", "jax", "flax", "transformers"),
+  "llama-lora_jax": ("jax", "flax", "optax"),
+  "llama-peft": ("torch", "transformers", "peft"),
+  "smollm2": ("jax", "flax", "optax", "orbax", "transformers", "safetensors", "datasets", "yaml",
+              "jinja2", "matplotlib", "tqdm"),
+}  # fmt: skip
+MODULES = sorted({m for needs in NEEDS.values() for m in needs})
+NOT_HERE = "not on this platform: "  # a skip that is no fault (the PEFT stages on a TPU)
+
+PROBE = (
+  f"MODULES = {MODULES!r}\n"
+  + """
+import importlib.metadata as md, importlib.util, json, platform
 info = {"python": platform.python_version(), "versions": {}}
+info["missing"] = [m for m in MODULES if importlib.util.find_spec(m) is None]
 for dist in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "transformers",
              "torch", "peft", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu"):
   try:
@@ -181,6 +199,7 @@ except ImportError:
   info["torch_cuda"] = False
 print("PROBE " + json.dumps(info))
 """
+)
 
 
 class Terminated(Exception):
@@ -193,7 +212,7 @@ class Stage:
 
   ``parse(stage, returncode, out)`` returns ``(figures, error or None)``; a stage whose
   figures lack a finite number for a name in ``required`` fails. ``skip``: a reason to record
-  instead of running (the platform has no such stage).
+  instead of running (:data:`NOT_HERE` for a stage the platform has no use for).
   """
 
   name: str
@@ -231,6 +250,11 @@ def parser() -> argparse.ArgumentParser:
     type=float,
     default=_env_float("DEVICE_CHECK_BUDGET"),
     help="seconds for all stages (default: env DEVICE_CHECK_BUDGET, else 450; smoke 240)",
+  )
+  p.add_argument(
+    "--kernel_tests",
+    default=None,
+    help="pytest -k of the kernel tests ('' for all; default: 'not tpu' on a GPU, all on a TPU)",
   )
   p.add_argument("--tokenizer", type=pathlib.Path, default=None, help="SmolLM2 runs' tokenizer")
   p.add_argument(
@@ -338,11 +362,11 @@ def _parse_probe(stage: Stage, rc: int, out: pathlib.Path) -> tuple[dict, str | 
 # Kernel tests.
 
 
-def kernels_stage(out: pathlib.Path, smoke: bool) -> Stage:
+def kernels_stage(out: pathlib.Path, smoke: bool, select: str) -> Stage:
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          f"--junitxml={out / 'kernels.xml'}", "tests/test_pallas_attention.py"]  # fmt: skip
-  if smoke:  # one quick case: the plumbing, not the kernels
-    cmd += ["-k", "padded_lengths"]
+  if select:  # smoke: one quick case, the plumbing and not the kernels
+    cmd += ["-k", select]
   stage = Stage("kernels", "kernels", cmd, _limit("kernels", smoke), _parse_kernels)
   stage.required = ("tests", "passed")
   return stage
@@ -420,7 +444,7 @@ def llama_stages(platform_: str, smoke: bool, peak: float | None, torch_cuda: bo
       required=("step_ms", "tokens_per_s", "peak_mem_gib") + (("mfu",) if peak else ()),
     )  # fmt: skip
     if compile_ is not None and platform_ == "tpu":
-      stage.skip = "a TPU: torch has no device here"
+      stage.skip = NOT_HERE + "torch has no TPU device here"
     elif compile_ is not None and platform_ == "gpu" and not torch_cuda:
       stage.skip = "torch sees no CUDA device (a CPU build of torch?)"
     if compile_ and smoke:
@@ -535,7 +559,8 @@ def plan(args: argparse.Namespace, platform_: str, probe: dict, work: pathlib.Pa
   peak = _peak(args, platform_)
   stages = []
   if "kernels" in groups:
-    stages.append(kernels_stage(args.out, args.smoke))
+    select = KERNEL_TESTS[platform_] if args.kernel_tests is None else args.kernel_tests
+    stages.append(kernels_stage(args.out, args.smoke, select))
   if "llama" in groups:
     stages += llama_stages(platform_, args.smoke, peak, probe.get("torch_cuda", False))
   if "smollm2" in groups:
@@ -544,7 +569,16 @@ def plan(args: argparse.Namespace, platform_: str, probe: dict, work: pathlib.Pa
   env = _jax_env(args)
   for stage in stages:
     stage.env = {**env, **stage.env}
+    _skip_if_missing(stage, probe.get("missing", []))
   return stages
+
+
+def _skip_if_missing(stage: Stage, missing: list[str]) -> None:
+  """Skips (not a pass) a stage whose modules this python lacks: one clear line, not a trace."""
+  key = "llama-peft" if stage.name.startswith("llama-peft") else stage.name
+  lacks = [m for m in NEEDS.get(key, NEEDS.get(stage.group, ())) if m in missing]
+  if lacks and not stage.skip:
+    stage.skip = f"this python lacks {lacks} (pip install them, or run with PYTHON=...)"
 
 
 def _peak(args: argparse.Namespace, platform_: str) -> float | None:
@@ -731,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _planned_skip(rec: dict) -> bool:
-  return rec["status"] == "skipped" and not str(rec["error"]).startswith("budget")
+  return rec["status"] == "skipped" and str(rec["error"]).startswith(NOT_HERE)
 
 
 def _refuse(args: argparse.Namespace, platform_: str | None) -> str | None:

@@ -49,10 +49,29 @@ def test_the_plan_per_platform(tmp_path, platform):
     assert skipped == {}
     assert '"peak_tflops": 790.0' in stages[1].command[-1]
   else:
-    assert skipped == {n: "a TPU: torch has no device here" for n in llama[1:]}
+    assert skipped == {n: "not on this platform: torch has no TPU device here" for n in llama[1:]}
     assert '"peak_tflops": null' in stages[1].command[-1]  # no default TPU peak
   assert all(s.limit_s <= args.budget for s in stages)
+  kernels = stages[0].command  # a GPU leaves the TPU kernel's CPU checks to CI
+  assert kernels[-2:] == ["-k", "not tpu"] if platform == "gpu" else "-k" not in kernels
   assert all("bfloat16" in s.command for s in stages if s.group == "smollm2")
+
+
+def test_a_stage_whose_modules_are_absent_is_skipped_and_not_ok(tmp_path):
+  """A device image without pytest or datasets: those stages say so in one line, and the run
+  is not ok (the PEFT stages on a TPU are skipped and ok)."""
+  probe = {"torch_cuda": True, "missing": ["datasets", "pytest"]}
+  stages = {s.name: s for s in device_check.plan(_args(tmp_path), "gpu", probe, tmp_path)}
+  assert stages["kernels"].skip == (
+    "this python lacks ['pytest'] (pip install them, or run with PYTHON=...)"
+  )
+  assert "['datasets']" in stages["smollm2-xla"].skip and not stages["llama-lora_jax"].skip
+  records = [device_check.record(s) for s in stages.values()]
+  assert not any(device_check._planned_skip(r) for r in records)
+  tpu = device_check.plan(_args(tmp_path), "tpu", {}, tmp_path)
+  assert [s.name for s in tpu if device_check._planned_skip(device_check.record(s))] == [
+    "llama-peft-eager", "llama-peft-compile",
+  ]  # fmt: skip
 
 
 def test_the_planned_run_clm_commands_parse(tmp_path):
