@@ -752,10 +752,15 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     doc["peak_tflops"] = _peak(args, platform_)
     run_all(args, doc, plan(args, platform_, info, work), deadline, t0)
-  except Terminated:
+  except Terminated as e:
+    if not any(r["status"] == "timeout" for r in doc["stages"]):
+      doc["error"] = f"the check was stopped ({e}) between stages"
     return 3
   finally:
     shutil.rmtree(work, ignore_errors=True)
+    for rec in doc["stages"]:
+      if rec["status"] == "pending":  # after a stop, or a refused device
+        rec.update(status="skipped", error="not reached: the check stopped before it")
     doc.update(finished=_now(), wall_s=round(time.monotonic() - t0, 1))
     doc["ok"] = "error" not in doc and all(
       r["status"] == "passed" or _planned_skip(r) for r in doc["stages"]

@@ -214,6 +214,26 @@ def test_off_an_accelerator_without_smoke_it_refuses_with_one_line(tmp_path):
   assert (doc["error"], doc["ok"], [r["name"] for r in doc["stages"]]) == (want, False, ["probe"])
 
 
+def test_the_hard_stop_leaves_the_json_with_the_stage_it_cut(tmp_path):
+  """bench/device_check.sh's hard limit: the stage in flight reads timeout, later ones skipped,
+  exit 3; whatever stage that is (the probe alone takes seconds on a busy machine), or the
+  reason in the JSON's error when the stop came between stages."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["DEVICE_CHECK_HARD_S"] = "8"
+  cmd = ["bash", str(REPO / "bench" / "device_check.sh"), str(tmp_path), "--smoke"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  doc = json.loads((tmp_path / device_check.RESULT).read_text())
+  statuses = [r["status"] for r in doc["stages"]]
+  assert doc["ok"] is False and doc["finished"]
+  if "timeout" not in statuses:  # stopped while planning, after the probe
+    assert doc["error"] == "the check was stopped (signal 15) between stages"
+    return
+  cut = statuses.index("timeout")
+  assert set(statuses[:cut]) <= {"passed"} and set(statuses[cut + 1 :]) <= {"skipped"}
+  assert doc["stages"][cut]["error"] == "the check was stopped (signal 15) during this stage"
+
+
 def test_the_script_names_its_usage():
   head = (REPO / "bench" / "device_check.sh").read_text().split("set -uo")[0]
   assert "Usage" in head and "--smoke" in head and "device_check.json" in head
