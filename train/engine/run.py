@@ -200,39 +200,53 @@ class _RunHooks(loop.Hook):
       self.step_seconds.append(time.perf_counter() - t0)
 
 
-def run(
-  params,
-  task: Task,
-  settings: Settings,
-  *,
-  signature: dict,
-  record: dict | None = None,
-  extra_trainable=(),
-  on_step: Callable[[int], None] | None = None,
-  finish: Callable[[Trained], None] | None = None,
-) -> Trained:
-  """Trains ``params``' adapters (and ``extra_trainable`` leaves) on ``task``, or resumes.
+@dataclasses.dataclass
+class Plan:
+  """A run as a script sets it up (``plan(args)`` of each task's pipeline), before anything is
+  trained or written: what :func:`run` runs and :mod:`train.engine.lowering` lowers.
 
-  Writes ``args.json`` (``record``: the flags), ``metrics.jsonl``, ``checkpoints/``, then
-  calls ``finish(trained)`` (the script's predictions and exports), and last
-  ``eval_results.json`` and ``curves.png``, under ``settings.output_dir``. So a run is finished
-  once ``eval_results.json`` is there: rerunning it trains nothing and writes nothing
-  (``Trained.finished_before``).
-
-  Resuming: the newest intact checkpoint is used (damaged ones are set aside, see
-  :mod:`train.engine.checkpoints`). One from another ``signature``, other training settings
-  (:func:`training_signature`) or another trainable layout is refused
-  (:class:`checkpoints.CheckpointMismatch`) before anything is written.
-
-  Raises:
-    Diverged: a non-finite training loss, gradient norm or final evaluation.
+  Attributes:
+    params: the parameter tree, adapters in.
+    task: the script's :class:`Task`.
+    settings: how to train.
+    signature: the task's settings a resumed run must share with its checkpoint.
+    record: the flags, written to ``args.json``.
+    extra_trainable: leaves trained whole beside the adapters (a classifier head).
+    finish: called with the :class:`Trained` run: the script's predictions and exports.
   """
-  out = pathlib.Path(settings.output_dir)
-  main_process = jax.process_index() == 0
-  mask = lora_jax.trainable_mask(params, extra_trainable)
-  trainable, base = lora_jax.partition(params, mask)
-  frozen = state_lib.compute_dtype(base, settings.dtype)
-  total, k = settings.total_steps, settings.gradient_accumulation_steps
+
+  params: Any
+  task: Task
+  settings: Settings
+  signature: dict
+  record: dict | None = None
+  extra_trainable: Any = ()
+  finish: Callable[[Trained], None] | None = None
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What :func:`prepare` builds from a :class:`Plan`: the partitions, the optimizer and the
+  parallel mode's compiled steps (nothing placed on a device yet)."""
+
+  trainable: Any  # the trainable partition (float32)
+  base: Any  # the frozen partition as loaded
+  frozen: Any  # the frozen partition in the compute dtype
+  schedule: Callable
+  tx: Any  # optax.GradientTransformation
+  parallel: Parallel
+
+  def init_state(self, seed: int) -> state_lib.TrainState:
+    return state_lib.init_state(self.trainable, self.tx, seed)
+
+
+def prepare(plan: Plan) -> Prepared:
+  """The partitions, optimizer, schedule and parallel mode of ``plan``: everything
+  :func:`run` compiles, the same for every script."""
+  settings = plan.settings
+  mask = lora_jax.trainable_mask(plan.params, plan.extra_trainable)
+  trainable, base = lora_jax.partition(plan.params, mask)
+  total = settings.total_steps
   schedule = state_lib.make_schedule(
     settings.lr_scheduler_type,
     settings.learning_rate,
@@ -240,24 +254,53 @@ def run(
     math.ceil(settings.warmup_ratio * total),
   )
   tx = state_lib.make_optimizer(
-    params,
+    plan.params,
     schedule,
     weight_decay=settings.weight_decay,
-    accumulation=k,
-    extra_trainable=extra_trainable,
+    accumulation=settings.gradient_accumulation_steps,
+    extra_trainable=plan.extra_trainable,
     max_grad_norm=settings.max_grad_norm,
     loraplus_lr_ratio=settings.loraplus_lr_ratio,
   )
   axis = AXIS if settings.parallel == "pmap" else None
   parallel = Parallel(
     settings.parallel,
-    step_lib.make_train_step(task.loss, tx, axis),
-    task.eval_step,
+    step_lib.make_train_step(plan.task.loss, tx, axis),
+    plan.task.eval_step,
     shard_frozen=settings.shard_frozen,
   )
+  frozen = state_lib.compute_dtype(base, settings.dtype)
+  return Prepared(trainable, base, frozen, schedule, tx, parallel)
 
-  host_state = jax.tree.map(np.asarray, state_lib.init_state(trainable, tx, settings.seed))
-  signature = {**signature, **training_signature(settings)}
+
+def run(plan: Plan, on_step: Callable[[int], None] | None = None) -> Trained:
+  """Trains ``plan.params``' adapters (and ``plan.extra_trainable`` leaves) on ``plan.task``,
+  or resumes; ``on_step(step)`` is called after each optimizer step.
+
+  Writes ``args.json`` (``plan.record``: the flags), ``metrics.jsonl``, ``checkpoints/``, then
+  calls ``plan.finish(trained)`` (the script's predictions and exports), and last
+  ``eval_results.json`` and ``curves.png``, under ``settings.output_dir``. So a run is finished
+  once ``eval_results.json`` is there: rerunning it trains nothing and writes nothing
+  (``Trained.finished_before``).
+
+  Resuming: the newest intact checkpoint is used (damaged ones are set aside, see
+  :mod:`train.engine.checkpoints`). One from another ``plan.signature``, other training
+  settings (:func:`training_signature`) or another trainable layout is refused
+  (:class:`checkpoints.CheckpointMismatch`) before anything is written.
+
+  Raises:
+    Diverged: a non-finite training loss, gradient norm or final evaluation.
+  """
+  task, settings, record, finish = plan.task, plan.settings, plan.record, plan.finish
+  out = pathlib.Path(settings.output_dir)
+  main_process = jax.process_index() == 0
+  prepared = prepare(plan)
+  base, frozen = prepared.base, prepared.frozen
+  schedule, parallel = prepared.schedule, prepared.parallel
+  total, k = settings.total_steps, settings.gradient_accumulation_steps
+
+  host_state = jax.tree.map(np.asarray, prepared.init_state(settings.seed))
+  signature = {**plan.signature, **training_signature(settings)}
   ckpt = checkpoints.Checkpointer(
     out / "checkpoints", signature, max_to_keep=settings.save_total_limit
   )

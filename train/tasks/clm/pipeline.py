@@ -190,7 +190,12 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
   """
+  return run.run(plan(args), on_step).results
 
+
+def plan(args: argparse.Namespace) -> run.Plan:
+  """The run ``args`` ask for, set up (data read, model loaded) but nothing trained or written:
+  what :func:`train_and_evaluate` runs, and what :mod:`train.engine.lowering` lowers."""
   out = pathlib.Path(args.output_dir)
   tokenizer = setup.load_tokenizer(args)
   setup.check_vocabulary(tokenizer, setup.model_config(args))
@@ -231,7 +236,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     args.parallel,
     devices,
   )
-  trained = run.run(
+  return run.Plan(
     params,
     task,
     run.settings_from_flags(
@@ -257,9 +262,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       **({} if data.adapters is None else {"adapter_column": list(data.adapters)}),
     ),
     record=as_dict(args),
-    on_step=on_step,
     finish=lambda t: setup.export(
       args, hf_config, tokenizer, t.params, out, task_type="CAUSAL_LM", initial=initial
     ),
   )
-  return trained.results

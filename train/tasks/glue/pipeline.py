@@ -147,7 +147,12 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
 
   ``on_step(step)`` is called after each optimizer step (tests simulate a crash with it).
   """
+  return run.run(plan(args), on_step).results
 
+
+def plan(args: argparse.Namespace) -> run.Plan:
+  """The run ``args`` ask for, set up (data read, model loaded) but nothing trained or written:
+  what :func:`train_and_evaluate` runs, and what :mod:`train.engine.lowering` lowers."""
   task = glue_data.TASKS[args.task_name]
   out = pathlib.Path(args.output_dir)
   if not args.adapter_name_or_path:
@@ -201,7 +206,7 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
       initial=initial,
     )
 
-  trained = run.run(
+  return run.Plan(
     params,
     classification,
     run.settings_from_flags(args, total, lr_scheduler_type="linear"),
@@ -221,10 +226,8 @@ def train_and_evaluate(args: argparse.Namespace, on_step=None) -> dict:
     ),
     record=as_dict(args),
     extra_trainable=EXTRA_TRAINABLE,
-    on_step=on_step,
     finish=finish,
   )
-  return trained.results
 
 
 def predict(classification, trained, data: Data, out: pathlib.Path) -> None:
