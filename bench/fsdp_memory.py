@@ -137,13 +137,6 @@ def expected(
   return {**out, "total": sum(out.values())}
 
 
-def _sharded(tree, sharding_of):
-  import jax
-
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)),
-                      tree)  # fmt: skip
-
-
 def _model(cfg: configs.BenchConfig, base: str, attention: str):
   """``(module, trainable, frozen)`` shapes, as ``bench/llm_memory.py`` builds them."""
   import jax
@@ -189,15 +182,12 @@ def plan(job: dict) -> dict:
   parallel = par.Parallel("mesh", step_lib.make_train_step(task.loss, tx), task.eval_step,
                           shard_frozen=job["shard_frozen"])  # fmt: skip
   # Parallel.put_state / put_frozen / put_batch's shardings, on shapes
-  state = _sharded(state, lambda x: parallel.replicated)
-  if parallel.shard_frozen:
-    frozen = _sharded(frozen, lambda x: par.NamedSharding(parallel.mesh, par._fsdp_spec(x, n)))
-  else:
-    frozen = _sharded(frozen, lambda x: parallel.replicated)
-  batch = _sharded(clm_batch(cfg, rows), lambda x: parallel.sharded)
+  state, frozen, batch = parallel.placed_shapes(state, frozen, clm_batch(cfg, rows))
   t0 = time.perf_counter()
-  # Parallel.train's jitted step (donated state, replicated outputs): what run_clm.py compiles
-  lowered = parallel._train.lower(state, frozen, batch)
+  # Parallel.train's jitted step (donated state, replicated outputs), traced in its mesh
+  # context: what run_clm.py compiles
+  with parallel.context():
+    lowered = parallel.train_program().lower(state, frozen, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()

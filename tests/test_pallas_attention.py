@@ -260,7 +260,7 @@ def test_encoder_outputs_equal_xla_packed_and_padded(kernel, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Lowering for absent accelerators.
 
-CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}  # Pallas kernels
 
 
 def _decoder_step_parts():
@@ -335,3 +335,28 @@ def test_dense_mask_only_and_sliding_windows_and_unknown_names_are_refused():
     ValueError, match=r"unknown attention_implementation 'flash'; valid: \(None, "
   ):
     check_implementation("flash")
+
+
+def test_under_a_mesh_each_device_runs_the_kernel_on_its_rows():
+  """In train.engine.parallel's "mesh" mode (a context mesh, rows sharded over it) the kernel
+  runs on each device's rows inside a shard_map, which Mosaic needs (XLA cannot partition it):
+  the TPU kernel, interpreted on 8 CPU devices, gives XLA's attention of the whole batch."""
+  from jax.sharding import Mesh
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from lora_jax.models.layers import attention as attention_lib
+
+  keys = jax.random.split(jax.random.key(3), 3)
+  q, k, v = (jax.random.normal(key, (8, 40, 2, 16)) for key in keys)
+  seg = jnp.array([[1] * (10 + i) + [2] * (30 - i) for i in range(8)], jnp.int32)
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  q, k, v, seg = (jax.device_put(x, rows) for x in (q, k, v, seg))
+  kernel = functools.partial(attention_lib.FUSED_SEGMENT_KERNELS["tpu"], causal=False)
+  with jax.set_mesh(mesh), pltpu.force_tpu_interpret_mode():  # the mesh seen while tracing
+    fn = jax.jit(lambda q, k, v, seg: attention_lib._per_device(kernel)(q, k, v, seg, None))
+    assert "sdy.manual_computation" in fn.lower(q, k, v, seg).as_text()
+    got = fn(q, k, v, seg)
+  want = _reference(q, k, v, seg, causal=False)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)

@@ -24,6 +24,7 @@ folder per family (:mod:`.encoder`, :mod:`.decoder` with its generation) and :mo
 (checkpoint files, name conversion, the family registry, ``from_pretrained``, merged export).
 """
 
+from lora_jax.models.decoder.generate import export_generate
 from lora_jax.models.decoder.generate import generate
 from lora_jax.models.decoder.llama import Decoder
 from lora_jax.models.decoder.llama import DecoderConfig
@@ -66,6 +67,7 @@ __all__ = [
   "KVCache",
   "RobertaClassificationHead",
   "auto_model",
+  "export_generate",
   "export_merged",
   "flax_to_hf",
   "from_config",

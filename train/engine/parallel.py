@@ -20,6 +20,8 @@ every global batch (:meth:`Parallel.local_rows`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import socket
@@ -151,6 +153,7 @@ class Parallel:
       raise ValueError("--parallel none runs on one process; use mesh or pmap for multi-host jobs")
     self.mode = mode
     self.shard_frozen = shard_frozen and mode == "mesh"
+    self._train_step = train_step
     if mode == "pmap":
       self.devices = jax.local_devices()
       self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
@@ -214,16 +217,73 @@ class Parallel:
       }
     return local
 
+  def train_program(self):
+    """The jitted program :meth:`train` runs, for ``.lower`` or ``jax.export``: in ``"pmap"``
+    mode the jit of a ``jax.shard_map`` of the step over the local devices, each device's
+    slice with its leading axis dropped, which is how ``jax.pmap`` builds its program (jax
+    0.10), since ``jax.export`` takes jitted functions only."""
+    if self.mode != "pmap":
+      return self._train
+    step = self._train_step
+
+    def per_device(state, frozen, batch):
+      drop = functools.partial(jax.tree.map, lambda x: x[0])
+      out = step(drop(state), drop(frozen), drop(batch))
+      return jax.tree.map(lambda x: x[None], out)
+
+    mesh = Mesh(np.asarray(self.devices), (AXIS,))
+    program = jax.shard_map(per_device, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
+                            check_vma=False)  # fmt: skip
+    return jax.jit(program, donate_argnums=(0,))
+
+  def placed_shapes(self, state, frozen, batch):
+    """``(state, frozen, batch)`` as :meth:`put_state`, :meth:`put_frozen` and
+    :meth:`put_batch` would place them, as ``jax.ShapeDtypeStruct`` trees with their shardings:
+    :meth:`train_program`'s arguments, nothing placed. Takes arrays or shapes (``batch``: a
+    global batch)."""
+
+    def shaped(tree, sharding_of, lead=None):
+      def one(x):
+        shape = tuple(x.shape) if lead is None else (lead, *x.shape)
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding_of(x))
+
+      return jax.tree.map(one, tree)
+
+    if self.mode == "pmap":
+      n = len(self.devices)
+      stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
+      batch = {k: jax.ShapeDtypeStruct((n, v.shape[0] // n, *v.shape[1:]), v.dtype,
+                                       sharding=stacked) for k, v in batch.items()}  # fmt: skip
+      return shaped(state, lambda x: stacked, n), shaped(frozen, lambda x: stacked, n), batch
+    if self.mode == "mesh":
+      n = self.mesh.size
+      spec = (lambda x: _fsdp_spec(x, n)) if self.shard_frozen else (lambda x: P())
+      return (
+        shaped(state, lambda x: self.replicated),
+        shaped(frozen, lambda x: NamedSharding(self.mesh, spec(x))),
+        shaped(batch, lambda x: self.sharded),
+      )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return tuple(shaped(t, lambda x: device) for t in (state, frozen, batch))
+
+  def context(self):
+    """The context the steps are traced in: in ``"mesh"`` mode the mesh (``jax.set_mesh``), so
+    code inside a step can split its rows over it (Pallas's attention kernels do, see
+    :mod:`lora_jax.models.layers.attention`); else nothing."""
+    return jax.set_mesh(self.mesh) if self.mode == "mesh" else contextlib.nullcontext()
+
   def train(self, state, frozen, batch):
     """One step: the new state and its metrics (scalars, as the step returns them)."""
-    state, metrics = self._train(state, frozen, batch)
+    with self.context():
+      state, metrics = self._train(state, frozen, batch)
     if self.mode == "pmap":
       metrics = jax.tree.map(lambda x: x[0], metrics)
     return state, metrics
 
   def eval(self, trainable, frozen, batch) -> np.ndarray:
     """The eval step's per-row outputs for the whole global batch, on every process's host."""
-    out = self._eval(trainable, frozen, batch)
+    with self.context():
+      out = self._eval(trainable, frozen, batch)
     if self.mode == "pmap":
       out = np.asarray(out).reshape(-1, *out.shape[2:])
     if jax.process_count() > 1:

@@ -25,6 +25,7 @@ from lora_jax._src.bank import bank_names
 from lora_jax._src.bank import row_ids
 from lora_jax.models.decoder.llama import Decoder
 from lora_jax.models.decoder.llama import KVCache
+from lora_jax.models.layers.attention import KERNEL_CALLS
 
 _MIN_BUCKET = 8
 
@@ -210,6 +211,62 @@ def generate(
     >>> [len(tokens) for tokens in out]
     [4, 4]
   """
+  args = _program_args(
+    module, variables, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, rng,
+    adapter_ids,
+  )  # fmt: skip
+  out, steps = _generate(*args, max_new_tokens=max_new_tokens)
+  eos = np.asarray(args[4]).tolist()
+  out = np.asarray(out)[:, : int(steps)].tolist()
+  result = []
+  for tokens in out:
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    result.append(tokens[: ends[0] + 1] if ends else tokens)
+  return result
+
+
+def export_generate(
+  platform: str,
+  module: Decoder,
+  variables,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  eos_token_id: int | Sequence[int] | None = None,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  rng: jax.Array | None = None,
+  adapter_ids: Sequence[int] | None = None,
+) -> jax.export.Exported:
+  """:func:`generate`'s compiled program for these prompts' shapes (the prompts' prefill, then
+  the decoding loop over the KV cache) lowered for ``platform`` (``"cuda"``, ``"tpu"``,
+  ``"cpu"``) by ``jax.export``, which needs no such device here. The other arguments are
+  :func:`generate`'s; ``variables`` may be ``jax.ShapeDtypeStruct`` trees.
+
+  Example:
+    >>> import jax, transformers
+    >>> from lora_jax.models import from_config
+    >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    >>> module, variables = from_config(cfg, "causal-lm", rng=0)
+    >>> export_generate("tpu", module, variables, [[1, 5, 9]], max_new_tokens=4).platforms
+    ('tpu',)
+  """
+  args = _program_args(
+    module, variables, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, rng,
+    adapter_ids,
+  )  # fmt: skip
+  checks = [jax.export.DisabledSafetyCheck.custom_call(c) for c in KERNEL_CALLS]
+  exporter = jax.export.export(_generate, platforms=(platform,), disabled_checks=checks)
+  return exporter(*args, max_new_tokens=max_new_tokens)
+
+
+def _program_args(
+  module, variables, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, rng,
+  adapter_ids,
+) -> tuple:  # fmt: skip
+  """:func:`generate`'s checks, then ``_generate``'s positional arguments."""
   if not isinstance(module, Decoder) or module.task != "causal-lm":
     raise ValueError(
       f"generate needs a lora_jax.models.Decoder with task='causal-lm', got {module!r:.120}"
@@ -228,20 +285,6 @@ def generate(
   sampling = None  # greedy; else traced settings, so changing them compiles nothing new
   if temperature > 0.0:
     sampling = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-  out, steps = _generate(
-    module,
-    variables,
-    ids,
-    valid,
-    jnp.asarray(eos or [-1], jnp.int32),
-    jax.random.key(0) if rng is None else rng,
-    sampling,
-    adapter_ids,
-    max_new_tokens=max_new_tokens,
-  )
-  out = np.asarray(out)[:, : int(steps)].tolist()
-  result = []
-  for tokens in out:
-    ends = [i for i, t in enumerate(tokens) if t in eos]
-    result.append(tokens[: ends[0] + 1] if ends else tokens)
-  return result
+  eos = jnp.asarray(eos or [-1], jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
+  return module, variables, ids, valid, eos, rng, sampling, adapter_ids

@@ -22,6 +22,13 @@ DENSE_MASK_IMPLEMENTATIONS = tuple(
   i for i in ATTENTION_IMPLEMENTATIONS if i not in SEGMENT_IMPLEMENTATIONS
 )
 QUERY_CHUNK = 512  # queries per block of "xla_chunked"
+# The custom calls of the fused kernels a lowered program may hold: Pallas's (Triton on GPUs,
+# Mosaic on TPUs) and cuDNN's (forward and backward, with and without a mask). jax.export takes
+# them only when told to (disabled_checks): it refuses custom calls without a stable ABI.
+KERNEL_CALLS = (
+  "__gpu$xla.gpu.triton", "tpu_custom_call", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward",
+  "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward",
+)  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -46,8 +53,10 @@ def attention(
 ) -> jax.Array:
   """``jax.nn.dot_product_attention`` on ``[batch, seq, heads, head_dim]`` arrays.
 
-  ``implementation=None`` picks cuDNN's fused kernel on GPU for 16-bit inputs (falling back to
-  XLA if cuDNN rejects the inputs while tracing) and XLA otherwise: up to jax 0.10 at least,
+  ``implementation=None`` picks, when the program is lowered for its platform
+  (``jax.lax.platform_dependent``), cuDNN's fused kernel on NVIDIA GPUs for 16-bit inputs
+  (XLA's where cuDNN rejects the inputs while tracing, or where no cuDNN is installed, as when a
+  CPU machine exports a GPU program) and XLA's otherwise: up to jax 0.10 at least,
   ``dot_product_attention(implementation=None)`` always means XLA, and fused attention roughly
   doubles training throughput on GPU.
 
@@ -72,12 +81,28 @@ def attention(
   call = functools.partial(jax.nn.dot_product_attention, query, key, value, mask=mask)
   if implementation is not None:
     return call(implementation=implementation)
-  if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return call(implementation="cudnn")
-    except Exception as e:  # unsupported shape, dtype or cuDNN version: XLA computes the same.
-      logger.warning("cuDNN attention unavailable (%s); using XLA attention", e)
-  return call(implementation="xla")
+  if query.dtype not in (jnp.bfloat16, jnp.float16):
+    return call(implementation="xla")
+  return jax.lax.platform_dependent(query, key, value, mask, cuda=_cudnn_or_xla, default=_xla)
+
+
+def _xla(query, key, value, mask):
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+
+def _cudnn_or_xla(query, key, value, mask):
+  """cuDNN's fused attention, or XLA's where cuDNN refuses these inputs (XLA computes the
+  same). jax reads the installed cuDNN's version while tracing: without one (a CPU machine
+  exporting a GPU program) this is XLA's too."""
+  try:
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+  except Exception as e:  # unsupported shape, dtype or cuDNN version
+    missing = "cuDNN is not detected" in str(e)  # no cuDNN here: not a GPU machine
+    logger.log(
+      logging.DEBUG if missing else logging.WARNING,
+      "cuDNN attention unavailable (%s); using XLA attention", e,
+    )  # fmt: skip
+    return _xla(query, key, value, mask)
 
 
 def _segment_attention(
@@ -95,7 +120,26 @@ def _segment_attention(
   kernels = {
     name: functools.partial(kernel, causal=causal) for name, kernel in FUSED_SEGMENT_KERNELS.items()
   }
+  for name in ("cuda", "tpu"):
+    kernels[name] = _per_device(kernels[name])
   return jax.lax.platform_dependent(query, key, value, segment_ids, dense, **kernels)
+
+
+def _per_device(kernel):
+  """``kernel`` on each device's rows when the program is partitioned over the context mesh
+  (``jax.set_mesh``; ``train.engine.parallel``'s ``"mesh"`` mode sets it): the rows are split
+  over the mesh's axes that are not already manual (inside ``shard_map`` or ``pmap``, nothing
+  to do). XLA cannot partition a Pallas kernel itself: Mosaic's refuse to lower, and Triton's
+  would see every row on every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel
+  types = zip(mesh.axis_names, mesh.axis_types, strict=True)
+  axes = tuple(name for name, kind in types if kind != jax.sharding.AxisType.Manual)
+  if not axes:
+    return kernel
+  rows = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(kernel, in_specs=rows, out_specs=rows, axis_names=set(axes), check_vma=False)
 
 
 def _xla_with_dense_mask(query, key, value, segment_ids, dense, causal):
