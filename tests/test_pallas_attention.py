@@ -24,7 +24,16 @@ from lora_jax.models.layers.pallas_attention import segment_attention
 from lora_jax.models.layers.pallas_attention import tpu_segment_attention
 
 ON_GPU = jax.default_backend() == "gpu"
+ON_TPU = jax.default_backend() == "tpu"
 MODES = [True, False] if ON_GPU else [True]  # interpret, and compiled where Triton exists
+
+
+def tpu_kernel_mode():
+  """The TPU kernel compiled by Mosaic on a TPU (bench/device_check.sh), interpreted by JAX on
+  any other backend."""
+  return contextlib.nullcontext() if ON_TPU else pltpu.force_tpu_interpret_mode()
+
+
 # interpreted: XLA's float32 dots; compiled: Triton multiplies float32 in TF32 (10-bit mantissa)
 TOL = {(jnp.float32, True): 2e-5, (jnp.float32, False): 3e-3, (jnp.bfloat16, True): 3e-2,
        (jnp.bfloat16, False): 3e-2}  # fmt: skip
@@ -144,6 +153,7 @@ def test_generation_with_a_cache_runs_xla_attention():
   assert generate(fused, variables, prompts, max_new_tokens=4) == want
 
 
+@pytest.mark.skipif(ON_GPU or ON_TPU, reason="on an accelerator 'pallas' is its kernel (above)")
 def test_pallas_off_a_gpu_or_tpu_is_xlas_attention():
   """ "pallas" is chosen per platform when the program is lowered: on this CPU, XLA's attention
   with the dense mask, the same numbers as "xla"."""
@@ -162,7 +172,9 @@ def test_pallas_off_a_gpu_or_tpu_is_xlas_attention():
 # ---------------------------------------------------------------------------------------------
 # The TPU kernel (Mosaic), interpreted on this CPU.
 
-TPU_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+# interpreted: XLA's float32 dots; compiled on a TPU: float32 matmuls in bf16 passes (TPU's
+# default precision), a guess until a TPU is lent
+TPU_TOL = {jnp.float32: 2e-2 if ON_TPU else 2e-5, jnp.bfloat16: 3e-2}
 
 
 @DIAGONAL  # 40 is padded to 128, 160 to 256 (past one block)
@@ -180,7 +192,7 @@ def test_tpu_kernel_values_and_gradients_equal_xla_with_the_dense_mask(seq, dtyp
     return _reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), seg, causal)
 
   tol = TPU_TOL[dtype]
-  with pltpu.force_tpu_interpret_mode():  # jitted: one program, not the kernel op by op
+  with tpu_kernel_mode():  # jitted: one program, not the kernel op by op
     got = jax.jit(fused)(q, k, v)
     grads = jax.jit(jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2)))(q, k, v)
   want = dense(q, k, v)
@@ -205,10 +217,11 @@ def test_decoder_logits_with_the_tpu_kernel_equal_xla(monkeypatch):
   variables = xla.init(jax.random.key(0), ids[:, :4])
   segments = jnp.array([[1] * 17 + [2] * 20 + [0] * 3, [1] * 40])
   real = np.asarray(segments) > 0
-  with pltpu.force_tpu_interpret_mode():
+  with tpu_kernel_mode():
     got = fused.apply(variables, ids, segment_ids=segments)
   want = xla.apply(variables, ids, segment_ids=segments)
-  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5)
+  tol = TPU_TOL[jnp.float32]
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +242,9 @@ def test_encoder_outputs_equal_xla_packed_and_padded(kernel, monkeypatch):
   hidden states at every real token, and the packed classifier XLA's logits."""
   from lora_jax.models.layers import attention as attention_lib
 
-  implementation, interpreting = "pallas_interpret", contextlib.nullcontext()
+  implementation, interpreting, tol = "pallas_interpret", contextlib.nullcontext(), 2e-5
   if kernel == "tpu":
-    interpreting = pltpu.force_tpu_interpret_mode()
+    interpreting, tol = tpu_kernel_mode(), TPU_TOL[jnp.float32]
     tpu = attention_lib.FUSED_SEGMENT_KERNELS["tpu"]
     monkeypatch.setitem(attention_lib.FUSED_SEGMENT_KERNELS, "default", tpu)
     implementation = "pallas"
@@ -250,11 +263,11 @@ def test_encoder_outputs_equal_xla_packed_and_padded(kernel, monkeypatch):
   want_packed = xla.apply(variables, ids, segment_ids=segments, cls_index=cls_index)
   want_hidden = xla.clone(task="base").apply(variables, ids, segment_ids=segments)
   want_padded = xla.clone(task="base").apply(variables, ids, attention_mask=mask)
-  np.testing.assert_allclose(np.asarray(got_packed), np.asarray(want_packed), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got_packed), np.asarray(want_packed), atol=tol)
   real = np.asarray(segments) > 0
-  np.testing.assert_allclose(np.asarray(got_hidden)[real], np.asarray(want_hidden)[real], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got_hidden)[real], np.asarray(want_hidden)[real], atol=tol)
   real = np.asarray(mask) > 0
-  np.testing.assert_allclose(np.asarray(got_padded)[real], np.asarray(want_padded)[real], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got_padded)[real], np.asarray(want_padded)[real], atol=tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,9 +367,9 @@ def test_under_a_mesh_each_device_runs_the_kernel_on_its_rows():
   rows = NamedSharding(mesh, P("data"))
   q, k, v, seg = (jax.device_put(x, rows) for x in (q, k, v, seg))
   kernel = functools.partial(attention_lib.FUSED_SEGMENT_KERNELS["tpu"], causal=False)
-  with jax.set_mesh(mesh), pltpu.force_tpu_interpret_mode():  # the mesh seen while tracing
+  with jax.set_mesh(mesh), tpu_kernel_mode():  # the mesh seen while tracing
     fn = jax.jit(lambda q, k, v, seg: attention_lib._per_device(kernel)(q, k, v, seg, None))
     assert "sdy.manual_computation" in fn.lower(q, k, v, seg).as_text()
     got = fn(q, k, v, seg)
   want = _reference(q, k, v, seg, causal=False)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TPU_TOL[jnp.float32])
