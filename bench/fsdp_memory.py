@@ -301,11 +301,7 @@ def main(argv=None) -> int:
                    "shard_frozen": args.shard_frozen}  # fmt: skip
             rows.append(run_one(job, variant, n))
             print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-  print(markdown(rows))
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
-  return 1 if any("error" in r for r in rows) else 0
+  return llm_memory.report(rows, markdown, args.out)
 
 
 if __name__ == "__main__":

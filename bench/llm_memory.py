@@ -176,6 +176,16 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def report(rows: list[dict], markdown, out: pathlib.Path | None) -> int:
+  """Prints ``markdown(rows)``, writes ``rows`` as JSON to ``out`` (if given); the exit status:
+  1 if a plan failed."""
+  print(markdown(rows))
+  if out:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+  return 1 if any("error" in r for r in rows) else 0
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--configs", default=DEFAULT, help="comma list of LLM configurations / groups")
@@ -212,11 +222,7 @@ def main(argv=None) -> int:
         for variant in variants:
           rows.append(run_one(cfg.name, base, variant, args.remat, attention))
           print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-  print(markdown(rows))
-  if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
-  return 1 if any("error" in r for r in rows) else 0
+  return report(rows, markdown, args.out)
 
 
 if __name__ == "__main__":
