@@ -23,9 +23,8 @@ datasets; ``ok`` in the JSON is true when every stage passed or does not apply t
   on a GPU ``-k "not tpu"`` (``--kernel_tests``; the TPU kernel's interpreted cases and the TPU
   lowering are CPU checks that CI runs). On a GPU its ``interpret=False`` cases run the Pallas
   kernel compiled by Triton, the ``interpret=True`` ones the same kernel interpreted; counts of
-  both. On a TPU the file has no
-  compiled-kernel case (its Mosaic cases run interpreted); the ``smollm2-pallas`` stage then runs
-  the compiled Mosaic kernel in training.
+  both. On a TPU its TPU-kernel cases run the Mosaic kernel compiled (interpreted on any other
+  backend), and the ``smollm2-pallas`` stage runs it in training.
 * ``llama-lora_jax``, ``llama-peft-eager``, ``llama-peft-compile``: the step of
   ``llama-1.1b-1024x8-packed`` (TinyLlama's shapes, LoRA r=16 on all layer linears, bf16 base
   and compute) through ``bench/train_step.py``'s workers, one process per side as its
