@@ -533,3 +533,12 @@ def test_a_rerun_with_another_setting_needs_overwrite_output_dir(capsys, tmp_pat
   assert len(_FakeTask.runs) == 1 and (out / "checkpoints").exists()
   assert run("--learning_rate", "5e-4", "--overwrite_output_dir") == 0
   assert _FakeTask.runs[-1] == ["run.lock"]  # the old run is gone before the new one starts
+
+
+def test_the_base_rewriting_starts_are_the_librarys():
+  """flags.rewrites_base (jax-free, for the flag checks) says what the library's init parser
+  says of every --init_lora_weights kind."""
+  from lora_jax._src import inits
+
+  for kind in ("gaussian", "kaiming_uniform", "pissa", "pissa_niter_4", "olora"):
+    assert flags.rewrites_base(kind) == inits.parse(kind).rewrites_base, kind

@@ -20,6 +20,8 @@ import pathlib
 import sys
 from collections.abc import Mapping
 
+from train.engine.errors import first_line
+
 if __package__ in (None, ""):  # `python train/generate.py`: make the repository root importable
   sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
   try:
     rows = run(args)
   except (ValueError, OSError) as e:
-    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    why = first_line(e)
     print(f"{NAME}: error: {why}", file=sys.stderr)
     return 2
   text = "".join(json.dumps(r) + "\n" for r in rows)

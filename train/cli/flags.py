@@ -121,6 +121,18 @@ def lora_init_kind(text: str) -> str:
   raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {LORA_INIT_CHOICES})")
 
 
+def rewrites_base(init: str) -> bool:
+  """Whether an ``--init_lora_weights`` kind (or a :class:`lora_jax.LoraSpec`'s ``init``) moves
+  part of the base weight into the adapter: PiSSA (and its fast variant) and OLoRA, which no
+  quantized base, adapter bank or second adapter over the same base can share.
+
+  Example:
+    >>> rewrites_base("pissa_niter_4"), rewrites_base("olora"), rewrites_base("gaussian")
+    (True, True, False)
+  """
+  return init.startswith(("pissa", "olora"))
+
+
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
   """``--help`` shows each flag's default, once; no "(default: None)" for flags without one."""
 

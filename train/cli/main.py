@@ -9,10 +9,7 @@ from collections.abc import Callable
 
 from train.cli.flags import as_dict
 from train.cli.logs import configure_logging
-
-
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+from train.engine.errors import first_line
 
 
 def run_script(
@@ -71,14 +68,14 @@ def run_script(
   # refusing a pickled checkpoint; TemplateError: a chat template's sandbox or raise_exception.
   except (ValueError, OSError, NotImplementedError, FloatingPointError, pickle.UnpicklingError,
           jinja2.TemplateError) as e:  # fmt: skip
-    why = _first_line(e)
+    why = first_line(e)
     if watching is not None:  # a lost process's broken collective first lets the watch name it
       watching.end(f"{name}: error: {why}", 2, e)
     print(f"{name}: error: {why}", file=sys.stderr)
     return 2
   except Exception as e:  # a collective whose peer was lost (JaxRuntimeError); else a bug
     if watching is not None and peers.broke(e):
-      watching.end(f"{name}: error: {_first_line(e)}", 1, e)
+      watching.end(f"{name}: error: {first_line(e)}", 1, e)
     raise
   if watching is not None:
     watching.finish()

@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from train.engine.errors import first_line
 from train.engine.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _write_error(e: BaseException) -> str:
     return os.strerror(int(code.group(1)))
   if isinstance(e, OSError) and e.strerror:
     return e.strerror
-  return (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [")[0][:200]
+  return first_line(e).split(" [")[0][:200]
 
 
 def _leaf_paths(tree) -> dict[str, Any]:
@@ -266,7 +267,7 @@ class Checkpointer:
         raise
       except Exception as e:  # unreadable files, bad JSON, wrong bytes: all mean damaged
         # The first line, without tensorstore's " [source locations=...]" tail.
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [")[0][:300]
+        why = first_line(e).split(" [")[0][:300]
         logger.warning("checkpoint %s is damaged (%s); trying an older one", path, why)
         damaged.append(self._set_aside(step))
         continue

@@ -22,6 +22,7 @@ import jax
 
 from lora_jax.models.layers.attention import KERNEL_CALLS
 from train.engine import run
+from train.engine.errors import first_line
 
 PLATFORMS = ("cuda", "tpu")
 
@@ -52,7 +53,7 @@ def export_train_step(plan: run.Plan, platform: str, name: str = "the run") -> j
       )
       return program(*args)
   except Exception as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first_line(e)
     raise LoweringFailed(
       f"{name}: the training step ({plan.settings.parallel} mode) does not lower for "
       f"{platform}: {type(e).__name__}: {first}"

@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from train.engine.errors import first_line
+
 PREFIX = "lora_jax/peers/"
 DONE = "done"
 
@@ -72,7 +74,7 @@ class PeerWatch:
       self.client.key_value_set(f"{PREFIX}{self.me}", str(self.count), allow_overwrite=True)
       counts = dict(self.client.key_value_dir_get(PREFIX))
     except Exception as e:  # the coordination service (in process 0) does not answer
-      why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      why = first_line(e, 200)
       return f"the coordinator (process 0) stopped answering ({why}): it was lost"
     now = self.clock()
     for p, (count, since) in self.heard.items():

@@ -18,6 +18,8 @@ import numpy as np
 
 import lora_jax
 from lora_jax import models
+from train.cli import flags
+from train.engine.errors import first_line
 from train.engine.state import jnp_dtype
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def quantization(args: argparse.Namespace, exclude: str | None = None):
   trains whole) and the ``lm_head``; None without the flag."""
   if not args.quantize:
     return None
-  if args.init_lora_weights.startswith(("pissa", "olora")):
+  if flags.rewrites_base(args.init_lora_weights):
     raise ValueError(
       f"--quantize {args.quantize} with --init_lora_weights {args.init_lora_weights} is not "
       "supported: that start rewrites the float weights the checkpoint is quantized from"
@@ -84,7 +86,7 @@ def from_source(flag: str, name: str, load: Callable[[str], T]) -> T:
   try:
     return load(name)
   except OSError as e:  # transformers and huggingface_hub raise OSError subclasses
-    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    why = first_line(e)
     if local:
       raise FileNotFoundError(f"{flag} {name!r}: {why}") from None
     hint = (
@@ -300,7 +302,7 @@ def _specs(params) -> list[lora_jax.LoraSpec]:
 
 def _rewrites_base(params) -> bool:
   """Whether an adapter started from PiSSA or OLoRA, which move part of ``W`` into it."""
-  return any(s.init.startswith(("pissa", "olora")) for s in _specs(params))
+  return any(flags.rewrites_base(s.init) for s in _specs(params))
 
 
 def adapter_summary(params) -> str:

@@ -129,7 +129,7 @@ def _check(args: argparse.Namespace, parser: flags.OneLineParser) -> argparse.Na
     for flag, refused, why in (
       ("--adapter_name_or_path", args.adapter_name_or_path, "the bank's adapters start new"),
       ("--use_dora", args.use_dora, "a bank holds plain LoRA adapters"),
-      ("--init_lora_weights", args.init_lora_weights.startswith(("pissa", "olora")),
+      ("--init_lora_weights", flags.rewrites_base(args.init_lora_weights),
        "PiSSA and OLoRA rewrite the base, which a bank's adapters share"),
       ("--export_merged", args.export_merged, "one merged model per adapter is not written"),
     ):  # fmt: skip
