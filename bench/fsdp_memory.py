@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as a script: make ``bench``, ``train``, ``l
 
 from bench import configs  # noqa: E402
 from bench import llm_memory  # noqa: E402
-from bench.llm_memory import GIB  # noqa: E402
 from bench.llm_memory import XLA_VARIANTS  # noqa: E402
+from bench.llm_memory import gib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = 8
@@ -128,7 +128,7 @@ def expected(
   Example:
     >>> e = expected(configs.CONFIGS["llama-7b-2048x1-packed"], 1684611072, 39976960,
     ...              404783104, "xla_chunked", True)
-    >>> round(e["total"] / GIB, 2), round(e["gathered"] / GIB, 2)
+    >>> round(e["total"] / llm_memory.GIB, 2), round(e["gathered"] / llm_memory.GIB, 2)
     (4.18, 0.75)
   """
   e = llm_memory.expected(cfg, base_held, lora_params, True, attention, LOSS_CHUNK)
@@ -237,10 +237,6 @@ def run_one(job: dict, variant: str, devices: int = DEVICES) -> dict:
   return {**json.loads(proc.stdout.strip().splitlines()[-1]), "xla": variant, "wall_s": wall}
 
 
-def _gib(x) -> str:
-  return f"{x / GIB:.3f}"
-
-
 MODEL_PARTS = ("base", "lora", "activations", "logits", "gathered")
 
 
@@ -256,12 +252,12 @@ def markdown(rows: list[dict]) -> str:
                    f"{r['devices']} | error |" + " |" * 6)  # fmt: skip
       continue
     e = r["expected_bytes"]
-    model = " + ".join(_gib(e[k]) for k in MODEL_PARTS)
+    model = " + ".join(gib(e[k]) for k in MODEL_PARTS)
     replicated = r["devices"] > 1 and not r["shard_frozen"]
     devices = f"{r['devices']}" + (" (base replicated)" if replicated else "")
-    figures = [_gib(r[k]) for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")]
+    figures = [gib(r[k]) for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")]
     cells = [r["config"], r["base"], r["attention"], r["xla"], devices, *figures,
-             f"**{_gib(r['peak_bytes'])}**", f"{model} = {_gib(e['total'])}",
+             f"**{gib(r['peak_bytes'])}**", f"{model} = {gib(e['total'])}",
              f"{r['compile_s']:.0f}"]  # fmt: skip
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

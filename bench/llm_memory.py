@@ -152,7 +152,8 @@ def run_one(name: str, base: str, variant: str, remat: bool, attention: str = "x
   return {**json.loads(proc.stdout.strip().splitlines()[-1]), "xla": variant}
 
 
-def _gib(x) -> str:
+def gib(x) -> str:
+  """Bytes as GiB, three decimals (the tables' cells)."""
   return f"{x / GIB:.3f}"
 
 
@@ -168,10 +169,10 @@ def markdown(rows: list[dict]) -> str:
                    + " |" * 5)  # fmt: skip
       continue
     e = r["expected_bytes"]
-    model = " + ".join(_gib(e[k]) for k in ("base", "lora", "activations", "logits"))
-    cells = [r["config"], r["base"], r["attention"], r["xla"], *(_gib(r[k]) for k in (
+    model = " + ".join(gib(e[k]) for k in ("base", "lora", "activations", "logits"))
+    cells = [r["config"], r["base"], r["attention"], r["xla"], *(gib(r[k]) for k in (
       "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")),
-      f"**{_gib(r['peak_bytes'])}**", f"{model} = {_gib(e['total'])}"]  # fmt: skip
+      f"**{gib(r['peak_bytes'])}**", f"{model} = {gib(e['total'])}"]  # fmt: skip
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

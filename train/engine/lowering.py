@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import jax
 
-from lora_jax.models.layers.attention import KERNEL_CALLS
+from lora_jax.models.layers.attention import kernel_export_checks
 from train.engine import run
 from train.engine.errors import first_line
 
@@ -45,7 +45,7 @@ def export_train_step(plan: run.Plan, platform: str, name: str = "the run") -> j
   frozen = jax.eval_shape(lambda: prepared.frozen)
   batch = next(iter(plan.task.batches(0, parallel.data_parallel)))
   args = parallel.placed_shapes(state, frozen, batch)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(c) for c in KERNEL_CALLS]
+  checks = kernel_export_checks()
   try:
     with parallel.context():
       program = jax.export.export(

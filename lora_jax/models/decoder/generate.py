@@ -25,7 +25,7 @@ from lora_jax._src.bank import bank_names
 from lora_jax._src.bank import row_ids
 from lora_jax.models.decoder.llama import Decoder
 from lora_jax.models.decoder.llama import KVCache
-from lora_jax.models.layers.attention import KERNEL_CALLS
+from lora_jax.models.layers.attention import kernel_export_checks
 
 _MIN_BUCKET = 8
 
@@ -257,7 +257,7 @@ def export_generate(
     module, variables, prompts, max_new_tokens, eos_token_id, temperature, top_k, top_p, rng,
     adapter_ids,
   )  # fmt: skip
-  checks = [jax.export.DisabledSafetyCheck.custom_call(c) for c in KERNEL_CALLS]
+  checks = kernel_export_checks()
   exporter = jax.export.export(_generate, platforms=(platform,), disabled_checks=checks)
   return exporter(*args, max_new_tokens=max_new_tokens)
 

@@ -31,6 +31,11 @@ KERNEL_CALLS = (
 )  # fmt: skip
 
 
+def kernel_export_checks() -> list:
+  """``jax.export``'s ``disabled_checks`` that let a lowered program hold :data:`KERNEL_CALLS`."""
+  return [jax.export.DisabledSafetyCheck.custom_call(c) for c in KERNEL_CALLS]
+
+
 @flax.struct.dataclass
 class SegmentMask:
   """A mask twice: ``dense`` ``[batch, 1, seq, keys]`` booleans (or ``None``: every key), and,
@@ -144,7 +149,7 @@ def _per_device(kernel):
 
 def _xla_with_dense_mask(query, key, value, segment_ids, dense, causal):
   del segment_ids, causal  # the dense mask says both
-  return jax.nn.dot_product_attention(query, key, value, mask=dense, implementation="xla")
+  return _xla(query, key, value, dense)
 
 
 def _without_dense(kernel):
