@@ -18,7 +18,9 @@ from bench import clm_recipe
 
 
 @pytest.mark.slow
-def test_recipe_learns_the_skill_matches_peft_and_packs_faster(smollm2_path, monkeypatch, tmp_path):
+def test_recipe_learns_the_skill_matches_peft_and_packs_faster(
+  smollm2_path, monkeypatch, tmp_path, optimized_xla
+):
   pytest.importorskip("peft", reason="the PEFT side needs torch and peft (the [torch] extra)")
   monkeypatch.chdir(tmp_path)  # the config's paths are relative to its folder, not the cwd
   result = clm_recipe.compare(padded_steps=6, check_prompts=25)

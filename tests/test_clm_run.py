@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import transformers
+from conftest import FAST_COMPILE
 from conftest import REPO
 from helpers import script_main
 
@@ -247,7 +248,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_loss(tmp_pa
           "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
           "--lora_dropout", "0.1", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
           "--generation_prompts_file", "", "--no-progress"]  # fmt: skip
-  env = {**os.environ, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one device
   straight = subprocess.run([*argv, "--output_dir", str(tmp_path / "straight")], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
   assert straight.returncode == 0, straight.stderr[-2000:]

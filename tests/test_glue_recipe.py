@@ -14,7 +14,7 @@ from bench import glue_recipe
 
 
 @pytest.mark.slow
-def test_recipe_reaches_the_accuracy_bar_no_slower_than_peft(minilm_path, sst2_dir):
+def test_recipe_reaches_the_accuracy_bar_no_slower_than_peft(minilm_path, sst2_dir, optimized_xla):
   pytest.importorskip("peft", reason="the PEFT side needs torch and peft (the [torch] extra)")
   result = glue_recipe.compare(str(minilm_path), str(sst2_dir), rounds=1, extra=[])
   ours, peft = (next(r for r in result["runs"] if r["side"] == s) for s in ("lora_jax", "peft"))
