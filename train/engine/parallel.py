@@ -156,6 +156,7 @@ class Parallel:
     self._train_step = train_step
     if mode == "pmap":
       self.devices = jax.local_devices()
+      self._stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
       self._train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
       self._eval = jax.pmap(eval_step, axis_name=AXIS)
     elif mode == "mesh":
@@ -180,25 +181,41 @@ class Parallel:
     per = n_global // jax.process_count()
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
-  def put_state(self, state):
-    if self.mode == "pmap":  # a leading device axis (jax.device_put_replicated is deprecated)
-      stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
-      n = len(self.devices)
-      return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x))), stacked),
-        state,
-      )
+  def _sharding(self, part: str):
+    """``leaf -> sharding`` of one part of the step's arguments (``"state"``, ``"frozen"`` or
+    ``"batch"``) in this mode: the one choice :meth:`put_state`, :meth:`put_frozen`,
+    :meth:`put_batch` and :meth:`placed_shapes` all follow. In ``"pmap"`` mode each leaf is
+    stacked (or a batch split) on a leading device axis first."""
+    if self.mode == "pmap":
+      return lambda x: self._stacked
     if self.mode == "mesh":
-      return jax.device_put(_via_host(state), self.replicated)
+      if part == "batch":
+        return lambda x: self.sharded
+      if part == "frozen" and self.shard_frozen:
+        return lambda x: NamedSharding(self.mesh, _fsdp_spec(x, self.mesh.size))
+      return lambda x: self.replicated
     # committed to the device, as the step's outputs are: its second call must not compile again
-    return jax.device_put(state, jax.local_devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return lambda x: device
+
+  def _put(self, tree, part: str):
+    sharding = self._sharding(part)
+    if self.mode == "pmap":  # a leading device axis (jax.device_put_replicated is deprecated)
+      n = len(self.devices)
+
+      def stacked(x):
+        return jax.device_put(np.broadcast_to(np.asarray(x)[None], (n, *np.shape(x))), sharding(x))
+
+      return jax.tree.map(stacked, tree)
+    return jax.device_put(_via_host(tree), jax.tree.map(sharding, tree))
+
+  def put_state(self, state):
+    """The training state placed for the steps: replicated (``"pmap"``: stacked) on them."""
+    return self._put(state, "state")
 
   def put_frozen(self, frozen):
-    if self.mode == "mesh" and self.shard_frozen:
-      n = self.mesh.size
-      shardings = jax.tree.map(lambda x: NamedSharding(self.mesh, _fsdp_spec(x, n)), frozen)
-      return jax.device_put(_via_host(frozen), shardings)
-    return self.put_state(frozen)
+    """The frozen weights placed for the steps: as the state, or FSDP-sharded (``shard_frozen``)."""
+    return self._put(frozen, "frozen")
 
   def put_batch(self, batch: dict) -> dict:
     """A global batch (numpy, same on every process) placed for the step functions.
@@ -211,8 +228,9 @@ class Parallel:
       d = len(self.devices)
       return {k: v.reshape(d, v.shape[0] // d, *v.shape[1:]) for k, v in local.items()}
     if self.mode == "mesh":
+      sharding = self._sharding("batch")
       return {
-        k: jax.make_array_from_process_local_data(self.sharded, v, batch[k].shape)
+        k: jax.make_array_from_process_local_data(sharding(v), v, batch[k].shape)
         for k, v in local.items()
       }
     return local
@@ -231,9 +249,8 @@ class Parallel:
       out = step(drop(state), drop(frozen), drop(batch))
       return jax.tree.map(lambda x: x[None], out)
 
-    mesh = Mesh(np.asarray(self.devices), (AXIS,))
-    program = jax.shard_map(per_device, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
-                            check_vma=False)  # fmt: skip
+    program = jax.shard_map(per_device, mesh=self._stacked.mesh, in_specs=P(AXIS),
+                            out_specs=P(AXIS), check_vma=False)  # fmt: skip
     return jax.jit(program, donate_argnums=(0,))
 
   def placed_shapes(self, state, frozen, batch):
@@ -242,29 +259,19 @@ class Parallel:
     :meth:`train_program`'s arguments, nothing placed. Takes arrays or shapes (``batch``: a
     global batch)."""
 
-    def shaped(tree, sharding_of, lead=None):
+    def shaped(tree, part):
+      sharding = self._sharding(part)
+
       def one(x):
-        shape = tuple(x.shape) if lead is None else (lead, *x.shape)
-        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding_of(x))
+        shape = tuple(x.shape)
+        if self.mode == "pmap":
+          n = len(self.devices)
+          shape = (n, shape[0] // n, *shape[1:]) if part == "batch" else (n, *shape)
+        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding(x))
 
       return jax.tree.map(one, tree)
 
-    if self.mode == "pmap":
-      n = len(self.devices)
-      stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P(AXIS))
-      batch = {k: jax.ShapeDtypeStruct((n, v.shape[0] // n, *v.shape[1:]), v.dtype,
-                                       sharding=stacked) for k, v in batch.items()}  # fmt: skip
-      return shaped(state, lambda x: stacked, n), shaped(frozen, lambda x: stacked, n), batch
-    if self.mode == "mesh":
-      n = self.mesh.size
-      spec = (lambda x: _fsdp_spec(x, n)) if self.shard_frozen else (lambda x: P())
-      return (
-        shaped(state, lambda x: self.replicated),
-        shaped(frozen, lambda x: NamedSharding(self.mesh, spec(x))),
-        shaped(batch, lambda x: self.sharded),
-      )
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return tuple(shaped(t, lambda x: device) for t in (state, frozen, batch))
+    return shaped(state, "state"), shaped(frozen, "frozen"), shaped(batch, "batch")
 
   def context(self):
     """The context the steps are traced in: in ``"mesh"`` mode the mesh (``jax.set_mesh``), so
