@@ -110,3 +110,22 @@ def test_the_step_compiles_once(setup, mode):
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
   assert not compiled, f"{len(compiled)} more lowerings"
+
+
+@pytest.mark.parametrize("mode, shard", [("none", False), ("pmap", False), ("mesh", True)])
+def test_placed_shapes_are_what_the_put_methods_place(setup, mode, shard):
+  """The shapes the lowering suite and the memory benchmark plan from (``placed_shapes``) carry
+  the shapes, dtypes and shardings the run itself places (a pmap batch stays numpy: pmap puts
+  it on its devices' leading axis)."""
+  par, trainable, frozen, tx = _parallel(setup, mode, shard)
+  state = state_lib.init_state(jax.tree.map(jnp.array, trainable), tx, seed=0)
+  frozen = {**frozen, "big": np.zeros((256, 512), np.float32)}  # large enough for FSDP to split
+  planned = par.placed_shapes(state, frozen, setup[2])
+  placed = par.put_state(state), par.put_frozen(frozen), par.put_batch(setup[2])
+  for plan, put in zip(planned, placed, strict=True):
+    for p, x in zip(jax.tree.leaves(plan), jax.tree.leaves(put), strict=True):
+      assert (p.shape, p.dtype) == (x.shape, x.dtype)
+      if isinstance(x, jax.Array):
+        assert p.sharding.is_equivalent_to(x.sharding, x.ndim), (mode, p.sharding, x.sharding)
+  frozen_shardings = {p.sharding for p in jax.tree.leaves(planned[1])}
+  assert len(frozen_shardings) == (2 if shard else 1)  # FSDP: the large leaf split
