@@ -20,10 +20,10 @@ import pathlib
 import sys
 from collections.abc import Mapping
 
-from train.engine.errors import first_line
-
 if __package__ in (None, ""):  # `python train/generate.py`: make the repository root importable
   sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
+
+from train.engine.errors import first_line  # noqa: E402
 
 NAME = "generate.py"
 
