@@ -4,7 +4,7 @@ eight fake CPU devices, with XLA's backend optimizations off."""
 import os
 
 # The suite compiles a few thousand small programs and runs each once or a few times, so
-# compiling dominates its time: with LLVM's optimizations off (FAST_COMPILE) it takes about 30%
+# compiling dominates its time: with LLVM's optimizations off (FAST_COMPILE) it takes about 40%
 # less. Numerics are XLA's own either way. A test that times our programs against something
 # else (the recipes against PEFT) runs them with OPTIMIZED_XLA_FLAGS: the `optimized_xla`
 # fixture.
