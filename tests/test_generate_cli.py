@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -107,3 +108,40 @@ def test_runs_as_the_docs_run_it_by_its_path_from_anywhere(tmp_path):
   proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)  # fmt: skip
   assert proc.returncode == 0 and "--adapter" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_chat_asks_a_prompt_row_as_a_user_turn(setup, tmp_path):
+  """``--chat``: a ``prompt`` row generates what the same text as a ``messages`` user turn
+  generates without it (run_clm.py's prompts of a chat-trained model are asked so)."""
+  root = setup[0]
+  base = ["--model_name_or_path", str(root / "base"), "--adapter", f"fr={root / 'fr'}",
+          "--max_new_tokens", "5"]  # fmt: skip
+  texts = {}
+  for kind, row, extra in (
+    ("chat", {"prompt": "one june", "adapter": "fr"}, ["--chat"]),
+    ("messages", {"messages": [{"role": "user", "content": "one june"}], "adapter": "fr"}, []),
+    ("plain", {"prompt": "one june", "adapter": "fr"}, []),
+  ):
+    (tmp_path / f"{kind}.jsonl").write_text(json.dumps(row) + "\n")
+    out = tmp_path / f"{kind}.out.jsonl"
+    assert (
+      cli.main([*base, *extra, "--input", str(tmp_path / f"{kind}.jsonl"), "--output", str(out)])
+      == 0
+    )
+    texts[kind] = json.loads(out.read_text())["generation"]
+  assert texts["chat"] == texts["messages"] != texts["plain"], texts
+
+
+def test_chat_without_a_chat_template_is_one_line(setup, tmp_path, capsys):
+  plain = tmp_path / "base"
+  shutil.copytree(setup[0] / "base", plain)
+  config = json.loads((plain / "tokenizer_config.json").read_text())
+  config.pop("chat_template", None)
+  (plain / "tokenizer_config.json").write_text(json.dumps(config))
+  for f in plain.glob("chat_template.*"):
+    f.unlink()
+  (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "one june"}) + "\n")
+  argv = ["--model_name_or_path", str(plain), "--chat", "--input", str(tmp_path / "in.jsonl")]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "--chat: the tokenizer of" in err and "no chat template" in err

@@ -3,8 +3,9 @@
   python train/generate.py --model_name_or_path MODEL --adapter fr=PEFT_DIR --adapter de=PEFT_DIR \\
       --input prompts.jsonl --output generations.jsonl
 
-Each input row is a JSON object with ``"prompt"`` (text) or ``"messages"`` (a chat, rendered with
-the tokenizer's chat template and its generation prompt), and ``"adapter"``: one of the
+Each input row is a JSON object with ``"prompt"`` (text; with ``--chat`` a user turn) or
+``"messages"`` (a chat), chats rendered with the tokenizer's chat template and its generation
+prompt, and ``"adapter"``: one of the
 ``--adapter`` names, or ``null`` / absent for the base model alone. The adapters (PEFT folders,
 as ``run_clm.py`` writes them or PEFT's ``save_pretrained``) are held in one adapter bank
 (:func:`lora_jax.adapter_bank`), and the rows decode ``--batch_size`` at a time whatever their
@@ -48,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   )  # fmt: skip
   p.add_argument("--input", required=True, help="JSONL: prompt or messages, and adapter")
   p.add_argument("--output", default="-", help="JSONL out ('-': standard output)")
+  p.add_argument(
+    "--chat", action="store_true",
+    help="ask each 'prompt' row as a user turn through the tokenizer's chat template, as "
+    "run_clm.py asks its prompts of a model trained on chats ('messages' rows always are)",
+  )  # fmt: skip
   p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -93,9 +99,10 @@ def read_rows(path: str, names: list[str]) -> list[dict]:
   return rows
 
 
-def _token_ids(tokenizer, row: dict) -> list[int]:
-  if "messages" in row:
-    ids = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=True)
+def _token_ids(tokenizer, row: dict, chat: bool = False) -> list[int]:
+  if "messages" in row or chat:
+    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, Mapping) else ids  # transformers 5: a BatchEncoding
     return [int(t) for t in ids]
   return [int(t) for t in tokenizer(row["prompt"])["input_ids"]]
@@ -114,6 +121,11 @@ def run(args) -> list[dict]:
   module, variables = from_pretrained(args.model_name_or_path)
   config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_name_or_path)
+  if args.chat and not getattr(tokenizer, "chat_template", None):
+    raise Refused(
+      f"--chat: the tokenizer of {args.model_name_or_path!r} has no chat template; leave --chat "
+      "out to tokenize the prompts as plain text"
+    )
   params = variables
   if names:
     params = lora_jax.adapter_bank(
@@ -124,7 +136,7 @@ def run(args) -> list[dict]:
   out = []
   for start in range(0, len(rows), args.batch_size):
     batch = rows[start : start + args.batch_size]
-    prompts = [_token_ids(tokenizer, r) for r in batch]
+    prompts = [_token_ids(tokenizer, r, args.chat) for r in batch]
     ids = [-1 if r.get("adapter") is None else names.index(r["adapter"]) for r in batch]
     rng, key = jax.random.split(rng)
     new = generate(
