@@ -19,11 +19,11 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Mapping
 
 if __package__ in (None, ""):  # `python train/generate.py`: make the repository root importable
   sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
+from train.data import clm as clm_data  # noqa: E402  (light: no jax, no transformers)
 from train.engine.errors import first_line  # noqa: E402
 
 NAME = "generate.py"
@@ -102,9 +102,7 @@ def read_rows(path: str, names: list[str]) -> list[dict]:
 def _token_ids(tokenizer, row: dict, chat: bool = False) -> list[int]:
   if "messages" in row or chat:
     messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, Mapping) else ids  # transformers 5: a BatchEncoding
-    return [int(t) for t in ids]
+    return [int(t) for t in clm_data.render(tokenizer, messages, add_generation_prompt=True)]
   return [int(t) for t in tokenizer(row["prompt"])["input_ids"]]
 
 
