@@ -75,6 +75,12 @@ def pytest_make_collect_report(collector):
   _fail_missing_extra(outcome.get_result())
 
 
+def one_device_env(**extra: str) -> dict[str, str]:
+  """The environment for a process that sees one CPU device, as users' do, compiled as the
+  suite's programs are (FAST_COMPILE); ``extra`` variables added."""
+  return {**os.environ, "XLA_FLAGS": FAST_COMPILE, **extra}
+
+
 @pytest.fixture
 def optimized_xla(monkeypatch):
   """Processes this test starts compile with XLA's optimizations on, as users' runs do."""

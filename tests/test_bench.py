@@ -5,7 +5,6 @@ import doctest
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -13,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 import transformers
-from conftest import FAST_COMPILE
 from conftest import REPO
+from conftest import one_device_env
 
 sys.path.insert(0, str(REPO))
 
@@ -28,14 +27,11 @@ HAS_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
 SMALLEST = "tiny-64x8"
 
 
-def _env() -> dict:
-  # the benchmark's processes see one CPU device, as users would (compiled as the suite's are)
-  return {**os.environ, "XLA_FLAGS": FAST_COMPILE}
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
   cmd = [sys.executable, str(REPO / "bench" / "train_step.py"), *args]
-  return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    cmd, cwd=REPO, env=one_device_env(), capture_output=True, text=True, timeout=120
+  )
 
 
 def _smoke(out, *extra: str) -> tuple[str, list[dict], str]:

@@ -5,7 +5,6 @@ SIGKILL-ed run resumed by rerunning its command."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -17,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 import transformers
-from conftest import FAST_COMPILE
 from conftest import REPO
+from conftest import one_device_env
 from helpers import script_main
 
 from configs.tools import make_clm_quickstart
@@ -248,7 +247,7 @@ def test_a_run_killed_after_its_first_checkpoint_resumes_to_the_same_loss(tmp_pa
           "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
           "--lora_dropout", "0.1", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
           "--generation_prompts_file", "", "--no-progress"]  # fmt: skip
-  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one device
+  env = one_device_env()
   straight = subprocess.run([*argv, "--output_dir", str(tmp_path / "straight")], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
   assert straight.returncode == 0, straight.stderr[-2000:]

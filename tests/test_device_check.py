@@ -6,15 +6,14 @@ import argparse
 import doctest
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import FAST_COMPILE
 from conftest import REPO
+from conftest import one_device_env
 
 sys.path.insert(0, str(REPO))
 
@@ -151,7 +150,7 @@ def _number(x) -> bool:
 def smoke(tmp_path_factory):
   """One ``bash bench/device_check.sh OUT --smoke`` run (about 90 s on 2 busy CPU cores)."""
   out = tmp_path_factory.mktemp("device_check")
-  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one CPU device, as users have
+  env = one_device_env()
   cmd = ["bash", str(REPO / "bench" / "device_check.sh"), str(out), "--smoke"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
   return proc, out
@@ -199,7 +198,7 @@ def test_smoke_writes_every_stage_with_its_figures_and_a_summary(smoke):
 
 def test_off_an_accelerator_without_smoke_it_refuses_with_one_line(tmp_path):
   """A CPU machine: the probe runs, then exit 2 and the reason, in the JSON and on stderr."""
-  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
+  env = one_device_env()
   cmd = ["bash", str(REPO / "bench" / "device_check.sh"), str(tmp_path), "--stages", "kernels"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
@@ -216,7 +215,7 @@ def test_the_hard_stop_leaves_the_json_with_the_stage_it_cut(tmp_path):
   """bench/device_check.sh's hard limit: the stage in flight reads timeout, later ones skipped,
   exit 3; whatever stage that is (the probe alone takes seconds on a busy machine), or the
   reason in the JSON's error when the stop came between stages."""
-  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "DEVICE_CHECK_HARD_S": "8"}
+  env = one_device_env(DEVICE_CHECK_HARD_S="8")
   cmd = ["bash", str(REPO / "bench" / "device_check.sh"), str(tmp_path), "--smoke"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 3, proc.stderr[-2000:]
